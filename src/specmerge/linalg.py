@@ -1,0 +1,102 @@
+"""Numerical helpers shared by the methods: dtype policy, thin SVD, polar factor, eigh.
+
+Each helper exists once here; methods never call ``torch.linalg`` for these directly, so the
+fallbacks (float64 retry, symmetrisation, sign conventions) apply everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+COMPUTE_DTYPES = ("float32", "float64")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map ``"float32"``-style names (and aliases fp32/bf16/fp16/fp64) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
+               "half": "float16", "float": "float32", "double": "float64"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(requested: str | torch.dtype = "float32") -> torch.dtype:
+    """The compute dtype policy: float32 at least, float64 on request. Never bf16/fp16."""
+    dt = parse_dtype(requested)
+    if dt not in (torch.float32, torch.float64):
+        raise ValueError(f"compute dtype must be float32 or float64, got {dtype_name(dt)}")
+    return dt
+
+
+def upcast(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cast to at least ``dtype`` (float32 by default); float64 input stays float64."""
+    if x.dtype == torch.float64 and dtype == torch.float32:
+        return x
+    return x.to(dtype)
+
+
+def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``a = U diag(S) Vh`` with S descending, r = min(m, n) triplets.
+
+    Inputs below float32 are upcast. If LAPACK fails to converge (rare, ill-conditioned
+    input), it retries in float64 and casts back, then falls back to the ``gesvd`` driver on
+    CUDA. Returns tensors in the (upcast) dtype of ``a``.
+    """
+    a = upcast(a)
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
+        log.warning("SVD of a %s matrix failed (%s); retrying in float64", tuple(a.shape), err)
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor of ``a``: if ``a = P Σ Qᵀ`` then ``polar(a) = P Qᵀ``.
+
+    This is the closest matrix with orthonormal columns (rows, if wide) to ``a`` in
+    Frobenius norm (Higham, 1986). It is invariant to the sign convention of the SVD.
+    """
+    p, _, qh = thin_svd(a)
+    return p @ qh
+
+
+def sym_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric matrix, ``c = Q diag(λ) Qᵀ``, λ sorted descending.
+
+    ``c`` is symmetrised as (c + cᵀ)/2 first, so rounding asymmetry cannot hurt. Retries in
+    float64 if the solver fails.
+    """
+    c = upcast(c)
+    c = 0.5 * (c + c.mT)
+    try:
+        lam, q = torch.linalg.eigh(c)
+    except RuntimeError as err:
+        log.warning("eigh of a %s matrix failed (%s); retrying in float64", tuple(c.shape), err)
+        lam, q = torch.linalg.eigh(c.double())
+        lam, q = lam.to(c.dtype), q.to(c.dtype)
+    return lam.flip(-1), q.flip(-1)
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    """True when every entry of ``x`` is finite (floating tensors only)."""
+    if not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(x).all())

@@ -1,0 +1,1 @@
+"""calibration methods (being written)."""

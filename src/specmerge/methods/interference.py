@@ -1,0 +1,1 @@
+"""interference methods (being written)."""

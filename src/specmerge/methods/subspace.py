@@ -1,0 +1,1 @@
+"""subspace methods (being written)."""
