@@ -1,1 +1,226 @@
-"""subspace methods (being written)."""
+"""Subspace merges built on the SVD of task vectors: TSV-M, Iso-C, Iso-CTS, STAR.
+
+Every function takes the task vectors τ_i = θ_i − θ_0 (i = 1..K) of one matrix parameter,
+shape (m, n) = (out, in), and returns the merged update τ (the engine adds θ_0). Their
+non-matrix parameters take the recipe's scope fallback (the mean of the τ_i by default); the
+engine applies it, not these functions. r = min(m, n) is the rank of a thin SVD.
+
+Compute dtype: float32, or float64 when an input is float64; bf16/fp16 inputs are upcast before
+any SVD, and the result stays in the compute dtype. Tensors stay on their device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from specmerge.linalg import polar, thin_svd, upcast
+from specmerge.methods.registry import register
+
+
+def as_compute_dtype(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
+    """Check that ``tensors`` are a non-empty list of same-shape floating tensors on one device,
+    and cast them to one compute dtype: float64 if any is float64, float32 otherwise."""
+    if len(tensors) == 0:
+        raise ValueError(f"{name}: needs at least one task vector, got none")
+    shape, device = tensors[0].shape, tensors[0].device
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: task vector {i} has dtype {t.dtype}; expected floating")
+        if t.shape != shape:
+            raise ValueError(f"{name}: task vector {i} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(shape)} like task vector 0")
+        if t.device != device:
+            raise ValueError(f"{name}: task vector {i} is on {t.device}, expected {device}")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [upcast(t, dtype) for t in tensors]
+
+
+def _sum(taus: Sequence[Tensor]) -> Tensor:
+    """Σ_i τ_i, accumulated in one buffer (no K-fold stack)."""
+    out = taus[0].clone()
+    for tau in taus[1:]:
+        out.add_(tau)
+    return out
+
+
+def _matrices(task_vectors: Sequence[Tensor], name: str) -> list[Tensor]:
+    taus = as_compute_dtype(task_vectors, name)
+    if taus[0].ndim != 2:
+        raise ValueError(f"{name}: expects 2-D (out, in) matrices, got shape {tuple(taus[0].shape)}")
+    return taus
+
+
+def tsv_rank(r: int, num_tasks: int) -> int:
+    """TSV-M's per-task rank k = ⌊r / K⌋, at least 1 (see ``tsv_m``)."""
+    return max(1, r // num_tasks)
+
+
+def tsv_from_triplets(triplets: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """U⊥ diag(σ_cat) V⊥ᵀ from per-task triplets (U_i, σ_i, V_iᵀ), concatenated in task order,
+    with U⊥ = polar(U_cat) and V⊥ᵀ = polar(V_catᵀ). Invariant to the sign of any pair."""
+    u_cat = torch.cat([u for u, _, _ in triplets], dim=1)
+    s_cat = torch.cat([s for _, s, _ in triplets])
+    vh_cat = torch.cat([vh for _, _, vh in triplets], dim=0)
+    return (polar(u_cat) * s_cat) @ polar(vh_cat)
+
+
+@register(
+    "tsv_m",
+    family="subspace",
+    summary="Task Singular Vectors: keep each τ_i's top ⌊r/K⌋ singular triplets, "
+            "orthogonalise the concatenated bases (polar factor), reconstruct.",
+    citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
+             "Merging, CVPR 2025, arXiv 2412.00081",
+    docs={"scaling": "multiplier of the merged update (official code: 1.0)"},
+    matrix_only=True,
+    notes="Per-task rank k = ⌊min(m, n)/K⌋ as in the official code; when K > min(m, n) each task "
+          "still keeps k = 1 triplet (the official code would keep none and return 0).",
+)
+def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
+    """TSV-M (Gargiulo et al., arXiv 2412.00081), as in the official code.
+
+    1. τ_i = U_i diag(σ_i) V_iᵀ (thin SVD); keep the top k = ⌊r / K⌋ triplets of each task.
+    2. Concatenate in task order: U_cat (m × Kk), σ_cat (Kk), V_catᵀ (Kk × n).
+    3. U⊥ = polar(U_cat), V⊥ᵀ = polar(V_catᵀ); if U_cat = P Σ Qᵀ then polar(U_cat) = P Qᵀ.
+    4. τ = ``scaling`` · U⊥ diag(σ_cat) V⊥ᵀ.
+
+    With K = 1 the full rank is kept and τ = τ_1. Edge case: when K > r, k is raised to 1 (the
+    official code would give k = 0, an all-zero update); U⊥ then has orthonormal rows.
+    The result does not depend on the sign convention of any SVD.
+    """
+    taus = _matrices(task_vectors, "tsv_m")
+    k = tsv_rank(min(taus[0].shape), len(taus))
+    triplets = []
+    for tau in taus:
+        u, s, vh = thin_svd(tau)
+        triplets.append((u[:, :k], s[:k], vh[:k]))
+    return tsv_from_triplets(triplets).mul_(scaling)
+
+
+@register(
+    "iso_c",
+    family="subspace",
+    summary="Isotropic merge: the SVD of Σ τ_i with every singular value replaced by their mean.",
+    citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
+             "Task-Specific Subspaces, ICML 2025, arXiv 2502.04959",
+    docs={"scaling": "multiplier of the merged update (the paper tunes it; FusionBench uses 1.5)"},
+    matrix_only=True,
+)
+def iso_c(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
+    """Iso-C (Marczak et al., arXiv 2502.04959).
+
+    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, all r triplets), σ̄ = mean(σ);
+    τ = ``scaling`` · U (σ̄ I) Vᵀ. The default ``scaling`` 1.0 is neutral: the paper tunes it
+    on validation data and FusionBench uses 1.5.
+    """
+    taus = _matrices(task_vectors, "iso_c")
+    u, s, vh = thin_svd(_sum(taus))
+    return (u @ vh).mul_(s.mean() * scaling)
+
+
+def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """Iso-CTS rank split (official code): returns (k_c, s), the common rank and per-task rank.
+
+    c = ⌊common_fraction · r⌋, t = round((r − c) / K) · K (Python round, half to even),
+    k_c = r − t, s = t / K. For r = 768, K = 4, 0.8: c = 614, t = 152, (k_c, s) = (616, 38).
+    Edge case: if t > r (possible for small r and small common_fraction), s is lowered to
+    ⌊r / K⌋ so that k_c = r − K·s ≥ 0. s = 0 (e.g. small r) makes Iso-CTS equal Iso-C.
+    """
+    c = int(common_fraction * r)
+    s = round((r - c) / num_tasks)
+    s = min(s, r // num_tasks)
+    return r - s * num_tasks, s
+
+
+@register(
+    "iso_cts",
+    family="subspace",
+    summary="Isotropic merge with common and task-specific subspaces: top directions of Σ τ_i "
+            "plus each task's top directions outside them, orthogonalised, with a flat spectrum.",
+    citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
+             "Task-Specific Subspaces, ICML 2025, arXiv 2502.04959",
+    docs={
+        "common_fraction": "share of the rank given to the common subspace (paper: 0.8)",
+        "scaling": "multiplier of the merged update (the paper tunes it on validation data)",
+    },
+    ranges={"common_fraction": "[0, 1]"},
+    matrix_only=True,
+    notes="The rank split follows the official code: c = ⌊fraction·r⌋, "
+          "t = round((r − c)/K)·K (half to even), k_c = r − t, s = t/K per task.",
+)
+def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
+            scaling: float = 1.0) -> Tensor:
+    """Iso-CTS (Marczak et al., arXiv 2502.04959), as in the official code.
+
+    1. (k_c, s) = ``iso_cts_split(r, K, common_fraction)``.
+    2. Σ_i τ_i = U diag(σ) Vᵀ; the common part is its top-k_c triplets (U_c, σ_c, V_cᵀ).
+    3. Per task, the top-s SVD triplets of τ_i − U_c U_cᵀ τ_i.
+    4. Concatenate the task triplets (task order) then the common ones: U_cat, σ_cat, V_catᵀ,
+       with K·s + k_c = r columns, and take U⊥ = polar(U_cat), V⊥ᵀ = polar(V_catᵀ).
+    5. τ = ``scaling`` · mean(σ_cat) · U⊥ V⊥ᵀ.
+
+    With ``common_fraction`` 1 (or s = 0) this is Iso-C; with K = 1 it is Iso-C as well.
+    """
+    if not 0.0 <= common_fraction <= 1.0:
+        raise ValueError(f"iso_cts: common_fraction must lie in [0, 1], got {common_fraction}")
+    taus = _matrices(task_vectors, "iso_cts")
+    k_c, s = iso_cts_split(min(taus[0].shape), len(taus), common_fraction)
+    u, sig, vh = thin_svd(_sum(taus))
+    u_c, sig_c, vh_c = u[:, :k_c], sig[:k_c], vh[:k_c]
+    triplets = []
+    if s > 0:
+        for tau in taus:
+            ut, st, vht = thin_svd(tau - u_c @ (u_c.mT @ tau))
+            triplets.append((ut[:, :s], st[:s], vht[:s]))
+    triplets.append((u_c, sig_c, vh_c))
+    u_cat = torch.cat([t[0] for t in triplets], dim=1)
+    s_mean = torch.cat([t[1] for t in triplets]).mean()
+    vh_cat = torch.cat([t[2] for t in triplets], dim=0)
+    return (polar(u_cat) @ polar(vh_cat)).mul_(s_mean * scaling)
+
+
+def star_rank(sigma: Tensor, eta: float) -> int:
+    """STAR's kept rank: the smallest ρ with cumsum(σ)_ρ / Σσ ≥ eta/100 (σ descending)."""
+    csum = torch.cumsum(sigma, 0)
+    below = int((csum < (eta / 100.0) * csum[-1]).sum())
+    return min(below + 1, sigma.numel())
+
+
+@register(
+    "star",
+    family="subspace",
+    summary="Spectral Truncation And Rescale: truncate each τ_i to the rank holding eta% of its "
+            "nuclear norm, rescale to keep the nuclear norm, average.",
+    citation="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025, "
+             "arXiv 2502.10339",
+    docs={"eta": "percentage of each task's nuclear norm kept by the truncation (paper: 40)"},
+    ranges={"eta": "(0, 100]"},
+    matrix_only=True,
+)
+def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
+    """STAR (Lee et al., arXiv 2502.10339); default ``eta`` 40 as in the paper.
+
+    For each task: τ_i = U diag(σ) Vᵀ, ρ = min{ρ : Σ_{j≤ρ} σ_j ≥ (eta/100) Σ_j σ_j},
+    τ̂_i = U_ρ diag(σ_ρ · Σσ / Σσ_ρ) V_ρᵀ (nuclear norm preserved). τ = (1/K) Σ_i τ̂_i.
+    Tensors with more than 2 dims are reshaped to (shape[0], −1) and back. A zero τ_i
+    contributes zero. With eta 100 the result is the mean of the τ_i.
+    """
+    if not 0.0 < eta <= 100.0:
+        raise ValueError(f"star: eta must lie in (0, 100], got {eta}")
+    taus = as_compute_dtype(task_vectors, "star")
+    shape = taus[0].shape
+    if len(shape) < 2:
+        raise ValueError(f"star: expects a tensor with at least 2 dims, got shape {tuple(shape)}")
+    out = torch.zeros((shape[0], shape[1:].numel()), dtype=taus[0].dtype, device=taus[0].device)
+    for tau in taus:
+        u, s, vh = thin_svd(tau.reshape(shape[0], -1))
+        total = s.sum()
+        if total == 0:
+            continue
+        rho = star_rank(s, eta)
+        kept = s[:rho] * (total / s[:rho].sum())
+        out.add_((u[:, :rho] * kept) @ vh[:rho])
+    return out.div_(len(taus)).reshape(shape)
