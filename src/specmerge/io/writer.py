@@ -1,0 +1,258 @@
+"""Atomic, streaming output: sharded safetensors written tensor by tensor at fixed offsets.
+
+The plan knows every output name, shape and dtype before the first tensor is merged, so the
+shard layout and every header are fixed up front, the shard files are preallocated (a full disk
+fails before any work), and each tensor's bytes go straight to their offset with ``pwrite``.
+No shard is ever buffered in memory, and writes from several threads are safe.
+
+Everything lands in a hidden temporary sibling of the output directory, which is renamed into
+place only once complete (``atomic_output_dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specmerge.errors import OutputError
+from specmerge.io.checkpoint import ST_NAMES
+
+log = logging.getLogger(__name__)
+
+INCOMPLETE_MARKER = "SPECMERGE_INCOMPLETE"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' → 5·10⁹ bytes (decimal, as HF uses), '512MiB' → 512·2²⁰, 1000 → 1000."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"invalid size {size!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Slot:
+    shard: int
+    offset: int  # absolute offset in the shard file
+    nbytes: int
+    spec: OutTensor
+
+
+def plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy, order-preserving split into shards of at most ``max_bytes`` of tensor data.
+
+    A tensor larger than ``max_bytes`` gets a shard of its own (as transformers does).
+    """
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _header_bytes(tensors: Sequence[OutTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes a fixed set of tensors into preallocated safetensors shards in ``directory``."""
+
+    def __init__(self, directory: Path, tensors: Sequence[OutTensor], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        metadata = {"format": "pt", **(metadata or {})}
+        groups = plan_shards(tensors, max_shard_bytes)
+        self.files = [self.directory / n for n in shard_names(len(groups))]
+        self.slots: dict[str, _Slot] = {}
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        try:
+            for i, (group, path) in enumerate(zip(groups, self.files, strict=True)):
+                header = _header_bytes(group, metadata)
+                total = len(header) + sum(t.nbytes for t in group)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self._fds.append(fd)
+                _preallocate(fd, total, path)
+                _pwrite_all(fd, header, 0, path)
+                offset = len(header)
+                for t in group:
+                    self.slots[t.name] = _Slot(i, offset, t.nbytes, t)
+                    offset += t.nbytes
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots[name]
+        spec = slot.spec
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"writer: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, "
+                             f"planned {list(spec.shape)} {spec.dtype}")
+        if slot.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset,
+                        self.files[slot.shard])
+        self._written.add(name)
+
+    def finish(self) -> dict[str, str]:
+        """Flush and close every shard; return the weight map (tensor name → shard file name)."""
+        missing = [n for n in self.slots if n not in self._written]
+        if missing:
+            raise RuntimeError(f"writer: {len(missing)} tensors never written, e.g. {missing[0]!r}")
+        for fd, path in zip(self._fds, self.files, strict=True):
+            try:
+                os.fsync(fd)
+            except OSError as err:
+                raise OutputError(f"{path}: cannot flush: {err.strerror}") from err
+        self.close()
+        return {n: self.files[s.shard].name for n, s in self.slots.items()}
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+    def write_index(self, weight_map: dict[str, str]) -> None:
+        """``model.safetensors.index.json``, written only when there is more than one shard."""
+        if len(self.files) == 1:
+            return
+        total = sum(s.nbytes for s in self.slots.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text(self.directory / "model.safetensors.index.json",
+                   json.dumps(index, indent=2) + "\n")
+
+
+def _disk_error(err: OSError, path: Path) -> OutputError:
+    if err.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full (no space left on device); nothing was written "
+                           f"to the output and the inputs are untouched")
+    return OutputError(f"{path}: write failed: {err.strerror or err}")
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            os.ftruncate(fd, size)  # filesystem without fallocate: sparse file
+        else:
+            raise _disk_error(err, path) from err
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:done + (1 << 30)], offset + done)
+    except OSError as err:
+        raise _disk_error(err, path) from err
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise _disk_error(err, path) from err
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an existing output without ``force``, and any overlap between output and inputs."""
+    for inp in inputs:
+        inp_dir = inp if inp.is_dir() else inp.parent
+        if out_dir == inp_dir or _is_within(out_dir, inp_dir):
+            raise OutputError(f"output {out_dir} lies inside the input {inp_dir}; "
+                              f"choose a directory outside every input")
+        if _is_within(inp, out_dir):
+            raise OutputError(f"the input {inp} lies inside the output {out_dir}; refusing, since "
+                              f"replacing the output would delete it")
+    if out_dir.exists() and not force:
+        raise OutputError(f"output {out_dir} already exists; pass --force (force=True) to "
+                          f"replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``out_dir``; rename it into place on success.
+
+    On any exception (Ctrl-C included) the temporary directory is deleted, so no directory that
+    looks like a finished model is ever left behind. An existing ``out_dir`` (``--force``) is
+    moved aside first and deleted only after the new one is in place.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    (tmp / INCOMPLETE_MARKER).write_text("specmerge is still writing this directory\n")
+    try:
+        yield tmp
+        (tmp / INCOMPLETE_MARKER).unlink()
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rmdir(old)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,206 @@
+"""The recipe: what to merge and how. YAML or dict in, a validated ``Recipe`` out.
+
+Validation happens here, before any tensor is read: unknown keys, unknown methods, bad method
+parameters and bad values all fail with a message naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from specmerge.errors import RecipeError
+from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
+from specmerge.methods.registry import get_method
+
+FALLBACKS = ("average", "task_arithmetic", "base")
+OUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _reject_unknown(model: type[BaseModel], data: Any, where: str) -> None:
+    if isinstance(data, dict):
+        allowed = list(model.model_fields)
+        unknown = [k for k in data if k not in allowed]
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys: {allowed}")
+
+
+class ModelRef(BaseModel):
+    """One expert: a path, and its weight in methods that use per-model weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    weight: float = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, (str, os.PathLike)):
+            return {"model": os.fspath(data)}
+        _reject_unknown(cls, data, "an entry of 'models'")
+        return data
+
+
+class Scope(BaseModel):
+    """Which parameters a matrix method (and calibration) applies to, and what the rest get.
+
+    A parameter is a *matrix parameter* when it is a 2-D floating tensor whose name contains none
+    of the ``exclude`` substrings (a pattern starting with ``re:`` is a regular expression).
+    Matrix methods give the rest the ``fallback``: ``average`` (mean of the τ_i), ``task_arithmetic``
+    (``fallback_scaling`` · Σ w_i τ_i) or ``base`` (keep θ0). Element-wise methods apply to every
+    floating parameter; calibration only to matrix parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    exclude: list[str] = ["embed", "lm_head"]
+    fallback: Literal["average", "task_arithmetic", "base"] = "average"
+    fallback_scaling: float = 0.3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        _reject_unknown(cls, data, "'scope'")
+        return data
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    models: list[ModelRef]
+    merge_method: str
+    parameters: dict[str, Any] = {}
+    calibrate: dict[str, Any] | None = None
+    scope: Scope = Scope()
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        _reject_unknown(cls, data, "the recipe")
+        return data
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, v: list[ModelRef]) -> list[ModelRef]:
+        if not v:
+            raise ValueError("'models' needs at least one expert")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        name = str(parse_dtype(v)).removeprefix("torch.")
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"'dtype' (the compute dtype) must be one of {list(COMPUTE_DTYPES)}, "
+                             f"got {v!r}")
+        return name
+
+    @field_validator("out_dtype")
+    @classmethod
+    def _out_dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = str(parse_dtype(v)).removeprefix("torch.")
+        if name not in OUT_DTYPES:
+            raise ValueError(f"'out_dtype' must be null or one of {list(OUT_DTYPES)}, got {v!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _method(self) -> Recipe:
+        method = get_method(self.merge_method)
+        if method.is_calibration:
+            raise ValueError(f"{self.merge_method!r} is a calibration; use it as "
+                             f"calibrate: {{method: {self.merge_method}}} after a merge method")
+        self.parameters = method.validate(self.parameters)
+        if not method.uses_weights and any(m.weight != 1.0 for m in self.models):
+            raise ValueError(f"method {self.merge_method!r} does not use per-model weights; "
+                             f"remove 'weight' from 'models' or use a method that does")
+        if self.calibrate is not None:
+            cal = dict(self.calibrate)
+            name = cal.pop("method", None)
+            if name is None:
+                raise ValueError("'calibrate' needs a 'method', e.g. calibrate: {method: svc}")
+            cal_method = get_method(name)
+            if not cal_method.is_calibration:
+                raise ValueError(f"calibrate.method {name!r} is not a calibration method")
+            self.calibrate = {"method": name, **cal_method.validate(cal)}
+        return self
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.models)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records."""
+        return self.model_dump(mode="json")
+
+
+def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    def fix(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (root / path).resolve())
+
+    data = dict(data)
+    if isinstance(data.get("base_model"), (str, os.PathLike)):
+        data["base_model"] = fix(os.fspath(data["base_model"]))
+    models = []
+    for m in data.get("models") or []:
+        if isinstance(m, (str, os.PathLike)):
+            models.append(fix(os.fspath(m)))
+        elif isinstance(m, dict) and isinstance(m.get("model"), (str, os.PathLike)):
+            models.append({**m, "model": fix(os.fspath(m["model"]))})
+        else:
+            models.append(m)
+    if "models" in data:
+        data["models"] = models
+    return data
+
+
+def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
+                **overrides: Any) -> Recipe:
+    """Build a validated Recipe from a dict, a YAML path or a Recipe; apply ``overrides``.
+
+    Relative model paths are resolved against the YAML file's directory (for a dict: against
+    the current directory), so a recipe means the same thing wherever it is run from.
+    """
+    if isinstance(source, Recipe):
+        data: dict[str, Any] = source.model_dump(mode="json")
+        root = Path.cwd()
+    elif isinstance(source, dict):
+        data, root = dict(source), Path.cwd()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping, found {type(data).__name__}")
+        root = path.resolve().parent
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = _resolve_paths(data, root)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err)) from None
+    except ValueError as err:
+        raise RecipeError(f"invalid recipe: {err}") from None
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "recipe"
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "invalid recipe: " + "; ".join(lines)
