@@ -1,1 +1,116 @@
-"""calibration methods (being written)."""
+"""Calibrations: post-process the merged update of any base method. SVC (Li et al., 2026).
+
+A calibration takes the base method's merged update W_m (its own scaling already applied) and
+the task vectors τ_1..τ_K of one matrix parameter, and returns the update that replaces W_m,
+used at scale 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from specmerge.linalg import thin_svd
+from specmerge.methods.registry import register
+from specmerge.methods.subspace import as_compute_dtype
+
+_EPS = 1e-12  # floor of ‖a_i^r‖² in s_i^r, as in the official code
+
+
+def svc_responses(u: Tensor, sigma: Tensor, vh: Tensor, tau: Tensor) -> Tensor:
+    """s^r = σ_r ⟨a^r, v_r⟩ / max(‖a^r‖², 1e-12) for every r at once, with a^r = u_rᵀ τ.
+
+    ``u`` (m × r), ``sigma`` (r), ``vh`` (r × n) is the thin SVD of W_m. One product Uᵀτ gives
+    every a^r as a row; ⟨u_rᵀ W_m, a^r⟩ = σ_r ⟨v_r, a^r⟩.
+    """
+    a = u.mT @ tau
+    return sigma * (a * vh).sum(1) / (a * a).sum(1).clamp_min(_EPS)
+
+
+def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Tensor], *,
+                 alpha: float, target: int | None = None) -> Tensor:
+    """SVC (left space) given the thin SVD W_m = U diag(σ) Vᵀ; see ``svc`` for the rule.
+
+    The result is unchanged when any pair (u_r, v_r) flips sign: s_i^r, hence γ_r, is even in
+    the pair and u_r v_rᵀ is too.
+    """
+    if target is not None:
+        s_t = svc_responses(u, sigma, vh, task_vectors[target])
+        one = torch.ones((), dtype=s_t.dtype, device=s_t.device)
+        eta = torch.where(s_t > 0, s_t.clamp_min(alpha), one)  # NaN > 0 is False: η = 1
+        scale = 1.0 / eta
+    else:
+        total = torch.zeros_like(sigma)
+        for tau in task_vectors:
+            s = svc_responses(u, sigma, vh, tau)
+            s = torch.where(torch.isnan(s) | torch.isneginf(s), alpha, s)
+            total.add_(s.clamp_min(alpha))
+        scale = len(task_vectors) / total
+    return (u * (scale * sigma)) @ vh
+
+
+@register(
+    "svc",
+    family="calibration",
+    summary="Singular Value Calibration: rescale each singular value of the merged update by how "
+            "much the tasks already receive along its direction.",
+    citation="Li et al., Singular Value Calibration for model merging, ICML 2026, arXiv 2602.05536 "
+             "(rule after the official code's 2026-03 'Method Correction')",
+    docs={
+        "alpha": "floor α of each task's response s_i^r; null means 1/K (official run script; "
+                 "it uses 1.0 after TSV-M). γ_r ≤ 1/α",
+        "space": "left: responses u_rᵀτ_i (the paper's method); right: τ_i v_r (ablation)",
+        "target": "0-based index of one task: σ_r / max(s_target^r, α) where s_target^r > 0, "
+                  "σ_r elsewhere; null calibrates for all tasks",
+    },
+    choices={"space": ("left", "right")},
+    ranges={"alpha": "(0, inf)", "target": "[0, inf)"},
+    matrix_only=True,
+    notes="After Iso-C or Iso-CTS every singular value of the merged update is equal, so the "
+          "singular basis SVC reads is arbitrary and rounding-level changes can move its output "
+          "a lot; the result still lies in the span of the merged update, has γ ∈ (0, 1/α] and "
+          "does not depend on SVD signs. The output replaces the base update at scale 1.",
+)
+def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None = None,
+        space: Literal["left", "right"] = "left", target: int | None = None) -> Tensor:
+    """SVC (Li et al., arXiv 2602.05536), with the official code's corrected (2026-03) rule.
+
+    W_m = U diag(σ) Vᵀ (thin SVD, r = min(m, n)). For every r at once:
+      a_i^r = u_rᵀ τ_i,   s_i^r = σ_r ⟨a_i^r, v_r⟩ / max(‖a_i^r‖², 1e-12),
+      γ_r = K / Σ_i max(α, s_i^r)   (a NaN or −inf s_i^r counts as α),
+      W̃ = U diag(γ ⊙ σ) Vᵀ.
+    W̃ replaces W_m at scale 1. Since every term is ≥ α, γ_r ∈ (0, 1/α]: with α < 1 a direction
+    can be amplified. ``alpha`` None means 1/K, as in the official run script (which uses 1.0
+    for TSV-M). ``space="right"`` uses b_i^r = τ_i v_r and s_i^r = σ_r ⟨b_i^r, u_r⟩ / ‖b_i^r‖²
+    (SVC of the transposes; the paper's weaker variant). ``target`` (0-based task index) sets
+    σ̃_r = σ_r / η_r with η_r = max(s_target^r, α) where s_target^r > 0 and η_r = 1 elsewhere.
+
+    Caveat: after Iso-C / Iso-CTS all σ_r are equal, so the singular basis is arbitrary and
+    tiny rounding changes move W̃ a lot; only invariants hold there (W̃ in the span of W_m,
+    γ ∈ (0, 1/α], independence from SVD signs). Computes in float32 (float64 if an input is).
+    """
+    k = len(task_vectors)
+    if k == 0:
+        raise ValueError("svc: needs at least one task vector, got none")
+    if merged.shape != task_vectors[0].shape:
+        raise ValueError(f"svc: merged update has shape {tuple(merged.shape)}, the task vectors "
+                         f"{tuple(task_vectors[0].shape)}")
+    if alpha is None:
+        alpha = 1.0 / k
+    if not alpha > 0:
+        raise ValueError(f"svc: alpha must be > 0 (or null for 1/K), got {alpha}")
+    if space not in ("left", "right"):
+        raise ValueError(f"svc: space must be 'left' or 'right', got {space!r}")
+    if target is not None and not 0 <= target < k:
+        raise ValueError(f"svc: target must be a task index in [0, {k}), got {target}")
+    w, *taus = as_compute_dtype([merged, *task_vectors], "svc")
+    if w.ndim != 2:
+        raise ValueError(f"svc: expects 2-D (out, in) matrices, got shape {tuple(w.shape)}")
+    if space == "right":
+        w, taus = w.mT, [t.mT for t in taus]
+    u, sigma, vh = thin_svd(w)
+    out = svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target)
+    return out.mT.contiguous() if space == "right" else out

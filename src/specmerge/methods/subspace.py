@@ -49,7 +49,8 @@ def _sum(taus: Sequence[Tensor]) -> Tensor:
 def _matrices(task_vectors: Sequence[Tensor], name: str) -> list[Tensor]:
     taus = as_compute_dtype(task_vectors, name)
     if taus[0].ndim != 2:
-        raise ValueError(f"{name}: expects 2-D (out, in) matrices, got shape {tuple(taus[0].shape)}")
+        raise ValueError(f"{name}: expects 2-D (out, in) matrices, "
+                         f"got shape {tuple(taus[0].shape)}")
     return taus
 
 
