@@ -217,9 +217,9 @@ def _is_within(child: Path, parent: Path) -> bool:
 def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
     """Refuse an existing output without ``force``, and any overlap between output and inputs."""
     for inp in inputs:
-        inp_dir = inp if inp.is_dir() else inp.parent
-        if out_dir == inp_dir or _is_within(out_dir, inp_dir):
-            raise OutputError(f"output {out_dir} lies inside the input {inp_dir}; "
+        # a directory input may not contain the output; a file input may not be the output
+        if out_dir == inp or (inp.is_dir() and _is_within(out_dir, inp)):
+            raise OutputError(f"output {out_dir} lies inside the input {inp}; "
                               f"choose a directory outside every input")
         if _is_within(inp, out_dir):
             raise OutputError(f"the input {inp} lies inside the output {out_dir}; refusing, since "
