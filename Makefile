@@ -33,7 +33,9 @@ test: install-dev
 	$(BIN)/python -m pytest
 
 run: install
-	$(BIN)/specmerge run-default $(RUN_ARGS)
+	@test -d work/quickstart/base || $(BIN)/specmerge example quickstart work/quickstart
+	$(BIN)/specmerge merge examples/quickstart.yaml out/quickstart --force $(RUN_ARGS)
+	$(BIN)/specmerge inspect out/quickstart
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

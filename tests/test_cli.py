@@ -1,0 +1,100 @@
+"""The CLI is a thin layer: commands run, errors are one clean line with exit code 1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import recipe_for
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from specmerge.cli import app
+from specmerge.examples import llama_shape_for, parse_count
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_on_every_command() -> None:
+    for cmd in (["--help"], ["merge", "--help"], ["methods", "--help"], ["inspect", "--help"],
+                ["example", "quickstart", "--help"], ["example", "synthetic", "--help"]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 0, (cmd, res.output)
+        assert "Usage" in res.output
+
+
+def test_methods_lists_every_method_with_defaults() -> None:
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0
+    for name in ("weight_average", "task_arithmetic", "ties", "dare", "svc"):
+        assert f"\n{name}  [" in res.output
+    assert "scaling = 0.3" in res.output and "density = 0.2" in res.output
+    assert "drop_rate = 0.5" in res.output and "2306.01708" in res.output
+    data = json.loads(runner.invoke(app, ["methods", "--json"]).output)
+    ties = next(m for m in data if m["name"] == "ties")
+    assert ties["parameters"]["aggregate"]["default"] == "mean"
+
+
+def test_quickstart_end_to_end(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["example", "quickstart", str(tmp_path / "work" / "quickstart")])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "quickstart.yaml", tmp_path / "examples")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["merge", str(tmp_path / "examples" / "quickstart.yaml"), str(out),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"wrote merged model to {out}" in res.output
+    card = (out / "README.md").read_text()
+    assert "`task_arithmetic`" in card and "**Calibration:** `svc` after `task_arithmetic`" in card
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0 and "parameters: 127,296" in res.output
+    # existing output: one clean error line, exit 1, nothing touched
+    before = (out / "model.safetensors").read_bytes()
+    res = runner.invoke(app, ["merge", str(tmp_path / "examples" / "quickstart.yaml"), str(out)])
+    assert res.exit_code == 1 and "error: output" in res.output and "--force" in res.output
+    assert (out / "model.safetensors").read_bytes() == before
+    # the quickstart experts really load with transformers' Llama
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    sd = load_file(str(out / "model.safetensors"))
+    assert torch.equal(model.state_dict()["model.norm.weight"], sd["model.norm.weight"])
+
+
+def test_merge_cli_options_and_errors(toy_models, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(recipe_for(toy_models, "dare")))  # JSON is valid YAML
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "o"), "--seed", "3",
+                              "--workers", "2", "--dtype", "float64", "--shard-size", "1KB",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "o").glob("model-*.safetensors"))) > 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: x\nmodels: [y]\nmerge_method: ties\nparameters: {density: 2}\n")
+    res = runner.invoke(app, ["merge", str(bad), str(tmp_path / "o2")])
+    assert res.exit_code == 1
+    assert "density" in res.output and "(0, 1]" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "no such file or directory" in res.output
+
+
+def test_synthetic_sizes() -> None:
+    assert parse_count("500M") == 500_000_000 and parse_count("1.5B") == 1_500_000_000
+    shape = llama_shape_for(500_000_000)
+    assert abs(shape.num_params() - 500e6) / 500e6 < 0.03
+    assert abs(llama_shape_for(50_000_000).num_params() - 50e6) / 50e6 < 0.1
+
+
+def test_example_synthetic_small(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "s"), "--params", "2M",
+                              "--experts", "2", "--dtype", "bf16"])
+    assert res.exit_code == 0, res.output
+    for d in ("base", "expert_1", "expert_2"):
+        sd = load_file(str(tmp_path / "s" / d / "model.safetensors"))
+        assert all(t.dtype == torch.bfloat16 for t in sd.values())
+    res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "s"), "--params", "2M"])
+    assert res.exit_code == 1 and "already exists" in res.output
