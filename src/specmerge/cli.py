@@ -141,6 +141,40 @@ def inspect(path: Annotated[Path, typer.Argument(help="Checkpoint file or HF dir
         typer.echo(f"    {info.name}: {list(info.shape)} {str(info.dtype).removeprefix('torch.')}")
 
 
+@app.command()
+def diagnose(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    param: Annotated[str, typer.Argument(help="Name of a 2-D parameter, e.g. "
+                                               "model.layers.0.mlp.up_proj.weight.")],
+    plot: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Write the spectrum plot (PNG) here; needs matplotlib.")] = None,
+    top: Annotated[int, typer.Option(help="Singular directions to list.")] = 8,
+) -> None:
+    """Spectral diagnostics of the recipe's merge on one parameter: inflation, s_i^r, SVC's γ."""
+    from specmerge.diagnostics import plot_spectrum, spectral_report
+    from specmerge.engine import PlanEntry, merge_update
+    from specmerge.errors import SpecmergeError
+    from specmerge.io.checkpoint import Checkpoint
+    from specmerge.recipe import load_recipe
+
+    try:
+        rec = load_recipe(recipe)
+        base = Checkpoint(rec.base_model)
+        if param not in base.infos or len(base.infos[param].shape) != 2:
+            raise SpecmergeError(f"{base.path}: no 2-D parameter named {param!r}")
+        theta0 = base.read(param).float()
+        taus = [Checkpoint(m.model).read(param).float() - theta0 for m in rec.models]
+        entry = PlanEntry(param, tuple(theta0.shape), theta0.dtype, "method", calibrate=False)
+        merged = merge_update(entry, taus, rec)
+        alpha = (rec.calibrate or {}).get("alpha")
+        report = spectral_report(merged, taus, alpha=alpha)
+    except (SpecmergeError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"{param} under {rec.merge_method}:\n{report.summary(top)}")
+    if plot is not None:
+        typer.echo(f"wrote {plot_spectrum(report, plot, title=f'{param} ({rec.merge_method})')}")
+
+
 @example_app.command("quickstart")
 def example_quickstart(
     directory: Annotated[Path, typer.Argument(help="Where to write base/ and expert_1..3/.")],
