@@ -281,8 +281,8 @@ def select_rank(lam: Tensor, shape: tuple[int, int], rank_rule: str, min_rank: i
 # Optimisers for wudi, on the analytic gradient 2(τC − D)
 # ---------------------------------------------------------------------------------------------
 
-def _adam(tau: Tensor, c: Tensor, d: Tensor, iterations: int, lr: float) -> Tensor:
-    """``iterations`` steps of Adam on L, as torch.optim.Adam's single-tensor path does them.
+def adam_steps(tau: Tensor, c: Tensor, d: Tensor, iterations: int, lr: float) -> Tensor:
+    """``iterations`` steps of Adam on L, in place, as torch.optim.Adam's single-tensor path.
 
     g = 2(τC − D); m ← lerp(m, g, 1 − β1); v ← β2 v + (1 − β2) g²;
     τ ← τ − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε), with β = (0.9, 0.999), ε = 1e-8.
@@ -300,8 +300,9 @@ def _adam(tau: Tensor, c: Tensor, d: Tensor, iterations: int, lr: float) -> Tens
     return tau
 
 
-def _gradient_descent(tau: Tensor, c: Tensor, d: Tensor, iterations: int, lr: float) -> Tensor:
-    """τ ← τ − lr · 2(τC − D), ``iterations`` times."""
+def gradient_descent_steps(tau: Tensor, c: Tensor, d: Tensor, iterations: int,
+                           lr: float) -> Tensor:
+    """τ ← τ − lr · 2(τC − D), ``iterations`` times, in place."""
     grad = torch.empty_like(tau)
     for _ in range(iterations):
         torch.addmm(d, tau, c, beta=-2.0, alpha=2.0, out=grad)
@@ -309,7 +310,7 @@ def _gradient_descent(tau: Tensor, c: Tensor, d: Tensor, iterations: int, lr: fl
     return tau
 
 
-_OPTIMIZERS = {"adam": _adam, "sgd": _gradient_descent}
+_OPTIMIZERS = {"adam": adam_steps, "sgd": gradient_descent_steps}
 _INIT_DOC = "τ_0: sum of the task vectors (official code), their mean, or zero"
 
 
