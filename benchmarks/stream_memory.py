@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
 
     exe = shutil.which("specmerge") or sys.exit("specmerge is not on PATH (pip install -e .)")
-    models = args.workdir / f"synthetic_{args.params}_{args.experts}_{args.dtype}"
+    models = (args.workdir / f"synthetic_{args.params}_{args.experts}_{args.dtype}").resolve()
     if not (models / "base").exists():
         print(f"writing synthetic models to {models} ...", flush=True)
         subprocess.run([exe, "example", "synthetic", str(models), "--params", args.params,

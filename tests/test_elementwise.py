@@ -121,3 +121,31 @@ def test_registry_defaults_and_validation() -> None:
         get_method("ties").validate({"aggregate": "median"})
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
+
+
+def _ties_official(taus: list[torch.Tensor], density: float, aggregate: str) -> torch.Tensor:
+    """Direct transcription of the official TIES rules on a stacked (K, d) matrix."""
+    m = torch.stack([t.reshape(-1) for t in taus])
+    k = m.shape[1] - int(m.shape[1] * density)
+    kth = m.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = m * (m.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    sel = trimmed * keep
+    out = sel.sum(0)
+    if aggregate == "mean":
+        out = out / (sel != 0).sum(0).float().clamp(min=1)
+    return out.reshape(taus[0].shape)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ties_matches_official_transcription(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(9, 11, generator=g, dtype=torch.float64) for _ in range(4)]
+    taus[0][:2] = 0.0  # exact zeros and cancelling sums exercise the tie rules
+    taus[1][3] = -taus[2][3]
+    for density in (0.1, 0.2, 0.5):
+        for agg in ("mean", "sum"):
+            assert torch.equal(ties(taus, density=density, aggregate=agg),
+                               _ties_official(taus, density, agg)), (density, agg)

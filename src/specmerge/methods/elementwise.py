@@ -109,7 +109,8 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
     3. Disjoint aggregate: keep trim(τ_i) where it is > 0 and s > 0, or < 0 and s ≤ 0; then
        sum, or divide by the count of nonzero kept entries (at least 1) for ``mean``.
     4. Multiply by ``scaling``.
-    Masks are recomputed from the scalar thresholds, so no K-fold copy is held.
+    Masks are recomputed from the scalar thresholds and kept as booleans, so beyond the inputs
+    only one float buffer and one float temporary are alive at a time.
     """
     if thresholds is None:
         if trim_scope == "global":
@@ -121,24 +122,25 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
             k = trim_count(task_vectors[0].numel(), density)
             thresholds = [float(kth_smallest_abs(t, k)) for t in task_vectors]
 
-    def trimmed(tau: Tensor, t: float) -> Tensor:
-        return torch.where(tau.abs() >= t, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
-
+    zero = torch.zeros((), dtype=task_vectors[0].dtype, device=task_vectors[0].device)
     total = torch.zeros_like(task_vectors[0])
     for tau, t in zip(task_vectors, thresholds, strict=True):
-        total.add_(trimmed(tau, t))
-    sign = torch.sign(total)
-    sign[sign == 0] = torch.sign(sign.sum())
-    positive = sign > 0
+        total.add_(torch.where(tau.abs() >= t, tau, zero))
+    # elected sign > 0; zeros take sign(Σ signs), and a zero majority stays "not > 0"
+    positive = total > 0
+    majority = int(positive.sum()) - int((total < 0).sum())
+    if majority > 0:
+        positive |= total == 0
 
-    merged = torch.zeros_like(total)
-    count = torch.zeros_like(total)
+    # disjoint aggregate, reusing the sum's buffer; counts fit in uint8 for K < 256
+    merged = total.zero_()
+    count = torch.zeros(merged.shape, device=merged.device,
+                        dtype=torch.uint8 if len(task_vectors) < 256 else torch.int32)
     for tau, t in zip(task_vectors, thresholds, strict=True):
-        tt = trimmed(tau, t)
-        keep = torch.where(positive, tt > 0, tt < 0)
-        kept = tt * keep
-        merged.add_(kept)
-        count.add_(kept != 0)
+        agree = torch.where(positive, tau > 0, tau < 0)
+        agree &= tau.abs() >= t
+        merged.add_(torch.where(agree, tau, zero))
+        count.add_(agree)
     if aggregate == "mean":
         merged.div_(count.clamp_(min=1))
     return merged.mul_(scaling)
