@@ -1,0 +1,202 @@
+"""Rendering of a text8 results dictionary: results.json, a Markdown table and PNG plots.
+
+matplotlib is imported inside the plotting functions, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .runner import EXPERTS, ZERO_SHOT
+
+LABELS = {
+    ZERO_SHOT: "zero-shot", EXPERTS: "individual experts",
+    "weight_average": "weight average", "task_arithmetic": "task arithmetic (λ=0.3)",
+    "ties": "TIES", "dare": "DARE", "tsv_m": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
+    "star": "STAR", "wudi": "WUDI", "wudi_closed_form": "WUDI closed form", "swudi": "SWUDI",
+    "swudi_a": "SWUDI-A",
+    "task_arithmetic@val": "task arithmetic, λ on validation",
+    "ties@val": "TIES, λ on validation",
+}
+TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_irony": "tw_iro",
+             "banking77": "bank77"}
+
+
+def label(row: str) -> str:
+    if row.endswith("+svc"):
+        return f"{LABELS.get(row[:-4], row[:-4])} + SVC"
+    return LABELS.get(row, row)
+
+
+def write_json(results: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _with_seeds(mean: float, per_seed: list[float]) -> str:
+    if len(per_seed) <= 1:
+        return _fmt(mean)
+    return f"{_fmt(mean)} ({', '.join(_fmt(v) for v in per_seed)})"
+
+
+def markdown_table(results: dict) -> str:
+    """One row per method: per-task accuracy (mean over seeds), average and normalised accuracy
+    (mean, then each seed's value in parentheses), and merge time."""
+    tasks = [t["name"] for t in results["tasks"]]
+    head = (["method"] + [TASK_ABBR.get(t, t) for t in tasks]
+            + ["avg", "normalised", "merge s"])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in results["rows"]:
+        name = label(r["name"])
+        if "lambda" in r:
+            name += f" (λ={', '.join(_fmt(v) for v in r['lambda'])})"
+        cells = [name] + [_fmt(r["acc"][t]) for t in tasks]
+        cells += [_with_seeds(r["avg"], r["avg_per_seed"]),
+                  _with_seeds(r["norm"], r["norm_per_seed"]),
+                  _fmt(r.get("merge_s"), 1) if "merge_s" in r else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def svc_deltas(results: dict) -> list[tuple[str, float, float, float, float]]:
+    """(method, avg, avg with SVC, normalised, normalised with SVC) for each base method run
+    both ways."""
+    by = {r["name"]: r for r in results["rows"]}
+    out = []
+    for r in results["rows"]:
+        n = r["name"]
+        if n + "+svc" in by:
+            s = by[n + "+svc"]
+            out.append((n, r["avg"], s["avg"], r["norm"], s["norm"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(results: dict, path: Path) -> Path:
+    """Normalised accuracy per base method, without and with SVC."""
+    plt = _plt()
+    by = {r["name"]: r for r in results["rows"]}
+    bases = [r["name"] for r in results["rows"]
+             if r["name"] not in (ZERO_SHOT, EXPERTS) and not r["name"].endswith("+svc")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(bases) + 2), 4.2))
+    xs = range(len(bases))
+    w = 0.38
+    plain = [by[b]["norm"] for b in bases]
+    cal = [by[b + "+svc"]["norm"] if b + "+svc" in by else math.nan for b in bases]
+    ax.bar([x - w / 2 for x in xs], plain, w, label="method", color="#8da0cb")
+    ax.bar([x + w / 2 for x in xs], cal, w, label="method + SVC", color="#fc8d62")
+    if ZERO_SHOT in by:
+        ax.axhline(by[ZERO_SHOT]["norm"], color="grey", ls=":", lw=1, label="zero-shot")
+    ax.axhline(100, color="black", lw=0.8, label="experts (100)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([label(b) for b in bases], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("normalised accuracy (%)")
+    vals = [v for v in plain + cal if not math.isnan(v)]
+    lo = min(vals + [by[ZERO_SHOT]["norm"]] if ZERO_SHOT in by else vals)
+    ax.set_ylim(max(0, lo - 5), 102)
+    ax.set_title(f"text8: normalised accuracy ({len(results['tasks'])} tasks, "
+                 f"{results['protocol']['seeds']} seed(s))")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_spectra(results: dict, path: Path) -> Path | None:
+    """Figure 2 of the SVC paper: singular values of the task-arithmetic update before and after
+    SVC, against those of the individual task vectors, for one attention and one MLP matrix."""
+    spec = results.get("spectra") or {}
+    if not spec:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(spec), figsize=(6 * len(spec), 4.2), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], spec.items(), strict=True):
+        for lab, sv in curves.items():
+            k = min(len(sv), 64)
+            if lab.startswith("τ_"):
+                ax.plot(range(1, k + 1), sv[:k], color="grey", alpha=0.45, lw=1,
+                        label="individual τ_i" if lab == next(
+                            x for x in curves if x.startswith("τ_")) else None)
+            else:
+                ax.plot(range(1, k + 1), sv[:k], lw=2, label=label(lab))
+        ax.set_yscale("log")
+        ax.set_xlabel("index r")
+        ax.set_ylabel("singular value σ_r")
+        short = name.replace("encoder.layer.", "L").replace(".weight", "")
+        ax.set_title(short, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Singular values of the merged update: task arithmetic before and after SVC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_heatmap(results: dict, path: Path) -> Path:
+    """Task × method accuracy, normalised by the expert of each task (%)."""
+    plt = _plt()
+    import numpy as np
+
+    tasks = [t["name"] for t in results["tasks"]]
+    rows = results["rows"]
+    ex = next(r for r in rows if r["name"] == EXPERTS)["acc"]
+    data = np.array([[100 * r["acc"][t] / ex[t] if ex[t] else np.nan for t in tasks]
+                     for r in rows])
+    fig, ax = plt.subplots(figsize=(1.0 * len(tasks) + 4, 0.33 * len(rows) + 1.5))
+    im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=max(0, np.nanmin(data)), vmax=100)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([TASK_ABBR.get(t, t) for t in tasks], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([label(r["name"]) for r in rows], fontsize=8)
+    for i in range(len(rows)):
+        for j in range(len(tasks)):
+            ax.text(j, i, f"{rows[i]['acc'][tasks[j]]:.0f}", ha="center", va="center",
+                    fontsize=6.5, color="white" if data[i, j] < 80 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy ÷ expert accuracy (%)")
+    ax.set_title("text8: accuracy per task (numbers) and relative to the expert (colour)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path]:
+    """results.json, table.md and the three plots under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": write_json(results, out / "results.json")}
+    table = markdown_table(results)
+    (out / "table.md").write_text(table + "\n")
+    files["table"] = out / "table.md"
+    files["bars"] = plot_bars(results, out / f"{prefix}_normalised.png")
+    files["heatmap"] = plot_heatmap(results, out / f"{prefix}_heatmap.png")
+    sp = plot_spectra(results, out / f"{prefix}_svc_spectra.png")
+    if sp is not None:
+        files["spectra"] = sp
+    return files

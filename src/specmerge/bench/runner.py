@@ -1,0 +1,458 @@
+"""Orchestration of a text8 run: base, heads, experts (cached), merges through the public API,
+evaluation of every row, and the results dictionary that ``report`` renders.
+
+Cache layout (``--cache``, default ``~/.cache/specmerge/text8``)::
+
+    base-<sha12>/                 the base re-saved by transformers (same weights, same keys
+                                  as the experts), used as ``base_model`` of every merge
+    experts/<task>-seed<s>-<key>/ one expert per task and seed, key = protocol hash
+    tokens/<hash>.pt              tokenised evaluation sets
+    rows/<hash>.json              evaluated rows, keyed by experts, recipe and test set
+    merges/                       merged checkpoints while they are evaluated (then deleted)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import text8 as T
+
+log = logging.getLogger(__name__)
+
+# Row names: "<method>" or "<method>+svc" are recipes in examples/text8 (or the packaged copy);
+# "<method>@val" sweeps the method's ``scaling`` λ on validation.
+ZERO_SHOT, EXPERTS = "zero_shot", "experts"
+BASE_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts",
+                "star", "wudi", "wudi_closed_form", "swudi", "swudi_a")
+SWEEPS = ("task_arithmetic@val", "ties@val")
+LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+PRESETS: dict[str, tuple[str, ...]] = {
+    "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + SWEEPS,
+    "headline": ("task_arithmetic", "task_arithmetic+svc", "tsv_m", "tsv_m+svc",
+                 "swudi", "swudi+svc"),
+    "quick": ("task_arithmetic", "task_arithmetic+svc", "ties"),
+}
+QUICK_TASKS = ("subj", "trec")
+# Figure 2 of the SVC paper: one attention and one MLP matrix.
+SPECTRUM_PARAMS = ("encoder.layer.3.attention.self.query.weight",
+                   "encoder.layer.3.intermediate.dense.weight")
+
+
+@dataclass
+class RunConfig:
+    data: Path | None
+    tasks: Sequence[str] = T.TASKS
+    methods: Sequence[str] = PRESETS["full"]
+    seeds: int = 1
+    cache: Path = Path("~/.cache/specmerge/text8")
+    shared: Path | None = None  # read-only directory of prebuilt experts
+    recipes: Path | None = None
+    test_cap: int | None = None
+    val_cap: int | None = 500
+    train: T.TrainConfig = field(default_factory=T.TrainConfig)
+    device: str = "cpu"
+    workers: int = 1
+    threads: int | None = None
+    model_dir: Path | None = None
+    model_sha256: str = T.MODEL_SHA256
+    progress: bool = True
+    reuse_rows: bool = True
+
+
+def default_recipes_dir() -> Path:
+    """``examples/text8`` of a source checkout, else the copy packaged with specmerge.bench."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "examples" / "text8"
+        if cand.is_dir():
+            return cand
+    return Path(str(resources.files("specmerge.bench") / "recipes"))
+
+
+def recipe_path(recipes: Path, row: str) -> Path:
+    name = row.split("@")[0].replace("+", "_")
+    return recipes / f"{name}.yaml"
+
+
+def validate_methods(methods: Sequence[str], recipes: Path) -> list[str]:
+    """Check row names early: each needs a recipe, and its method must be registered."""
+    import yaml
+
+    from specmerge.methods.registry import get_method
+
+    out = []
+    for m in methods:
+        if m in (ZERO_SHOT, EXPERTS):
+            continue
+        p = recipe_path(recipes, m)
+        if not p.is_file():
+            known = sorted(x.stem for x in recipes.glob("*.yaml"))
+            raise T.BenchError(f"unknown method row {m!r}: no recipe {p}. Rows: {known} "
+                               "(append '+svc' for calibration rows is already in the name; "
+                               "'@val' sweeps scaling on validation)")
+        rec = yaml.safe_load(p.read_text())
+        try:
+            get_method(rec["merge_method"])
+        except Exception as e:
+            raise T.BenchError(f"method row {m!r}: {e}") from e
+        if m.endswith("@val") and "scaling" not in get_method(rec["merge_method"]).defaults():
+            raise T.BenchError(f"method row {m!r}: {rec['merge_method']} has no 'scaling' to sweep")
+        out.append(m)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Base and experts
+# --------------------------------------------------------------------------------------------
+
+def _atomic_dir(final: Path):
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def ensure_base(model_dir: Path, sha: str, cache: Path) -> Path:
+    """The base re-saved by transformers: same weights, and exactly the experts' key set."""
+    out = cache / f"base-{sha[:12]}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    model, tok = T.load_encoder(model_dir)
+    tmp = _atomic_dir(out)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class Expert:
+    task: str
+    seed: int
+    key: str
+    path: Path
+    info: dict
+
+
+def expert_plan(cfg: RunConfig, tasks: list[T.Task], sha: str) -> list[tuple[T.Task, int, str]]:
+    return [(t, s, T.protocol_hash(sha, t.files_digest(), cfg.train, s))
+            for s in range(cfg.seeds) for t in tasks]
+
+
+def find_expert(cfg: RunConfig, task: str, seed: int, key: str) -> Path | None:
+    name = T.expert_dirname(task, seed, key)
+    for root in [cfg.shared, cfg.cache / "experts"]:
+        if root is not None and T.is_complete(Path(root) / name):
+            return Path(root) / name
+    return None
+
+
+def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
+                   model_dir: Path) -> list[Expert]:
+    """Find every (task, seed) expert in the shared directory or the cache; train the rest."""
+    from tqdm.auto import tqdm
+
+    plan = expert_plan(cfg, tasks, sha)
+    todo = [(t, s, k) for t, s, k in plan if find_expert(cfg, t.name, s, k) is None]
+    if todo:
+        log.info("training %d of %d experts (%d cached)", len(todo), len(plan),
+                 len(plan) - len(todo))
+    for t, s, k in tqdm(todo, desc="experts", disable=not cfg.progress or not todo):
+        out = cfg.cache / "experts" / T.expert_dirname(t.name, s, k)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        T.train_expert(model_dir, t, heads[t.name], cfg.train, s, out, cfg.device,
+                       meta={"protocol_hash": k, "model_sha256": sha},
+                       progress=cfg.progress)
+    experts = []
+    for t, s, k in plan:
+        p = find_expert(cfg, t.name, s, k)
+        assert p is not None
+        experts.append(Expert(t.name, s, k, p, json.loads((p / "expert.json").read_text())))
+    return experts
+
+
+# --------------------------------------------------------------------------------------------
+# Merging and evaluation
+# --------------------------------------------------------------------------------------------
+
+def load_recipe(recipes: Path, row: str, base: Path, experts: list[Path]) -> dict:
+    """The row's YAML recipe with the placeholders ``base_model`` / ``models`` filled in."""
+    import yaml
+
+    rec = yaml.safe_load(recipe_path(recipes, row).read_text())
+    rec["base_model"] = str(base)
+    rec["models"] = [str(p) for p in experts]
+    return rec
+
+
+def run_merge(recipe: dict, out_dir: Path, cfg: RunConfig) -> float:
+    """Merge through the public API; return the wall time in seconds."""
+    import specmerge
+
+    t0 = time.perf_counter()
+    specmerge.merge(recipe, out_dir, device=cfg.device, workers=cfg.workers, force=True,
+                    progress=False)
+    return time.perf_counter() - t0
+
+
+class Evaluator:
+    """One reusable encoder; loads any checkpoint's weights and scores the tasks' eval sets."""
+
+    def __init__(self, base: Path, device: str):
+        self.model, self.tok = T.load_encoder(base, device)
+        self.device = device
+
+    def load(self, ckpt: Path) -> None:
+        T.load_weights(self.model, ckpt)
+
+    def scores(self, sets: dict[str, T.EvalSet], heads: dict) -> dict[str, float]:
+        return {t: T.accuracy(self.model, es, heads[t], self.device,
+                              pad_id=self.tok.pad_token_id or 0) for t, es in sets.items()}
+
+
+def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str]) -> dict:
+    """Singular values of Δ = θ − θ0 for the chosen matrices of each checkpoint."""
+    from safetensors import safe_open
+
+    def read(d: Path, name: str) -> torch.Tensor:
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                if name in fh.keys():
+                    return fh.get_tensor(name).double()
+        raise KeyError(f"{name} not in {d}")
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for n in names:
+        th0 = read(base, n)
+        out[n] = {label: torch.linalg.svdvals(read(d, n) - th0).tolist()
+                  for label, d in ckpts.items()}
+    return out
+
+
+def _row_key(row: str, recipe: Any, experts: list[Expert], sets_key: str, extra: Any = None
+             ) -> str:
+    blob = json.dumps({"row": row, "recipe": recipe, "experts": [e.key for e in experts],
+                       "sets": sets_key, "extra": extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the benchmark; return the results dictionary (see report.write_results)."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    cfg.cache = Path(cfg.cache).expanduser()
+    cfg.cache.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else T.default_model_dir()
+    sha = T.verify_model(model_dir, cfg.model_sha256)
+    tasks = [T.load_task(cfg.data, t) for t in cfg.tasks]
+    if len({t.name for t in tasks}) != len(tasks):
+        raise T.BenchError(f"duplicate task names in {list(cfg.tasks)}")
+    recipes = Path(cfg.recipes) if cfg.recipes else default_recipes_dir()
+    methods = validate_methods(cfg.methods, recipes)
+    if methods:
+        import specmerge
+
+        if not hasattr(specmerge, "merge"):
+            raise T.BenchError("specmerge.merge is not available in this installation")
+
+    base = ensure_base(model_dir, sha, cfg.cache)
+    ev = Evaluator(base, cfg.device)
+    embed_fn = T.make_embed_fn(ev.model, ev.tok, cfg.device, cfg.train.max_length)
+    heads = {t.name: T.build_head(t.prompts(), embed_fn) for t in tasks}
+
+    t0 = time.perf_counter()
+    experts = ensure_experts(cfg, tasks, heads, sha, model_dir)
+    t_experts = time.perf_counter() - t0
+    trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
+
+    ml, tok_cache = cfg.train.max_length, cfg.cache / "tokens"
+    test_sets = {t.name: T.tokenize_set(ev.tok, T.subsample(t.test, cfg.test_cap, 0), ml,
+                                        tok_cache) for t in tasks}
+    val_sets = {}
+    if any(m.endswith("@val") for m in methods):
+        val_sets = {t.name: T.tokenize_set(
+            ev.tok, T.subsample(T.split_train_val(t, cfg.train.val_fraction)[1], cfg.val_cap, 0),
+            ml, tok_cache) for t in tasks}
+    sets_key = json.dumps({t: [len(es), hashlib.sha256(str(es.input_ids).encode()).hexdigest()]
+                           for t, es in test_sets.items()})
+    rows_dir = cfg.cache / "rows"
+    rows_dir.mkdir(exist_ok=True)
+    work = cfg.cache / "merges" / f"run{os.getpid()}"
+
+    def cached(key: str, fn):
+        p = rows_dir / f"{key}.json"
+        if cfg.reuse_rows and p.is_file():
+            return json.loads(p.read_text())
+        val = fn()
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(val))
+        os.replace(tmp, p)
+        return val
+
+    row_names = [ZERO_SHOT, EXPERTS, *methods]
+    per_seed: dict[str, list[dict]] = {r: [] for r in row_names}
+    sweeps: dict[str, list[dict]] = {}
+    spec: dict = {}
+    bar = tqdm(total=cfg.seeds * len(row_names), desc="rows", disable=not cfg.progress)
+    for s in range(cfg.seeds):
+        ex = [e for e in experts if e.seed == s]
+        ex_paths = [e.path for e in ex]
+
+        def zero_shot():
+            ev.load(base)
+            return {"acc": ev.scores(test_sets, heads)}
+
+        def own(ex=ex):
+            acc = {}
+            for e in ex:
+                ev.load(e.path)
+                acc.update(ev.scores({e.task: test_sets[e.task]}, heads))
+            return {"acc": acc}
+
+        for row in methods:
+            bar.set_postfix_str(f"seed {s} {row}")
+            recipe = load_recipe(recipes, row, base, ex_paths)
+            out = work / f"{row.replace('+', '_').replace('@', '_')}-s{s}"
+            want_spec = s == 0 and row in ("task_arithmetic", "task_arithmetic+svc")
+
+            def merged(row=row, recipe=recipe, out=out, want_spec=want_spec):
+                if row.endswith("@val"):
+                    return sweep(row, recipe, out)
+                secs = run_merge(recipe, out, cfg)
+                ev.load(out)
+                res = {"acc": ev.scores(test_sets, heads), "merge_s": secs}
+                if want_spec:
+                    res["spectra"] = spectra(base, {row: out}, SPECTRUM_PARAMS)
+                shutil.rmtree(out, ignore_errors=True)
+                return res
+
+            def sweep(row, recipe, out):
+                curve, total = [], 0.0
+                best = None
+                for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not cfg.progress):
+                    r = copy.deepcopy(recipe)
+                    r.setdefault("parameters", {})["scaling"] = lam
+                    d = out.with_name(f"{out.name}-{lam}")
+                    secs = run_merge(r, d, cfg)
+                    total += secs
+                    ev.load(d)
+                    va = ev.scores(val_sets, heads)
+                    mean = sum(va.values()) / len(va)
+                    curve.append({"lambda": lam, "val_acc": va, "val_avg": mean, "merge_s": secs})
+                    if best is None or mean > best[0]:
+                        if best is not None:
+                            shutil.rmtree(best[2], ignore_errors=True)
+                        best = (mean, lam, d, secs)
+                    else:
+                        shutil.rmtree(d, ignore_errors=True)
+                assert best is not None
+                ev.load(best[2])
+                res = {"acc": ev.scores(test_sets, heads), "merge_s": best[3],
+                       "sweep_s": total, "lambda": best[1], "curve": curve}
+                shutil.rmtree(best[2], ignore_errors=True)
+                return res
+
+            res = cached(_row_key(row, recipe | {"base_model": None, "models": None}, ex,
+                                  sets_key, {"val": cfg.val_cap, "lambdas": LAMBDAS}
+                                  if row.endswith("@val") else None), merged)
+            per_seed[row].append(res)
+            if "spectra" in res:
+                spec.update({n: {**spec.get(n, {}), **v} for n, v in res["spectra"].items()})
+            if "curve" in res:
+                sweeps.setdefault(row, []).append({"seed": s, "lambda": res["lambda"],
+                                                   "curve": res["curve"]})
+            bar.update()
+        # the reference rows come last: parallel runs over disjoint --methods then share them
+        bar.set_postfix_str(f"seed {s} zero-shot, experts")
+        per_seed[ZERO_SHOT].append(cached(_row_key(ZERO_SHOT, sha, [], sets_key), zero_shot))
+        bar.update()
+        per_seed[EXPERTS].append(cached(_row_key(EXPERTS, None, ex, sets_key), own))
+        bar.update()
+    bar.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+    if spec:
+        ex0 = {f"τ_{e.task}": e.path for e in experts if e.seed == 0}
+        for n, v in spectra(base, ex0, SPECTRUM_PARAMS).items():
+            spec[n] = {**v, **spec.get(n, {})}
+
+    return assemble(cfg, tasks, sha, row_names, per_seed, experts, sweeps, spec,
+                    timings={"total_s": time.perf_counter() - t_start,
+                             "experts_wall_s": t_experts, "experts_train_s": trained_s})
+
+
+def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str],
+             per_seed: dict[str, list[dict]], experts: list[Expert], sweeps: dict, spec: dict,
+             timings: dict) -> dict:
+    """Per row: per-seed accuracies, their means, average and normalised accuracy."""
+    import platform
+
+    import transformers
+
+    import specmerge
+
+    names = [t.name for t in tasks]
+    expert_acc = [r["acc"] for r in per_seed[EXPERTS]]
+    rows = []
+    for r in row_names:
+        seeds = per_seed[r]
+        avg = [sum(x["acc"][t] for t in names) / len(names) for x in seeds]
+        norm = [T.normalized_accuracy({t: x["acc"][t] for t in names}, expert_acc[i])
+                for i, x in enumerate(seeds)]
+        mean_acc = {t: sum(x["acc"][t] for x in seeds) / len(seeds) for t in names}
+        row = {"name": r, "acc": mean_acc, "avg": sum(avg) / len(avg),
+               "norm": sum(norm) / len(norm), "avg_per_seed": avg, "norm_per_seed": norm,
+               "per_seed": [{k: v for k, v in x.items() if k not in ("spectra", "curve")}
+                            for x in seeds]}
+        ms = [x["merge_s"] for x in seeds if "merge_s" in x]
+        if ms:
+            row["merge_s"] = sum(ms) / len(ms)
+        if r.endswith("@val"):
+            row["lambda"] = [x["lambda"] for x in seeds]
+            row["sweep_s"] = sum(x["sweep_s"] for x in seeds) / len(seeds)
+        rows.append(row)
+    cfg_d = asdict(cfg)
+    cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg_d.items()}
+    return {
+        "benchmark": "text8",
+        "protocol": {
+            "model": "all-MiniLM-L6-v2", "model_sha256": sha, "head_scale": T.HEAD_SCALE,
+            "pooling": "mean over attention mask, L2-normalised",
+            "train": asdict(cfg.train), "protocol_version": T.PROTOCOL_VERSION,
+            "test_cap": cfg.test_cap, "val_cap": cfg.val_cap, "lambdas": list(LAMBDAS),
+            "seeds": cfg.seeds,
+        },
+        "config": cfg_d,
+        "tasks": [{"name": t.name, "classes": t.num_classes, "n_test": len(t.test)
+                   if cfg.test_cap is None else min(cfg.test_cap, len(t.test)),
+                   "validation": "own" if t.validation is not None else "10% of train",
+                   "prompts": t.prompts()} for t in tasks],
+        "experts": [{"task": e.task, "seed": e.seed, "hash": e.key, "path": str(e.path),
+                     **{k: e.info.get(k) for k in ("steps", "n_train", "train_seconds",
+                                                   "first_loss", "final_loss")}}
+                    for e in experts],
+        "rows": rows,
+        "sweeps": sweeps,
+        "spectra": spec,
+        "timings": timings,
+        "versions": {"specmerge": specmerge.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "python": platform.python_version(), "platform": platform.platform(),
+                     "threads": torch.get_num_threads()},
+    }

@@ -1,0 +1,259 @@
+"""The text8 benchmark: heads, normalised accuracy, protocol hash, errors, and --quick end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from specmerge.bench import report
+from specmerge.bench import runner as R
+from specmerge.bench import text8 as T
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "text"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_task(d: Path, n_train: int = 20, labels=("bad", "good"), validation: bool = False):
+    d.mkdir(parents=True)
+    (d / "labels.json").write_text(json.dumps(list(labels)))
+    rows = [json.dumps({"text": f"text number {i}", "label": i % len(labels)})
+            for i in range(n_train)]
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (d / "test.jsonl").write_text("\n".join(rows[:6]) + "\n")
+    if validation:
+        (d / "validation.jsonl").write_text("\n".join(rows[:4]) + "\n")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+def test_build_head_is_the_normalised_mean_of_normalised_prompt_embeddings():
+    table = {"a1": [2.0, 0.0], "a2": [0.0, 1.0], "b1": [0.0, -3.0], "b2": [0.0, -1.0],
+             "b3": [-1.0, 0.0]}
+
+    def embed_fn(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    head = T.build_head([["a1", "a2"], ["b1", "b2", "b3"]], embed_fn)
+    s = 1 / math.sqrt(2)
+    # class a: mean of (1, 0) and (0, 1) → (1/2, 1/2) → (s, s); class b: (−1/3, −2/3) normalised
+    expected_b = torch.tensor([-1 / 3, -2 / 3]) / math.sqrt(5 / 9)
+    assert head.shape == (2, 2)
+    torch.testing.assert_close(head[0], torch.tensor([s, s]))
+    torch.testing.assert_close(head[1], expected_b)
+    torch.testing.assert_close(head.norm(dim=-1), torch.ones(2))
+
+
+def test_logits_are_scaled_cosines():
+    head = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    out = T.logits(z, head)
+    assert out.abs().max() <= T.HEAD_SCALE + 1e-4
+    torch.testing.assert_close(out[1, 2], T.HEAD_SCALE * torch.dot(z[1], head[2]))
+
+
+def test_prompts_use_task_templates_and_a_generic_fallback(tmp_path):
+    generic = T.load_task(tmp_path, _write_task(tmp_path / "mine", labels=("red_wine", "beer")).name)
+    assert generic.prompts()[0] == [t.format("red wine") for t in T.GENERIC_TEMPLATES]
+    custom = _write_task(tmp_path / "custom")
+    (custom / "templates.json").write_text(json.dumps(
+        {"templates": ["It is {}."], "names": {"good": "great"}}))
+    assert T.load_task(tmp_path, "custom").prompts() == [["It is bad."], ["It is great."]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalised accuracy, splits, steps
+# ---------------------------------------------------------------------------------------------
+
+def test_normalized_accuracy_is_the_mean_ratio_to_the_expert():
+    assert T.normalized_accuracy({"a": 50.0, "b": 90.0}, {"a": 100.0, "b": 90.0}) == 75.0
+    assert T.normalized_accuracy({"a": 80.0}, {"a": 80.0, "b": 1.0}) == 100.0
+    # a mean of ratios, not a ratio of means
+    r = T.normalized_accuracy({"a": 10.0, "b": 90.0}, {"a": 20.0, "b": 90.0})
+    assert r == pytest.approx(75.0) and r != pytest.approx(100 * 100 / 110)
+    with pytest.raises(ValueError, match="no expert accuracy"):
+        T.normalized_accuracy({"c": 1.0}, {"a": 1.0})
+
+
+def test_held_out_validation_is_seeded_and_disjoint(tmp_path):
+    task = T.load_task(tmp_path, _write_task(tmp_path / "t", n_train=50).name)
+    pool, val = T.split_train_val(task, 0.1)
+    assert len(val) == 5 and len(pool) == 45
+    assert not set(val) & set(pool)
+    assert T.split_train_val(task, 0.1) == (pool, val)
+    own = T.load_task(tmp_path, _write_task(tmp_path / "v", validation=True).name)
+    assert T.split_train_val(own) == (own.train, own.validation)
+
+
+def test_training_steps_follow_the_protocol():
+    cfg = T.TrainConfig()
+    assert cfg.steps(10_000) == 187 and cfg.steps(3000) == 187
+    assert cfg.steps(320) == 20
+    assert replace(cfg, max_steps=20).steps(10_000) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol hash
+# ---------------------------------------------------------------------------------------------
+
+def test_protocol_hash_changes_with_everything_that_changes_an_expert(tmp_path):
+    cfg = T.TrainConfig()
+    h = T.protocol_hash("sha", "task", cfg, 0)
+    assert h == T.protocol_hash("sha", "task", T.TrainConfig(), 0)
+    assert len(h) == 64
+    others = {T.protocol_hash("sha2", "task", cfg, 0), T.protocol_hash("sha", "task2", cfg, 0),
+              T.protocol_hash("sha", "task", cfg, 1),
+              T.protocol_hash("sha", "task", replace(cfg, lr=1e-4), 0),
+              T.protocol_hash("sha", "task", replace(cfg, max_steps=20), 0)}
+    assert h not in others and len(others) == 5
+
+
+def test_task_digest_tracks_training_data_and_prompts_but_not_the_test_set(tmp_path):
+    d = _write_task(tmp_path / "t")
+    digest = T.load_task(tmp_path, "t").files_digest()
+    (d / "test.jsonl").write_text('{"text": "other", "label": 0}\n')
+    assert T.load_task(tmp_path, "t").files_digest() == digest
+    (d / "templates.json").write_text(json.dumps({"templates": ["It is {}."]}))
+    digest2 = T.load_task(tmp_path, "t").files_digest()
+    assert digest2 != digest
+    with open(d / "train.jsonl", "a") as f:
+        f.write('{"text": "one more", "label": 1}\n')
+    assert T.load_task(tmp_path, "t").files_digest() != digest2
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(T.BenchError, match="data directory not found"):
+        T.load_task(tmp_path / "nowhere", "sst2")
+    with pytest.raises(T.BenchError, match="--data"):
+        T.load_task(None, "sst2")
+
+
+def test_unknown_task_is_a_clear_error_listing_the_tasks(tmp_path):
+    _write_task(tmp_path / "alpha")
+    with pytest.raises(T.BenchError, match=r"unknown task 'beta'.*alpha"):
+        T.load_task(tmp_path, "beta")
+
+
+def test_bad_labels_are_a_clear_error(tmp_path):
+    d = _write_task(tmp_path / "t")
+    (d / "test.jsonl").write_text('{"text": "x", "label": 7}\n')
+    with pytest.raises(T.BenchError, match="label 7 outside"):
+        T.load_task(tmp_path, "t")
+
+
+def test_wrong_model_hash_is_a_clear_error(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not the model")
+    with pytest.raises(T.BenchError, match="hash mismatch"):
+        T.verify_model(tmp_path)
+    with pytest.raises(T.BenchError, match="not found"):
+        T.verify_model(tmp_path / "empty")
+
+
+def test_cli_reports_errors_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from specmerge.bench.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--data", str(tmp_path / "nowhere"), "--tasks", "sst2",
+                              "--cache", str(tmp_path / "c"), "--quiet"])
+    assert res.exit_code == 1
+    assert "data directory not found" in res.output
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"x")
+    res = runner.invoke(app, ["--model-dir", str(tmp_path / "m"), "--cache",
+                              str(tmp_path / "c"), "--quiet"])
+    assert res.exit_code == 1 and "hash mismatch" in res.output
+    res = runner.invoke(app, ["--methods", "no_such_method", "--data", str(tmp_path),
+                              "--tasks", "x", "--cache", str(tmp_path / "c"), "--quiet"])
+    assert res.exit_code == 1
+
+
+def test_every_preset_row_has_a_recipe_for_a_registered_method():
+    recipes = R.default_recipes_dir()
+    for preset in R.PRESETS.values():
+        assert R.validate_methods(preset, recipes) == list(preset)
+    with pytest.raises(T.BenchError, match="unknown method row"):
+        R.validate_methods(["nope+svc"], recipes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report on a synthetic result
+# ---------------------------------------------------------------------------------------------
+
+def _fake_results() -> dict:
+    tasks = ["a", "b"]
+    rows = []
+    for i, name in enumerate([R.ZERO_SHOT, R.EXPERTS, "task_arithmetic", "task_arithmetic+svc",
+                              "ties@val"]):
+        acc = {t: 50.0 + 10 * i + j for j, t in enumerate(tasks)}
+        row = {"name": name, "acc": acc, "avg": sum(acc.values()) / 2, "norm": 70.0 + i,
+               "avg_per_seed": [1.0, 2.0], "norm_per_seed": [3.0, 4.0]}
+        if name.startswith("task"):
+            row["merge_s"] = 1.5
+        if name.endswith("@val"):
+            row["lambda"] = [0.3, 0.4]
+        rows.append(row)
+    sv = {"L3.q": {"τ_a": [3.0, 2.0, 1.0], "τ_b": [2.0, 1.0, 0.5],
+                   "task_arithmetic": [4.0, 1.0, 0.1], "task_arithmetic+svc": [2.0, 1.0, 0.5]}}
+    return {"tasks": [{"name": t} for t in tasks], "rows": rows, "spectra": sv,
+            "protocol": {"seeds": 2}, "timings": {}}
+
+
+def test_report_writes_every_row_and_png_plots(tmp_path):
+    res = _fake_results()
+    files = report.write_all(res, tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    for label in ("zero-shot", "individual experts", "task arithmetic (λ=0.3)",
+                  "task arithmetic (λ=0.3) + SVC", "TIES, λ on validation (λ=0.3, 0.4)"):
+        assert f"| {label} |" in table
+    assert "| 60.5 (1.0, 2.0) | 71.0 (3.0, 4.0) |" in table
+    for key in ("bars", "heatmap", "spectra"):
+        data = files[key].read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["name"] == "zero_shot"
+    assert report.svc_deltas(res) == [("task_arithmetic", 70.5, 80.5, 72.0, 73.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# --quick end to end
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"task data not found at {DATA}")
+def test_quick_run_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from specmerge.bench.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["--quick", "--data", str(DATA), "--cache",
+                                   str(tmp_path / "cache"), "--out", str(out), "--quiet",
+                                   "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == [R.ZERO_SHOT, R.EXPERTS, *R.PRESETS["quick"]]
+    for t in R.QUICK_TASKS:
+        assert rows[R.EXPERTS]["acc"][t] > rows[R.ZERO_SHOT]["acc"][t], t
+    assert all(e["steps"] == 20 for e in results["experts"])
+    assert results["tasks"][0]["n_test"] == 100
+    table = (out / "table.md").read_text()
+    for name in rows:
+        assert f"| {report.label(name)} |" in table
+    assert "| individual experts |" in res.output
+    for png in ("text8_normalised.png", "text8_heatmap.png", "text8_svc_spectra.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, png
+    assert all(math.isfinite(r["norm"]) for r in results["rows"])
