@@ -257,3 +257,17 @@ def test_quick_run_end_to_end(tmp_path):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, png
     assert all(math.isfinite(r["norm"]) for r in results["rows"])
+
+
+def test_prebuilt_experts_are_found_in_the_shared_directory_first(tmp_path):
+    name = T.expert_dirname("sst2", 0, "ab" * 32)
+    cfg = R.RunConfig(data=None, cache=tmp_path / "cache", shared=tmp_path / "shared")
+    assert R.find_expert(cfg, "sst2", 0, "ab" * 32) is None
+    for d in (tmp_path / "cache" / "experts" / name, tmp_path / "shared" / "experts" / name):
+        d.mkdir(parents=True)
+        (d / "expert.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"")
+    assert R.find_expert(cfg, "sst2", 0, "ab" * 32) == tmp_path / "shared" / "experts" / name
+    incomplete = tmp_path / "cache" / "experts" / T.expert_dirname("trec", 0, "cd" * 32)
+    incomplete.mkdir(parents=True)
+    assert R.find_expert(cfg, "trec", 0, "cd" * 32) is None

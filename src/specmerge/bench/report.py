@@ -186,14 +186,98 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     return Path(path)
 
 
+def markdown_report(results: dict, prefix: str = "text8") -> str:
+    """A self-contained Markdown report: protocol, table, SVC and WUDI-family comparisons,
+    λ sweeps, timings, versions and the plots (by relative file name)."""
+    p, t = results["protocol"], results["timings"]
+    by = {r["name"]: r for r in results["rows"]}
+    tasks = results["tasks"]
+    n_test = sum(x["n_test"] for x in tasks)
+    cap = (f"a seeded subsample of at most {p['test_cap']} test examples per task"
+           if p.get("test_cap") else "the full test sets")
+    tr = p["train"]
+    lines = [
+        f"# text8: {p['model']} × {len(tasks)} text tasks",
+        "",
+        f"Experts fine-tuned from {p['model']} (sha256 `{p['model_sha256'][:16]}…`) with frozen "
+        f"CLIP-style prompt heads (logits = {p['head_scale']:g} · cos), merged by each method "
+        "through `specmerge.merge` with the recipes in `examples/text8/`.",
+        "",
+        f"- Experts: encoder layers trained, embeddings frozen; AdamW lr {tr['lr']:g}, "
+        f"weight decay {tr['weight_decay']:g}, batch {tr['batch_size']}, {tr['warmup']:.0%} "
+        f"warm-up then linear decay, {tr['epochs']} epochs over ≤ {tr['max_train']} examples"
+        + (f" (capped at {tr['max_steps']} steps)" if tr.get("max_steps") else "")
+        + f", max_length {tr['max_length']}.",
+        f"- Evaluation: {cap} ({n_test} sentences per model), {p['seeds']} seed(s). "
+        "Normalised accuracy = mean over tasks of accuracy ÷ the task's expert accuracy.",
+        f"- λ sweeps: λ ∈ {{{', '.join(f'{x:g}' for x in p['lambdas'])}}}, chosen on "
+        f"validation (the task's own split, or a seeded 10% of its training data held out of "
+        f"every expert's training), at most {p['val_cap']} validation examples per task.",
+        "",
+        "## Results",
+        "",
+        "Accuracy (%) per task (mean over seeds); *avg* and *normalised* give the mean, then each "
+        "seed's value. *merge s* is the wall time of `specmerge.merge` (for the sweeps: of one "
+        "merge).",
+        "",
+        markdown_table(results),
+        "",
+    ]
+    deltas = svc_deltas(results)
+    if deltas:
+        lines += ["## Does SVC help?", "",
+                  "| method | avg | avg + SVC | Δ | normalised | normalised + SVC | Δ |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for n, a, a2, z, z2 in deltas:
+            lines.append(f"| {label(n)} | {a:.1f} | {a2:.1f} | {a2 - a:+.1f} | {z:.1f} | "
+                         f"{z2:.1f} | {z2 - z:+.1f} |")
+        lines.append("")
+    fam = [n for n in ("wudi", "wudi_closed_form", "swudi", "swudi_a") if n in by]
+    if len(fam) > 1:
+        lines += ["## The WUDI family", "",
+                  "| method | avg | normalised | merge s |", "|---|---:|---:|---:|"]
+        for n in fam:
+            r = by[n]
+            lines.append(f"| {label(n)} | {r['avg']:.1f} | {r['norm']:.1f} | "
+                         f"{_fmt(r.get('merge_s'))} |")
+        lines.append("")
+    sw = results.get("sweeps") or {}
+    if sw:
+        lines += ["## λ sweeps on validation", ""]
+        for row, seeds in sw.items():
+            for s in seeds:
+                curve = ", ".join(f"{c['lambda']:g}: {c['val_avg']:.1f}" for c in s["curve"])
+                lines.append(f"- {label(row)}, seed {s['seed']}: chose λ = {s['lambda']:g} "
+                             f"(mean validation accuracy {curve})")
+        lines.append("")
+    lines += ["## Plots", "",
+              f"![normalised accuracy]({prefix}_normalised.png)", "",
+              f"![task × method]({prefix}_heatmap.png)", ""]
+    if results.get("spectra"):
+        lines += [f"![SVC spectra]({prefix}_svc_spectra.png)", ""]
+    v = results["versions"]
+    lines += ["## Run", "",
+              f"- Wall time: {t['total_s'] / 60:.1f} min in all; expert training "
+              f"{t['experts_train_s'] / 60:.1f} min (summed over experts, "
+              f"{t['experts_wall_s'] / 60:.1f} min in this run, the rest from the cache).",
+              f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
+              f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
+              f"{v['platform']}.",
+              "- Every number, the protocol and the per-seed values are in `results.json`.", ""]
+    return "\n".join(lines)
+
+
 def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path]:
-    """results.json, table.md and the three plots under ``out``."""
+    """results.json, table.md, report.md and the three plots under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(results, out / "results.json")}
     table = markdown_table(results)
     (out / "table.md").write_text(table + "\n")
     files["table"] = out / "table.md"
+    if "versions" in results:
+        (out / "report.md").write_text(markdown_report(results, prefix))
+        files["report"] = out / "report.md"
     files["bars"] = plot_bars(results, out / f"{prefix}_normalised.png")
     files["heatmap"] = plot_heatmap(results, out / f"{prefix}_heatmap.png")
     sp = plot_spectra(results, out / f"{prefix}_svc_spectra.png")

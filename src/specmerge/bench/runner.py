@@ -154,9 +154,12 @@ def expert_plan(cfg: RunConfig, tasks: list[T.Task], sha: str) -> list[tuple[T.T
 
 def find_expert(cfg: RunConfig, task: str, seed: int, key: str) -> Path | None:
     name = T.expert_dirname(task, seed, key)
-    for root in [cfg.shared, cfg.cache / "experts"]:
-        if root is not None and T.is_complete(Path(root) / name):
-            return Path(root) / name
+    roots = [cfg.cache / "experts"]
+    if cfg.shared is not None:  # a shared directory may hold experts/ or the expert dirs
+        roots = [Path(cfg.shared), Path(cfg.shared) / "experts", *roots]
+    for root in roots:
+        if T.is_complete(root / name):
+            return root / name
     return None
 
 
