@@ -48,6 +48,24 @@ def test_ties_trim_matches_kthvalue() -> None:
         assert kept == int(1000 * density) + 1  # distinct magnitudes: ⌊d·density⌋ + 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_selection_is_exact_with_ties_zeros_and_chunks(dtype, monkeypatch) -> None:
+    import specmerge.methods.elementwise as ew
+
+    monkeypatch.setattr(ew, "CHUNK", 7)  # many chunks, ragged last one
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(257, generator=g, dtype=dtype)
+    x[:40] = 0.0
+    x[40:60] = -0.0
+    x[60:90] = 1.25  # repeated magnitudes
+    x[90:100] = -1.25
+    x[100] = 1e-30  # subnormal-adjacent tiny values
+    for k in (1, 39, 40, 60, 61, 90, 101, 200, 257):
+        assert kth_smallest_abs(x, k) == x.abs().kthvalue(k).values.item(), k
+    with pytest.raises(ValueError):
+        kth_smallest_abs(x, 0)
+
+
 def test_ties_density_one_sum_equals_task_arithmetic_when_signs_agree() -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.rand(5, 7, generator=g) + 0.1
@@ -139,8 +157,12 @@ def _ties_official(taus: list[torch.Tensor], density: float, aggregate: str) -> 
     return out.reshape(taus[0].shape)
 
 
+@pytest.mark.parametrize("chunk", [5, 1 << 22])
 @pytest.mark.parametrize("seed", range(6))
-def test_ties_matches_official_transcription(seed: int) -> None:
+def test_ties_matches_official_transcription(seed: int, chunk: int, monkeypatch) -> None:
+    import specmerge.methods.elementwise as ew
+
+    monkeypatch.setattr(ew, "CHUNK", chunk)
     g = torch.Generator().manual_seed(seed)
     taus = [torch.randn(9, 11, generator=g, dtype=torch.float64) for _ in range(4)]
     taus[0][:2] = 0.0  # exact zeros and cancelling sums exercise the tie rules

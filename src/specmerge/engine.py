@@ -39,7 +39,12 @@ from specmerge.io.writer import (
     write_text,
 )
 from specmerge.linalg import compute_dtype, dtype_name, parse_dtype
-from specmerge.methods.elementwise import task_arithmetic, trim_count, weight_average
+from specmerge.methods.elementwise import (
+    AbsKthSelector,
+    task_arithmetic,
+    trim_count,
+    weight_average,
+)
 from specmerge.methods.registry import Method, get_method
 from specmerge.recipe import Recipe, Scope, load_recipe
 
@@ -237,39 +242,27 @@ def global_ties_thresholds(ctx: _Context, plan: Sequence[PlanEntry],
                            progress: bool) -> dict[str, Any]:
     """Whole-model TIES thresholds t_i: the (d − ⌊d·density⌋)-th smallest |τ_i| over the model.
 
-    Exact, without holding the model: |τ| of a float is monotone in its bit pattern, so each
-    pass histograms the next 16 bits of the keys and narrows the bucket holding the k-th value
-    (2 passes in float32, 4 in float64).
+    Exact, without holding the model: ``AbsKthSelector`` streams every parameter once per radix
+    pass (2 passes in float32, 4 in float64), one selector per task.
     """
     entries = [e for e in plan if e.action == "method"]
     density = ctx.recipe.parameters["density"]
     total = sum(int(torch.Size(e.shape).numel()) for e in entries)
     k_rank = trim_count(total, density)
-    K = ctx.recipe.num_experts
     if density >= 1.0 or k_rank <= 0:
-        return {"per_task": [float("-inf")] * K}
-    bits = 64 if ctx.cdtype == torch.float64 else 32
-    key_dtype = torch.int64 if bits == 64 else torch.int32
-    prefix = [0] * K
-    remaining = [k_rank] * K
-    for level, shift in enumerate(range(bits - 16, -1, -16)):
-        hist = torch.zeros(K, 1 << 16, dtype=torch.int64)
-        bar = tqdm(entries, desc=f"TIES global threshold, pass {level + 1}/{bits // 16}",
+        return {"per_task": [float("-inf")] * ctx.recipe.num_experts}
+    selectors = [AbsKthSelector(k_rank, ctx.cdtype) for _ in range(ctx.recipe.num_experts)]
+    passes = selectors[0].passes
+    for level in range(passes):
+        bar = tqdm(entries, desc=f"TIES global threshold, pass {level + 1}/{passes}",
                    disable=not progress, unit="tensor", leave=False)
         for entry in bar:
             _, taus = ctx.task_vectors(entry.name)
-            for i, tau in enumerate(taus):
-                keys = tau.abs().reshape(-1).view(key_dtype).cpu()
-                if level:
-                    keys = keys[(keys >> (shift + 16)) == prefix[i]]
-                hist[i] += torch.bincount(((keys >> shift) & 0xFFFF).long(), minlength=1 << 16)
-        for i in range(K):
-            cum = hist[i].cumsum(0)
-            bucket = int(torch.searchsorted(cum, remaining[i]))
-            remaining[i] -= int(cum[bucket - 1]) if bucket else 0
-            prefix[i] = (prefix[i] << 16) | bucket
-    f_dtype = torch.float64 if bits == 64 else torch.float32
-    per_task = [float(torch.tensor([p], dtype=key_dtype).view(f_dtype)) for p in prefix]
+            for sel, tau in zip(selectors, taus, strict=True):
+                sel.update(tau)
+        for sel in selectors:
+            sel.next_pass()
+    per_task = [sel.value() for sel in selectors]
     log.info("TIES global thresholds (k=%d of %d): %s", k_rank, total, per_task)
     return {"per_task": per_task, "k": k_rank, "d": total}
 

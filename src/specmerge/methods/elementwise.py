@@ -69,15 +69,67 @@ def trim_count(numel: int, density: float) -> int:
     return numel - int(numel * density)
 
 
-def kth_smallest_abs(x: Tensor, k: int) -> Tensor:
-    """The k-th smallest |x| (1-based), as ``kthvalue`` gives it, via ``topk`` on the short side."""
-    flat = x.reshape(-1).abs()
-    d = flat.numel()
-    if not 1 <= k <= d:
-        raise ValueError(f"k={k} out of range for {d} entries")
-    if k <= d - k + 1:
-        return torch.topk(flat, k, largest=False, sorted=False).values.max()
-    return torch.topk(flat, d - k + 1, largest=True, sorted=False).values.min()
+CHUNK = 1 << 22  # entries per slice in chunked loops: bounds temporaries to 16 MB (float32)
+
+
+class AbsKthSelector:
+    """Exact k-th smallest |x| (1-based, as ``kthvalue``) over data fed in chunks.
+
+    |x| of an IEEE-754 float orders like its bit pattern read as an integer, so a radix
+    selection finds the k-th value exactly: each pass histograms the next 16 bits of the keys
+    of the entries that share the prefix found so far (2 passes for float32, 4 for float64).
+    Memory is one 65,536-bin histogram, whatever the data size; the data may be one tensor or
+    a whole model streamed from disk (TIES' ``trim_scope: global``).
+    """
+
+    def __init__(self, k: int, dtype: torch.dtype):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.key_dtype = torch.int64 if self.dtype == torch.float64 else torch.int32
+        self.passes = self.dtype.itemsize * 8 // 16
+        self.level, self.prefix, self.remaining = 0, 0, k
+        self.hist = torch.zeros(1 << 16, dtype=torch.int64)
+
+    @property
+    def done(self) -> bool:
+        return self.level == self.passes
+
+    def update(self, x: Tensor) -> None:
+        """Feed data for the current pass (call with all the data, once per pass)."""
+        shift = (self.passes - 1 - self.level) * 16
+        for chunk in x.reshape(-1).split(CHUNK):
+            keys = chunk.abs().to(self.dtype).view(self.key_dtype)
+            if self.level:
+                keys = keys[(keys >> (shift + 16)) == self.prefix]
+            self.hist += torch.bincount(((keys >> shift) & 0xFFFF).long().cpu(),
+                                        minlength=1 << 16)
+
+    def next_pass(self) -> None:
+        cum = self.hist.cumsum(0)
+        if int(cum[-1]) < self.remaining:
+            raise ValueError(f"asked for the {self.remaining}-th value of {int(cum[-1])}")
+        bucket = int(torch.searchsorted(cum, self.remaining))
+        self.remaining -= int(cum[bucket - 1]) if bucket else 0
+        self.prefix = (self.prefix << 16) | bucket
+        self.level += 1
+        self.hist.zero_()
+
+    def value(self) -> float:
+        if not self.done:
+            raise RuntimeError("selection not finished: feed every pass first")
+        return float(torch.tensor([self.prefix], dtype=self.key_dtype).view(self.dtype))
+
+
+def kth_smallest_abs(x: Tensor, k: int) -> float:
+    """The k-th smallest |x| (1-based), exactly as ``x.abs().kthvalue(k)``, in O(numel)."""
+    if not 1 <= k <= x.numel():
+        raise ValueError(f"k={k} out of range for {x.numel()} entries")
+    sel = AbsKthSelector(k, x.dtype)
+    while not sel.done:
+        sel.update(x)
+        sel.next_pass()
+    return sel.value()
 
 
 @register(
@@ -109,8 +161,9 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
     3. Disjoint aggregate: keep trim(τ_i) where it is > 0 and s > 0, or < 0 and s ≤ 0; then
        sum, or divide by the count of nonzero kept entries (at least 1) for ``mean``.
     4. Multiply by ``scaling``.
-    Masks are recomputed from the scalar thresholds and kept as booleans, so beyond the inputs
-    only one float buffer and one float temporary are alive at a time.
+    Thresholds come from an exact radix selection (``AbsKthSelector``) and the loops run over
+    slices of ``CHUNK`` entries, so beyond the inputs only one float buffer, two byte-sized
+    masks and chunk-sized temporaries are alive.
     """
     if thresholds is None:
         if trim_scope == "global":
@@ -120,12 +173,17 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
             thresholds = [float("-inf")] * len(task_vectors)
         else:
             k = trim_count(task_vectors[0].numel(), density)
-            thresholds = [float(kth_smallest_abs(t, k)) for t in task_vectors]
+            thresholds = [kth_smallest_abs(t, k) for t in task_vectors]
 
-    zero = torch.zeros((), dtype=task_vectors[0].dtype, device=task_vectors[0].device)
-    total = torch.zeros_like(task_vectors[0])
-    for tau, t in zip(task_vectors, thresholds, strict=True):
-        total.add_(torch.where(tau.abs() >= t, tau, zero))
+    shape = task_vectors[0].shape
+    flats = [t.reshape(-1) for t in task_vectors]
+    zero = torch.zeros((), dtype=flats[0].dtype, device=flats[0].device)
+    total = torch.zeros_like(flats[0])
+    for start in range(0, total.numel(), CHUNK):
+        acc = total[start:start + CHUNK]
+        for f, t in zip(flats, thresholds, strict=True):
+            c = f[start:start + CHUNK]
+            acc.add_(torch.where(c.abs() >= t, c, zero))
     # elected sign > 0; zeros take sign(Σ signs), and a zero majority stays "not > 0"
     positive = total > 0
     majority = int(positive.sum()) - int((total < 0).sum())
@@ -135,14 +193,17 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
     # disjoint aggregate, reusing the sum's buffer; counts fit in uint8 for K < 256
     merged = total.zero_()
     count = torch.zeros(merged.shape, device=merged.device,
-                        dtype=torch.uint8 if len(task_vectors) < 256 else torch.int32)
-    for tau, t in zip(task_vectors, thresholds, strict=True):
-        agree = torch.where(positive, tau > 0, tau < 0)
-        agree &= tau.abs() >= t
-        merged.add_(torch.where(agree, tau, zero))
-        count.add_(agree)
+                        dtype=torch.uint8 if len(flats) < 256 else torch.int32)
+    for start in range(0, merged.numel(), CHUNK):
+        acc, cnt, pos = (x[start:start + CHUNK] for x in (merged, count, positive))
+        for f, t in zip(flats, thresholds, strict=True):
+            c = f[start:start + CHUNK]
+            agree = torch.where(pos, c > 0, c < 0) & (c.abs() >= t)
+            acc.add_(torch.where(agree, c, zero))
+            cnt.add_(agree)
     if aggregate == "mean":
         merged.div_(count.clamp_(min=1))
+    merged = merged.reshape(shape)
     return merged.mul_(scaling)
 
 
