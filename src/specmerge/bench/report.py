@@ -62,6 +62,8 @@ def markdown_table(results: dict) -> str:
         name = label(r["name"])
         if "lambda" in r:
             name += f" (λ={', '.join(_fmt(v) for v in r['lambda'])})"
+        if r.get("errors"):
+            name += " (failed: see results.json)"
         cells = [name] + [_fmt(r["acc"][t]) for t in tasks]
         cells += [_with_seeds(r["avg"], r["avg_per_seed"]),
                   _with_seeds(r["norm"], r["norm_per_seed"]),

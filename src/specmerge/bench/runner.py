@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -371,9 +372,16 @@ def run(cfg: RunConfig) -> dict:
                 shutil.rmtree(best[2], ignore_errors=True)
                 return res
 
-            res = cached(_row_key(row, recipe | {"base_model": None, "models": None}, ex,
-                                  sets_key, {"val": cfg.val_cap, "lambdas": LAMBDAS}
-                                  if row.endswith("@val") else None), merged)
+            key = _row_key(row, recipe | {"base_model": None, "models": None}, ex, sets_key,
+                           {"val": cfg.val_cap, "lambdas": LAMBDAS}
+                           if row.endswith("@val") else None)
+            try:
+                res = cached(key, merged)
+            except Exception as err:  # one failing method must not sink the whole run
+                log.error("row %s (seed %d) failed: %s", row, s, err)
+                res = {"acc": {t.name: math.nan for t in tasks},
+                       "error": f"{type(err).__name__}: {err}"}
+                shutil.rmtree(out, ignore_errors=True)
             per_seed[row].append(res)
             if "spectra" in res:
                 spec.update({n: {**spec.get(n, {}), **v} for n, v in res["spectra"].items()})
@@ -423,10 +431,13 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
                "norm": sum(norm) / len(norm), "avg_per_seed": avg, "norm_per_seed": norm,
                "per_seed": [{k: v for k, v in x.items() if k not in ("spectra", "curve")}
                             for x in seeds]}
+        errors = [x["error"] for x in seeds if "error" in x]
+        if errors:
+            row["errors"] = errors
         ms = [x["merge_s"] for x in seeds if "merge_s" in x]
         if ms:
             row["merge_s"] = sum(ms) / len(ms)
-        if r.endswith("@val"):
+        if r.endswith("@val") and not errors:
             row["lambda"] = [x["lambda"] for x in seeds]
             row["sweep_s"] = sum(x["sweep_s"] for x in seeds) / len(seeds)
         rows.append(row)
