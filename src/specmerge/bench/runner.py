@@ -175,6 +175,8 @@ def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
         log.info("training %d of %d experts (%d cached)", len(todo), len(plan),
                  len(plan) - len(todo))
     for t, s, k in tqdm(todo, desc="experts", disable=not cfg.progress or not todo):
+        if find_expert(cfg, t.name, s, k) is not None:  # built meanwhile by another run
+            continue
         out = cfg.cache / "experts" / T.expert_dirname(t.name, s, k)
         out.parent.mkdir(parents=True, exist_ok=True)
         T.train_expert(model_dir, t, heads[t.name], cfg.train, s, out, cfg.device,

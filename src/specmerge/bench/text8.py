@@ -430,8 +430,8 @@ def tokenize_set(tok, rows: Sequence[tuple[str, int]], max_length: int, cache: P
     """Tokenise ``rows`` (cached by content hash in ``cache`` when given)."""
     key = None
     if cache is not None:
-        h = hashlib.sha256(json.dumps([rows, max_length, tok.name_or_path and tok.vocab_size]
-                                      ).encode()).hexdigest()[:20]
+        blob = json.dumps([list(rows), max_length, tok.vocab_size, type(tok).__name__])
+        h = hashlib.sha256(blob.encode()).hexdigest()[:20]
         key = cache / f"{h}.pt"
         if key.is_file():
             d = torch.load(key)
