@@ -51,6 +51,9 @@ def text8(
              "quick.")] = "full",
     out: Annotated[Path, typer.Option(
         help="Directory for results.json, table.md and the plots.")] = Path("out/bench/text8"),
+    doc: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Also write a Markdown report with its plots and JSON next to it "
+             "(e.g. docs/results/text8.md).")] = None,
     recipes: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Directory of the row recipes (default: examples/text8).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda, for training, merging and eval.")
@@ -98,6 +101,8 @@ def text8(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     files = report.write_all(results, out)
+    if doc is not None:
+        report.write_doc(results, doc)
     typer.echo(report.markdown_table(results))
     t = results["timings"]
     typer.echo(f"\n{len(results['tasks'])} tasks, {cfg.seeds} seed(s); total {t['total_s']:.0f} s "

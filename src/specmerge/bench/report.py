@@ -122,7 +122,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     ax.set_ylim(max(0, lo - 5), 102)
     ax.set_title(f"text8: normalised accuracy ({len(results['tasks'])} tasks, "
                  f"{results['protocol']['seeds']} seed(s))")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -188,7 +188,8 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     return Path(path)
 
 
-def markdown_report(results: dict, prefix: str = "text8") -> str:
+def markdown_report(results: dict, prefix: str = "text8", json_name: str = "results.json"
+                    ) -> str:
     """A self-contained Markdown report: protocol, table, SVC and WUDI-family comparisons,
     λ sweeps, timings, versions and the plots (by relative file name)."""
     p, t = results["protocol"], results["timings"]
@@ -265,7 +266,7 @@ def markdown_report(results: dict, prefix: str = "text8") -> str:
               f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
               f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
               f"{v['platform']}.",
-              "- Every number, the protocol and the per-seed values are in `results.json`.", ""]
+              f"- Every number, the protocol and the per-seed values are in `{json_name}`.", ""]
     return "\n".join(lines)
 
 
@@ -286,3 +287,23 @@ def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path
     if sp is not None:
         files["spectra"] = sp
     return files
+
+
+def write_doc(results: dict, md_path: Path, notes: str = "") -> list[Path]:
+    """A Markdown report at ``md_path`` with its plots and results JSON next to it, named after
+    its stem (``docs/results/text8.md`` → ``text8_normalised.png``, ``text8_results.json``…)."""
+    md_path = Path(md_path)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = md_path.stem
+    files = [write_json(results, md_path.with_name(f"{prefix}_results.json")),
+             plot_bars(results, md_path.with_name(f"{prefix}_normalised.png")),
+             plot_heatmap(results, md_path.with_name(f"{prefix}_heatmap.png"))]
+    sp = plot_spectra(results, md_path.with_name(f"{prefix}_svc_spectra.png"))
+    if sp is not None:
+        files.append(sp)
+    text = markdown_report(results, prefix, f"{prefix}_results.json")
+    if notes:
+        head, _, rest = text.partition("\n## Results")
+        text = f"{head}\n{notes.strip()}\n\n## Results{rest}"
+    md_path.write_text(text)
+    return [md_path, *files]
