@@ -262,7 +262,10 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
     lines += ["## Run", "",
               f"- Wall time: {t['total_s'] / 60:.1f} min in all; expert training "
               f"{t['experts_train_s'] / 60:.1f} min (summed over experts, "
-              f"{t['experts_wall_s'] / 60:.1f} min in this run, the rest from the cache).",
+              f"{t['experts_wall_s'] / 60:.1f} min in this run, the rest from the cache); "
+              f"merging and evaluating the rows {t.get('rows_compute_s', 0) / 60:.1f} min "
+              "(summed over rows, including rows computed by earlier runs and reused from the "
+              "cache).",
               f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
               f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
               f"{v['platform']}.",

@@ -305,7 +305,9 @@ def run(cfg: RunConfig) -> dict:
         p = rows_dir / f"{key}.json"
         if cfg.reuse_rows and p.is_file():
             return json.loads(p.read_text())
+        t0 = time.perf_counter()
         val = fn()
+        val["compute_s"] = time.perf_counter() - t0
         tmp = p.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(val))
         os.replace(tmp, p)
@@ -421,6 +423,8 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
     import specmerge
 
     names = [t.name for t in tasks]
+    timings = {**timings, "rows_compute_s": sum(x.get("compute_s", 0.0) for r in row_names
+                                                for x in per_seed[r])}
     expert_acc = [r["acc"] for r in per_seed[EXPERTS]]
     rows = []
     for r in row_names:
