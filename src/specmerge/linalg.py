@@ -7,6 +7,7 @@ fallbacks (float64 retry, symmetrisation, sign conventions) apply everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -50,6 +51,31 @@ def upcast(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if x.dtype == torch.float64 and dtype == torch.float32:
         return x
     return x.to(dtype)
+
+
+def prepare_task_vectors(tensors: Sequence[torch.Tensor], method: str, *,
+                         matrix: bool = False) -> list[torch.Tensor]:
+    """Validate the task vectors a method receives and cast them to one compute dtype.
+
+    They must be K ≥ 1 floating tensors of one shape on one device (2-D when ``matrix``). The
+    compute dtype is float64 if any input is float64, float32 otherwise (bf16/fp16 upcast).
+    Errors name the method and the offending task vector.
+    """
+    if len(tensors) == 0:
+        raise ValueError(f"{method}: needs at least one task vector, got none")
+    shape, device = tensors[0].shape, tensors[0].device
+    if matrix and len(shape) != 2:
+        raise ValueError(f"{method}: expects 2-D (out, in) matrices, got shape {tuple(shape)}")
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"{method}: task vector {i} has dtype {t.dtype}; expected floating")
+        if t.shape != shape:
+            raise ValueError(f"{method}: task vector {i} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(shape)} like task vector 0")
+        if t.device != device:
+            raise ValueError(f"{method}: task vector {i} is on {t.device}, expected {device}")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [upcast(t, dtype) for t in tensors]
 
 
 def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

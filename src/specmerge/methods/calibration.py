@@ -13,9 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from specmerge.linalg import thin_svd
+from specmerge.linalg import prepare_task_vectors, thin_svd
 from specmerge.methods.registry import register
-from specmerge.methods.subspace import as_compute_dtype
 
 _EPS = 1e-12  # floor of ‖a_i^r‖² in s_i^r, as in the official code
 
@@ -106,7 +105,7 @@ def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None =
         raise ValueError(f"svc: space must be 'left' or 'right', got {space!r}")
     if target is not None and not 0 <= target < k:
         raise ValueError(f"svc: target must be a task index in [0, {k}), got {target}")
-    w, *taus = as_compute_dtype([merged, *task_vectors], "svc")
+    w, *taus = prepare_task_vectors([merged, *task_vectors], "svc")
     if w.ndim != 2:
         raise ValueError(f"svc: expects 2-D (out, in) matrices, got shape {tuple(w.shape)}")
     if space == "right":

@@ -35,7 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from specmerge.linalg import sym_eigh, upcast
+from specmerge.linalg import prepare_task_vectors, sym_eigh, upcast
+from specmerge.methods.elementwise import weight_average
 from specmerge.methods.registry import register
 
 WEIGHT_FLOOR = 1e-12  # w_i = 1 / max(‖τ_i‖², WEIGHT_FLOOR); below it a task counts as zero
@@ -56,20 +57,8 @@ Init = Literal["sum", "mean", "zero"]
 # ---------------------------------------------------------------------------------------------
 
 def prepare(task_vectors: Sequence[Tensor]) -> list[Tensor]:
-    """Check that the τ_i are K ≥ 1 matrices of one shape; upcast them to the compute dtype."""
-    if len(task_vectors) == 0:
-        raise ValueError("interference methods need at least one task vector")
-    shape = task_vectors[0].shape
-    if len(shape) != 2:
-        raise ValueError(f"interference methods take 2-D (out, in) matrices, got shape "
-                         f"{tuple(shape)}")
-    for i, tau in enumerate(task_vectors):
-        if tau.shape != shape:
-            raise ValueError(f"task vector {i} has shape {tuple(tau.shape)}, expected "
-                             f"{tuple(shape)}")
-    dtype = (torch.float64 if any(t.dtype == torch.float64 for t in task_vectors)
-             else torch.float32)
-    return [upcast(t, dtype) for t in task_vectors]
+    """The τ_i as K ≥ 1 same-shape 2-D matrices in the compute dtype."""
+    return prepare_task_vectors(task_vectors, "interference methods", matrix=True)
 
 
 def _sq_norm(t: Tensor) -> float:
@@ -84,13 +73,6 @@ def task_weights(taus: Sequence[Tensor]) -> list[float]:
 def negligible(taus: Sequence[Tensor]) -> bool:
     """True when every ‖τ_i‖_F² < 1e-12; the methods then return the mean of the τ_i."""
     return all(_sq_norm(t) < WEIGHT_FLOOR for t in taus)
-
-
-def mean_of(taus: Sequence[Tensor]) -> Tensor:
-    out = torch.zeros_like(taus[0])
-    for t in taus:
-        out.add_(t)
-    return out.div_(len(taus))
 
 
 def interference_stats(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -132,7 +114,7 @@ def initial_tau(taus: Sequence[Tensor], init: str) -> Tensor:
     if init == "zero":
         return torch.zeros_like(taus[0])
     if init == "mean":
-        return mean_of(taus)
+        return weight_average(taus)
     total = torch.zeros_like(taus[0])
     for t in taus:
         total.add_(t)
@@ -359,7 +341,7 @@ def wudi(task_vectors: Sequence[Tensor], *, iterations: int = 300, lr: float = 1
     _check(lr > 0, f"wudi: lr must be > 0, got {lr}")
     taus = prepare(task_vectors)
     if negligible(taus):
-        return mean_of(taus)
+        return weight_average(taus)
     c, d = interference_stats(taus)
     tau = _OPTIMIZERS[optimizer](initial_tau(taus, init), c, d, iterations, lr)
     return tau.mul_(scaling)
@@ -387,7 +369,7 @@ def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
     """
     taus = prepare(task_vectors)
     if negligible(taus):
-        return mean_of(taus)
+        return weight_average(taus)
     c, d = interference_stats(taus)
     lam, q = eigen(c)
     return (d @ q).div_(lam) @ q.mT
@@ -433,7 +415,7 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
     _check_choice("swudi", "init", init, ("sum", "mean", "zero"))
     taus = prepare(task_vectors)
     if negligible(taus):
-        return mean_of(taus)
+        return weight_average(taus)
     c, d = interference_stats(taus)
     lam, q = eigen(c)
     k = swudi_rank(lam.numel(), rank_ratio)
@@ -493,7 +475,7 @@ def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_s
     _check_choice("swudi_a", "init", init, ("sum", "mean", "zero"))
     taus = prepare(task_vectors)
     if negligible(taus):
-        return mean_of(taus)
+        return weight_average(taus)
     c, d = interference_stats(taus)
     lam, q = eigen(c)
     k = select_rank(lam, tuple(taus[0].shape), rank_rule, min_rank, max_rank_ratio)

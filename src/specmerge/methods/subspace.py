@@ -16,42 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specmerge.linalg import polar, thin_svd, upcast
+from specmerge.linalg import polar, prepare_task_vectors, thin_svd
+from specmerge.methods.elementwise import weighted_sum
 from specmerge.methods.registry import register
-
-
-def as_compute_dtype(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
-    """Check that ``tensors`` are a non-empty list of same-shape floating tensors on one device,
-    and cast them to one compute dtype: float64 if any is float64, float32 otherwise."""
-    if len(tensors) == 0:
-        raise ValueError(f"{name}: needs at least one task vector, got none")
-    shape, device = tensors[0].shape, tensors[0].device
-    for i, t in enumerate(tensors):
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: task vector {i} has dtype {t.dtype}; expected floating")
-        if t.shape != shape:
-            raise ValueError(f"{name}: task vector {i} has shape {tuple(t.shape)}, "
-                             f"expected {tuple(shape)} like task vector 0")
-        if t.device != device:
-            raise ValueError(f"{name}: task vector {i} is on {t.device}, expected {device}")
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return [upcast(t, dtype) for t in tensors]
-
-
-def _sum(taus: Sequence[Tensor]) -> Tensor:
-    """Σ_i τ_i, accumulated in one buffer (no K-fold stack)."""
-    out = taus[0].clone()
-    for tau in taus[1:]:
-        out.add_(tau)
-    return out
-
-
-def _matrices(task_vectors: Sequence[Tensor], name: str) -> list[Tensor]:
-    taus = as_compute_dtype(task_vectors, name)
-    if taus[0].ndim != 2:
-        raise ValueError(f"{name}: expects 2-D (out, in) matrices, "
-                         f"got shape {tuple(taus[0].shape)}")
-    return taus
 
 
 def tsv_rank(r: int, num_tasks: int) -> int:
@@ -92,7 +59,7 @@ def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     official code would give k = 0, an all-zero update); U⊥ then has orthonormal rows.
     The result does not depend on the sign convention of any SVD.
     """
-    taus = _matrices(task_vectors, "tsv_m")
+    taus = prepare_task_vectors(task_vectors, "tsv_m", matrix=True)
     k = tsv_rank(min(taus[0].shape), len(taus))
     triplets = []
     for tau in taus:
@@ -117,8 +84,8 @@ def iso_c(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     τ = ``scaling`` · U (σ̄ I) Vᵀ. The default ``scaling`` 1.0 is neutral: the paper tunes it
     on validation data and FusionBench uses 1.5.
     """
-    taus = _matrices(task_vectors, "iso_c")
-    u, s, vh = thin_svd(_sum(taus))
+    taus = prepare_task_vectors(task_vectors, "iso_c", matrix=True)
+    u, s, vh = thin_svd(weighted_sum(taus))
     return (u @ vh).mul_(s.mean() * scaling)
 
 
@@ -167,9 +134,9 @@ def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
     """
     if not 0.0 <= common_fraction <= 1.0:
         raise ValueError(f"iso_cts: common_fraction must lie in [0, 1], got {common_fraction}")
-    taus = _matrices(task_vectors, "iso_cts")
+    taus = prepare_task_vectors(task_vectors, "iso_cts", matrix=True)
     k_c, s = iso_cts_split(min(taus[0].shape), len(taus), common_fraction)
-    u, sig, vh = thin_svd(_sum(taus))
+    u, sig, vh = thin_svd(weighted_sum(taus))
     u_c, sig_c, vh_c = u[:, :k_c], sig[:k_c], vh[:k_c]
     triplets = []
     if s > 0:
@@ -211,7 +178,7 @@ def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
     """
     if not 0.0 < eta <= 100.0:
         raise ValueError(f"star: eta must lie in (0, 100], got {eta}")
-    taus = as_compute_dtype(task_vectors, "star")
+    taus = prepare_task_vectors(task_vectors, "star")
     shape = taus[0].shape
     if len(shape) < 2:
         raise ValueError(f"star: expects a tensor with at least 2 dims, got shape {tuple(shape)}")
