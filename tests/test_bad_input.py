@@ -198,6 +198,9 @@ def test_recipe_errors_are_clear(toy_models, tmp_path) -> None:
         specmerge.load_recipe({**r, "dtype": "bfloat16"})
     with pytest.raises(RecipeError, match="at least one expert"):
         specmerge.load_recipe({**r, "models": []})
+    with pytest.raises(RecipeError, match="energy_<f> with a number 0 < f <= 1"):
+        specmerge.load_recipe({**r, "merge_method": "swudi_a",
+                               "parameters": {"rank_rule": "energy_2"}})
     with pytest.raises(RecipeError, match="recipe file not found"):
         specmerge.load_recipe(tmp_path / "missing.yaml")
 

@@ -442,6 +442,7 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
     choices={"rank_rule": RANK_RULE_CHOICES, "filter": ("none", "exponential"),
              "init": ("sum", "mean", "zero")},
     ranges={"min_rank": "[1, inf)", "max_rank_ratio": "(0, 1]", "exp_time": "[0, inf)"},
+    checks={"rank_rule": get_rank_rule},
     matrix_only=True,
 )
 def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_sqrt",

@@ -33,6 +33,7 @@ class Param:
     doc: str
     choices: tuple[str, ...] | None = None
     range: str | None = None  # interval such as "(0, 1]"; checked for numbers
+    check: Callable[[Any], object] | None = None  # extra validation; raises ValueError
 
     @property
     def type_name(self) -> str:
@@ -53,6 +54,8 @@ class Param:
             )
             if not ok:
                 raise ValueError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+            if self.check is not None:
+                self.check(value)
             return value
         if bool in self.types and isinstance(value, bool):
             return value
@@ -142,6 +145,7 @@ def register(
     docs: Mapping[str, str],
     choices: Mapping[str, tuple[str, ...]] | None = None,
     ranges: Mapping[str, str] | None = None,
+    checks: Mapping[str, Callable[[Any], object]] | None = None,
     matrix_only: bool = False,
     uses_weights: bool = False,
     uses_rng: bool = False,
@@ -164,7 +168,8 @@ def register(
                 raise TypeError(f"{name}: parameter {p.name!r} has no doc line")
             params.append(
                 Param(p.name, p.default, _types_of(hints[p.name]), docs[p.name],
-                      (choices or {}).get(p.name), (ranges or {}).get(p.name))
+                      (choices or {}).get(p.name), (ranges or {}).get(p.name),
+                      (checks or {}).get(p.name))
             )
         _REGISTRY[name] = Method(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
