@@ -240,7 +240,7 @@ def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["--quick", "--data", str(DATA), "--cache",
                                    str(tmp_path / "cache"), "--out", str(out), "--quiet",
-                                   "--threads", "2"])
+                                   "--threads", "1"])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
