@@ -11,9 +11,12 @@ method (best of ``--repeat`` full passes) and the ratio to task arithmetic in th
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
 import torch
 from torch import Tensor
