@@ -15,7 +15,6 @@ import re
 import resource
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -307,19 +306,17 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
         try:
             bar = tqdm(total=len(plan), desc="merging", unit="tensor", disable=not progress,
                        dynamic_ncols=True)
-            lock = threading.Lock()
             for entry, tensor in _iter_ordered(ctx.merge_one, plan, workers):
                 writer.write(entry.name, tensor)
-                with lock:
-                    bar.set_postfix_str(entry.name, refresh=False)
-                    bar.update(1)
+                bar.set_postfix_str(entry.name, refresh=False)
+                bar.update(1)
             bar.close()
             weight_map = writer.finish()
         finally:
             writer.close()
         writer.write_index(weight_map)
         _write_side_files(tmp, base, rec, plan)
-        _write_model_card(tmp, rec, base, counts, time.perf_counter() - start)
+        _write_model_card(tmp, rec, base, counts)
     seconds = time.perf_counter() - start
     peak = _peak_rss_mb()
     log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak)
@@ -367,8 +364,9 @@ def _write_side_files(tmp: Path, base: Checkpoint, rec: Recipe, plan: Sequence[P
                header + yaml.safe_dump(rec.resolved(), sort_keys=False))
 
 
-def _write_model_card(tmp: Path, rec: Recipe, base: Checkpoint, counts: Mapping[str, int],
-                      seconds: float) -> None:
+def _write_model_card(tmp: Path, rec: Recipe, base: Checkpoint,
+                      counts: Mapping[str, int]) -> None:
+    """The model card: method, calibration, scope and inputs (no timings, so it is deterministic)."""
     method = get_method(rec.merge_method)
     lines = [
         "---", "library_name: transformers", "tags: [merge, specmerge]", "---", "",
@@ -392,7 +390,6 @@ def _write_model_card(tmp: Path, rec: Recipe, base: Checkpoint, counts: Mapping[
         *[f"- expert {i + 1}: `{m.model}` (weight {m.weight})" for i, m in enumerate(rec.models)],
         "", "The full resolved recipe is in `specmerge_recipe.yaml`.", "",
     ]
-    del seconds  # wall time would make the card non-deterministic
     write_text(tmp / "README.md", "\n".join(lines))
 
 
