@@ -189,6 +189,18 @@ def test_every_preset_row_has_a_recipe_for_a_registered_method():
         R.validate_methods(["nope+svc"], recipes)
 
 
+
+def test_the_packaged_recipes_are_the_examples():
+    """A non-editable install reads the recipes from specmerge.bench/recipes (a link to
+    examples/text8 in the source tree, copied into the wheel)."""
+    from importlib import resources
+
+    packaged = Path(str(resources.files("specmerge.bench") / "recipes"))
+    examples = REPO / "examples" / "text8"
+    assert sorted(p.name for p in packaged.glob("*.yaml")) == sorted(
+        p.name for p in examples.glob("*.yaml"))
+    assert R.validate_methods(R.PRESETS["full"], packaged) == list(R.PRESETS["full"])
+
 # ---------------------------------------------------------------------------------------------
 # Report on a synthetic result
 # ---------------------------------------------------------------------------------------------

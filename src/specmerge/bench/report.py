@@ -20,6 +20,7 @@ LABELS = {
     "swudi_a": "SWUDI-A",
     "task_arithmetic@val": "task arithmetic, λ on validation",
     "ties@val": "TIES, λ on validation",
+    "tsv_m+svc_a1": "TSV-M + SVC (α=1, official for TSV-M)",
 }
 TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_irony": "tw_iro",
              "banking77": "bank77"}
@@ -103,7 +104,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     plt = _plt()
     by = {r["name"]: r for r in results["rows"]}
     bases = [r["name"] for r in results["rows"]
-             if r["name"] not in (ZERO_SHOT, EXPERTS) and not r["name"].endswith("+svc")]
+             if r["name"] not in (ZERO_SHOT, EXPERTS) and "+svc" not in r["name"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(bases) + 2), 4.2))
     xs = range(len(bases))
     w = 0.38

@@ -39,9 +39,12 @@ ZERO_SHOT, EXPERTS = "zero_shot", "experts"
 BASE_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts",
                 "star", "wudi", "wudi_closed_form", "swudi", "swudi_a")
 SWEEPS = ("task_arithmetic@val", "ties@val")
+# Extra rows beyond "every method ± SVC at defaults": SVC after TSV-M with α = 1.0, the official
+# SVC run script's setting for TSV-M (the registry default α = 1/K is its setting elsewhere).
+EXTRAS = ("tsv_m+svc_a1",)
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PRESETS: dict[str, tuple[str, ...]] = {
-    "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + SWEEPS,
+    "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + EXTRAS + SWEEPS,
     "headline": ("task_arithmetic", "task_arithmetic+svc", "tsv_m", "tsv_m+svc",
                  "swudi", "swudi+svc"),
     "quick": ("task_arithmetic", "task_arithmetic+svc", "ties"),
