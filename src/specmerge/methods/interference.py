@@ -135,6 +135,21 @@ def spectral_update(tau0: Tensor, c: Tensor, d: Tensor, q: Tensor, g: Tensor) ->
     return torch.addmm(tau0, (residual @ q).mul_(g), q.mT)
 
 
+def _filtered_solution(task_vectors: Sequence[Tensor],
+                       gain: Callable[[Tensor, tuple[int, int]], Tensor],
+                       init: str, scaling: float) -> Tensor:
+    """scaling · (τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ), where ``gain(λ, (m, n))`` returns g = h/λ
+    for the k leading eigenvalues it keeps (λ descending, floored). The mean of the τ_i when
+    every ‖τ_i‖² < 1e-12."""
+    taus = prepare(task_vectors)
+    if negligible(taus):
+        return weight_average(taus)
+    c, d = interference_stats(taus)
+    lam, q = eigen(c)
+    g = gain(lam, (taus[0].shape[0], taus[0].shape[1]))
+    return spectral_update(initial_tau(taus, init), c, d, q[:, :g.numel()], g).mul_(scaling)
+
+
 def exp_filter(lam: Tensor, exp_time: float) -> Tensor:
     """h = 1 − exp(−t λ), the gradient-flow filter of SWUDI (arXiv 2606.07289)."""
     return -torch.expm1(-exp_time * lam)
@@ -413,14 +428,12 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
     _check(0.0 < rank_ratio <= 1.0, f"swudi: rank_ratio must lie in (0, 1], got {rank_ratio}")
     _check(exp_time >= 0.0, f"swudi: exp_time must be >= 0, got {exp_time}")
     _check_choice("swudi", "init", init, ("sum", "mean", "zero"))
-    taus = prepare(task_vectors)
-    if negligible(taus):
-        return weight_average(taus)
-    c, d = interference_stats(taus)
-    lam, q = eigen(c)
-    k = swudi_rank(lam.numel(), rank_ratio)
-    gain = exp_filter(lam[:k], exp_time).div_(lam[:k])
-    return spectral_update(initial_tau(taus, init), c, d, q[:, :k], gain).mul_(scaling)
+
+    def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
+        kept = lam[:swudi_rank(lam.numel(), rank_ratio)]
+        return exp_filter(kept, exp_time).div_(kept)
+
+    return _filtered_solution(task_vectors, gain, init, scaling)
 
 
 @register(
@@ -474,12 +487,9 @@ def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_s
     _check_choice("swudi_a", "filter", filter, ("none", "exponential"))
     _check(exp_time >= 0.0, f"swudi_a: exp_time must be >= 0, got {exp_time}")
     _check_choice("swudi_a", "init", init, ("sum", "mean", "zero"))
-    taus = prepare(task_vectors)
-    if negligible(taus):
-        return weight_average(taus)
-    c, d = interference_stats(taus)
-    lam, q = eigen(c)
-    k = select_rank(lam, tuple(taus[0].shape), rank_rule, min_rank, max_rank_ratio)
-    kept = lam[:k]
-    gain = exp_filter(kept, exp_time).div_(kept) if filter == "exponential" else kept.reciprocal()
-    return spectral_update(initial_tau(taus, init), c, d, q[:, :k], gain).mul_(scaling)
+
+    def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
+        kept = lam[:select_rank(lam, shape, rank_rule, min_rank, max_rank_ratio)]
+        return exp_filter(kept, exp_time).div_(kept) if filter == "exponential" else kept.reciprocal()
+
+    return _filtered_solution(task_vectors, gain, init, scaling)
