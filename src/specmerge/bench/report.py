@@ -261,12 +261,12 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
         lines += [f"![SVC spectra]({prefix}_svc_spectra.png)", ""]
     v = results["versions"]
     lines += ["## Run", "",
-              f"- Wall time: {t['total_s'] / 60:.1f} min in all; expert training "
-              f"{t['experts_train_s'] / 60:.1f} min (summed over experts, "
-              f"{t['experts_wall_s'] / 60:.1f} min in this run, the rest from the cache); "
-              f"merging and evaluating the rows {t.get('rows_compute_s', 0) / 60:.1f} min "
-              "(summed over rows, including rows computed by earlier runs and reused from the "
-              "cache).",
+              f"- Compute, summed over everything this report holds: expert training "
+              f"{t['experts_train_s'] / 60:.1f} min (summed over experts); merging and "
+              f"evaluating the rows {t.get('rows_compute_s', 0) / 60:.1f} min (summed over "
+              "rows). Cached experts and rows count here even when an earlier invocation "
+              f"computed them; the invocation that wrote this report took "
+              f"{t['total_s'] / 60:.1f} min, {t['experts_wall_s'] / 60:.1f} of it training.",
               f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
               f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
               f"{v['platform']}.",
