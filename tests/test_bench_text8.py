@@ -269,6 +269,16 @@ def test_quick_run_end_to_end(tmp_path):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, png
     assert all(math.isfinite(r["norm"]) for r in results["rows"])
+    rep = (out / "report.md").read_text()
+    assert "a seeded subsample of at most 100 test examples per task" in rep
+    assert table.strip() in rep and "## Run" in rep
+    # --doc: the report with hand-written notes before the results, its plots and JSON beside it
+    written = report.write_doc(results, tmp_path / "doc" / "q.md", notes="## About\nnotes here")
+    doc = (tmp_path / "doc" / "q.md").read_text()
+    assert doc.index("notes here") < doc.index("## Results")
+    assert {p.name for p in written} >= {"q.md", "q_results.json", "q_normalised.png",
+                                         "q_heatmap.png", "q_svc_spectra.png"}
+    assert "![normalised accuracy](q_normalised.png)" in doc
 
 
 def test_prebuilt_experts_are_found_in_the_shared_directory_first(tmp_path):
