@@ -215,6 +215,24 @@ def test_yaml_paths_are_relative_to_the_recipe(toy_models, tmp_path) -> None:
     assert rec.models[1].model == str(toy_models["experts"][1].resolve())
 
 
+
+def test_mergekit_style_model_entries(toy_models, tmp_path) -> None:
+    """mergekit writes per-model weights as {model: m, parameters: {weight: w}}, and often lists
+    the base among the models: the first is accepted, the second refused (it would silently add
+    a zero task vector and dilute every average)."""
+    base, (e0, e1, _) = toy_models["base"], toy_models["experts"]
+    r = {"base_model": str(base), "merge_method": "task_arithmetic",
+         "models": [{"model": str(e0), "parameters": {"weight": 0.5}}, str(e1)]}
+    rec = specmerge.load_recipe(r)
+    assert [m.weight for m in rec.models] == [0.5, 1.0]
+    with pytest.raises(RecipeError, match=r"per-model parameters \['density'\] are not supported"):
+        specmerge.load_recipe({**r, "models": [{"model": str(e0), "parameters": {"density": 0.5}}]})
+    with pytest.raises(RecipeError, match="gives 'weight' twice"):
+        specmerge.load_recipe({**r, "models": [{"model": str(e0), "weight": 1.0,
+                                                "parameters": {"weight": 0.5}}]})
+    with pytest.raises(RecipeError, match=r"models\[1\] is the base model itself"):
+        specmerge.load_recipe({**r, "models": [str(e0), str(base) + "/", str(e1)]})
+
 def test_dtype_mismatch_is_allowed_for_floats_only(tmp_path) -> None:
     base, experts = make_state_dicts(1, shapes={"w": (4, 4)})
     base["ids"] = torch.arange(4)

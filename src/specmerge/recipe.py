@@ -41,8 +41,31 @@ class ModelRef(BaseModel):
     def _from_string(cls, data: Any) -> Any:
         if isinstance(data, (str, os.PathLike)):
             return {"model": os.fspath(data)}
+        if isinstance(data, dict) and "parameters" in data:
+            data = _from_mergekit_entry(data)
         _reject_unknown(cls, data, "an entry of 'models'")
         return data
+
+
+def _from_mergekit_entry(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept mergekit's ``{model: m, parameters: {weight: w}}`` as ``{model: m, weight: w}``.
+
+    Other per-model parameters (mergekit's per-model ``density``…) have no specmerge meaning:
+    method parameters are set once, under the recipe's top-level ``parameters``.
+    """
+    data = dict(data)
+    params = data.pop("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"'parameters' of an entry of 'models' must be a mapping, got {params!r}")
+    extra = sorted(set(params) - {"weight"})
+    if extra:
+        raise ValueError(f"per-model parameters {extra} are not supported (only 'weight'); set "
+                         "method parameters once, under the recipe's top-level 'parameters'")
+    if "weight" in params:
+        if "weight" in data:
+            raise ValueError("an entry of 'models' gives 'weight' twice (also under 'parameters')")
+        data["weight"] = params["weight"]
+    return data
 
 
 class Scope(BaseModel):
@@ -120,6 +143,12 @@ class Recipe(BaseModel):
             raise ValueError(f"{self.merge_method!r} is a calibration; use it as "
                              f"calibrate: {{method: {self.merge_method}}} after a merge method")
         self.parameters = method.validate(self.parameters)
+        base = os.path.realpath(self.base_model)
+        for i, m in enumerate(self.models):
+            if os.path.realpath(m.model) == base:
+                raise ValueError(f"models[{i}] is the base model itself ({m.model}); list only "
+                                 "the fine-tuned experts (mergekit recipes often list the base "
+                                 "there too: remove it)")
         if not method.uses_weights and any(m.weight != 1.0 for m in self.models):
             raise ValueError(f"method {self.merge_method!r} does not use per-model weights; "
                              f"remove 'weight' from 'models' or use a method that does")
