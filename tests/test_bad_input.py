@@ -194,7 +194,7 @@ def test_recipe_errors_are_clear(toy_models, tmp_path) -> None:
                                "models": [{"model": "a", "weight": 2.0}]})
     with pytest.raises(RecipeError, match="is a calibration"):
         specmerge.load_recipe({**r, "merge_method": "svc"})
-    with pytest.raises(RecipeError, match="compute dtype"):
+    with pytest.raises(RecipeError, match="compute dtype.*out_dtype: bfloat16"):
         specmerge.load_recipe({**r, "dtype": "bfloat16"})
     with pytest.raises(RecipeError, match="at least one expert"):
         specmerge.load_recipe({**r, "models": []})

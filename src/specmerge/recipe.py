@@ -123,7 +123,7 @@ class Recipe(BaseModel):
         name = str(parse_dtype(v)).removeprefix("torch.")
         if name not in COMPUTE_DTYPES:
             raise ValueError(f"'dtype' (the compute dtype) must be one of {list(COMPUTE_DTYPES)}, "
-                             f"got {v!r}")
+                             f"got {v!r}; the output dtype is 'out_dtype' (e.g. out_dtype: {name})")
         return name
 
     @field_validator("out_dtype")
