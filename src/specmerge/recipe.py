@@ -122,8 +122,10 @@ class Recipe(BaseModel):
     def _dtype(cls, v: str) -> str:
         name = str(parse_dtype(v)).removeprefix("torch.")
         if name not in COMPUTE_DTYPES:
+            hint = (f"; the output dtype is 'out_dtype' (e.g. out_dtype: {name})"
+                    if name in OUT_DTYPES else "")
             raise ValueError(f"'dtype' (the compute dtype) must be one of {list(COMPUTE_DTYPES)}, "
-                             f"got {v!r}; the output dtype is 'out_dtype' (e.g. out_dtype: {name})")
+                             f"got {v!r}{hint}")
         return name
 
     @field_validator("out_dtype")
