@@ -134,15 +134,15 @@ def test_interrupted_merge_leaves_nothing_and_inputs_untouched(toy_models, tmp_p
     import specmerge.engine as engine
 
     calls = {"n": 0}
-    real = engine.merge_update
+    real = engine.merged_update
 
-    def explode(entry, taus, recipe, thresholds=None):
+    def explode(entry, taus, calibration, statistics):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # Ctrl-C mid-way
-        return real(entry, taus, recipe, thresholds)
+        return real(entry, taus, calibration, statistics)
 
-    monkeypatch.setattr(engine, "merge_update", explode)
+    monkeypatch.setattr(engine, "merged_update", explode)
     out = tmp_path / "merged"
     for workers in (1, 2):
         calls["n"] = 0

@@ -12,10 +12,12 @@ from conftest import make_state_dicts, recipe_for, tree_hash, write_hf_dir
 from safetensors.torch import load_file
 
 import specmerge
-from specmerge.engine import global_ties_thresholds, is_matrix_param
+from specmerge.backends import LocalBackend
+from specmerge.engine import run_statistics
 from specmerge.io.checkpoint import Checkpoint
 from specmerge.methods.elementwise import trim_count
 from specmerge.methods.registry import all_methods
+from specmerge.plan import build_plan, is_matrix_param
 from specmerge.recipe import Scope
 
 
@@ -202,15 +204,14 @@ def test_float64_compute_dtype(toy_models, tmp_path) -> None:
 
 
 def test_ties_global_thresholds_are_exact(toy_models, tmp_path) -> None:
-    from specmerge.engine import _Context, build_plan
     from specmerge.recipe import load_recipe
+    from specmerge.sources import CheckpointSource
 
     rec = load_recipe(recipe_for(toy_models, "ties", parameters={"trim_scope": "global"}))
-    base = Checkpoint(toy_models["base"])
-    ctx = _Context(rec, base, [Checkpoint(e) for e in toy_models["experts"]],
-                   torch.device("cpu"), torch.float32, False)
-    plan = build_plan(rec, base)
-    got = global_ties_thresholds(ctx, plan, progress=False)["per_task"]
+    source = CheckpointSource(toy_models["base"], toy_models["experts"])
+    plan = build_plan(rec, source.index())
+    got = run_statistics(plan, source, LocalBackend(1), "cpu", progress=False)["thresholds"]
+    assert got == run_statistics(plan, source, LocalBackend(2), "cpu", False)["thresholds"]
     b = toy_models["base_sd"]
     for i, e in enumerate(toy_models["expert_sds"]):
         allabs = torch.cat([(e[n] - b[n]).reshape(-1).abs() for n in b])

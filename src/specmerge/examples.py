@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specmerge.engine import parameter_seed
 from specmerge.io.writer import OutTensor, ShardedWriter, atomic_output_dir, write_text
 from specmerge.linalg import dtype_name, parse_dtype
+from specmerge.plan import parameter_seed
 from specmerge.synthetic import structured_task_vectors
 
 

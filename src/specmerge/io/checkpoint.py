@@ -160,6 +160,17 @@ class Checkpoint:
         self._lock = Lock()
         self._discover()
 
+    def __getstate__(self) -> dict[str, object]:
+        # picklable for backends that ship a job to another process: no lock, no loaded shards
+        state = dict(self.__dict__)
+        del state["_lock"], state["_torch_cache"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._torch_cache = {}
+        self._lock = Lock()
+
     @property
     def config_dir(self) -> Path | None:
         """The HF directory holding config/tokenizer files, when the input is a directory."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from specmerge.linalg import prepare_task_vectors, thin_svd
-from specmerge.methods.registry import register
+from specmerge.methods.registry import Interval, register
 
 _EPS = 1e-12  # floor of ‖a_i^r‖² in s_i^r, as in the official code
 
@@ -65,8 +65,8 @@ def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Te
         "target": "0-based index of one task: σ_r / max(s_target^r, α) where s_target^r > 0, "
                   "σ_r elsewhere; null calibrates for all tasks",
     },
-    choices={"space": ("left", "right")},
-    ranges={"alpha": "(0, inf)", "target": "[0, inf)"},
+    constraints={"alpha": Interval(float, 0, None, closed="neither"),
+                 "target": Interval(int, 0, None, closed="left")},
     matrix_only=True,
     notes="After Iso-C or Iso-CTS every singular value of the merged update is equal, so the "
           "singular basis SVC reads is arbitrary and rounding-level changes can move its output "
@@ -99,11 +99,7 @@ def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None =
                          f"{tuple(task_vectors[0].shape)}")
     if alpha is None:
         alpha = 1.0 / k
-    if not alpha > 0:
-        raise ValueError(f"svc: alpha must be > 0 (or null for 1/K), got {alpha}")
-    if space not in ("left", "right"):
-        raise ValueError(f"svc: space must be 'left' or 'right', got {space!r}")
-    if target is not None and not 0 <= target < k:
+    if target is not None and target >= k:
         raise ValueError(f"svc: target must be a task index in [0, {k}), got {target}")
     w, *taus = prepare_task_vectors([merged, *task_vectors], "svc")
     if w.ndim != 2:

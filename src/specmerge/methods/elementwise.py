@@ -6,13 +6,15 @@ update τ (the engine adds θ_0). They apply to every floating parameter, whatev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from specmerge.methods.registry import register
+from specmerge.methods.registry import Interval, register
 
 
 def _weights(task_vectors: Sequence[Tensor], weights: Sequence[float] | None) -> list[float]:
@@ -95,15 +97,21 @@ class AbsKthSelector:
     def done(self) -> bool:
         return self.level == self.passes
 
-    def update(self, x: Tensor) -> None:
-        """Feed data for the current pass (call with all the data, once per pass)."""
+    def histogram(self, x: Tensor) -> Tensor:
+        """The current pass's 65,536-bin histogram of ``x`` (int64, on the CPU); reads no state
+        but the pass and prefix, so histograms of parts of the data add up exactly."""
         shift = (self.passes - 1 - self.level) * 16
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
         for chunk in x.reshape(-1).split(CHUNK):
             keys = chunk.abs().to(self.dtype).view(self.key_dtype)
             if self.level:
                 keys = keys[(keys >> (shift + 16)) == self.prefix]
-            self.hist += torch.bincount(((keys >> shift) & 0xFFFF).long().cpu(),
-                                        minlength=1 << 16)
+            hist += torch.bincount(((keys >> shift) & 0xFFFF).long().cpu(), minlength=1 << 16)
+        return hist
+
+    def update(self, x: Tensor) -> None:
+        """Feed data for the current pass (call with all the data, once per pass)."""
+        self.hist += self.histogram(x)
 
     def next_pass(self) -> None:
         cum = self.hist.cumsum(0)
@@ -132,6 +140,58 @@ def kth_smallest_abs(x: Tensor, k: int) -> float:
     return sel.value()
 
 
+@dataclass
+class TrimState:
+    """Where the whole-model TIES threshold search stands: one selector per task, or none when
+    nothing is trimmed (density 1)."""
+
+    num_experts: int
+    selectors: list[AbsKthSelector] | None
+
+
+@dataclass(frozen=True)
+class GlobalTrimThresholds:
+    """TIES's whole-model thresholds t_i for ``trim_scope: global``: the (d − ⌊d·density⌋)-th
+    smallest |τ_i| over every parameter TIES merges (d entries in all).
+
+    Exact, without holding the model: each round streams every parameter once and histograms
+    16 bits of |τ_i| (``AbsKthSelector``; 2 rounds in float32, 4 in float64). Histograms are
+    integer counts, so their sum, and the thresholds, do not depend on how the work is split.
+    """
+
+    kwarg: str = "thresholds"
+
+    def wanted(self, params: Mapping[str, Any]) -> bool:
+        return params.get("trim_scope") == "global"
+
+    def start(self, params: Mapping[str, Any], num_experts: int, numel: int,
+              dtype: torch.dtype) -> TrimState:
+        k = trim_count(numel, params["density"])
+        if params["density"] >= 1.0 or k <= 0:
+            return TrimState(num_experts, None)
+        return TrimState(num_experts, [AbsKthSelector(k, dtype) for _ in range(num_experts)])
+
+    def done(self, state: TrimState) -> bool:
+        return state.selectors is None or state.selectors[0].done
+
+    def map(self, state: TrimState, task_vectors: Sequence[Tensor]) -> list[Tensor]:
+        assert state.selectors is not None
+        return [sel.histogram(t) for sel, t in zip(state.selectors, task_vectors, strict=True)]
+
+    def reduce(self, state: TrimState, partials: Sequence[list[Tensor]]) -> TrimState:
+        assert state.selectors is not None
+        for i, sel in enumerate(state.selectors):
+            for part in partials:
+                sel.hist += part[i]
+            sel.next_pass()
+        return state
+
+    def value(self, state: TrimState) -> list[float]:
+        if state.selectors is None:
+            return [-math.inf] * state.num_experts
+        return [sel.value() for sel in state.selectors]
+
+
 @register(
     "ties",
     family="elementwise",
@@ -144,8 +204,8 @@ def kth_smallest_abs(x: Tensor, k: int) -> float:
         "scaling": "λ applied after the disjoint aggregate",
         "trim_scope": "tensor: top-k per tensor; global: top-k over the whole model (2 extra passes)",
     },
-    choices={"aggregate": ("mean", "sum"), "trim_scope": ("tensor", "global")},
-    ranges={"density": "(0, 1]"},
+    constraints={"density": Interval(float, 0, 1, closed="right")},
+    statistic=GlobalTrimThresholds(),
     notes="Defaults (density 0.2, mean, λ=1.0) are the SVC paper's TIES setting; the TIES paper "
           "and FusionBench use aggregate=sum with scaling=0.3.",
 )
@@ -217,7 +277,7 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
         "drop_rate": "p, the probability of dropping each entry of each task vector",
         "scaling": "λ of the task arithmetic applied after drop-and-rescale",
     },
-    ranges={"drop_rate": "[0, 1)"},
+    constraints={"drop_rate": Interval(float, 0, 1, closed="left")},
     uses_weights=True,
     uses_rng=True,
 )
@@ -230,8 +290,6 @@ def dare(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = No
     engine from the recipe seed, the parameter name and i), so the result does not depend on
     the device, the processing order or the number of workers.
     """
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"dare: drop_rate must lie in [0, 1), got {drop_rate}")
     ws = _weights(task_vectors, weights)
     if generators is None:
         generators = [torch.Generator().manual_seed(i) for i in range(len(task_vectors))]

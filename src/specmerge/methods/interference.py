@@ -37,7 +37,7 @@ from torch import Tensor
 
 from specmerge.linalg import prepare_task_vectors, sym_eigh, upcast
 from specmerge.methods.elementwise import weight_average
-from specmerge.methods.registry import register
+from specmerge.methods.registry import Interval, Options, register
 
 WEIGHT_FLOOR = 1e-12  # w_i = 1 / max(‖τ_i‖², WEIGHT_FLOOR); below it a task counts as zero
 EIG_FLOOR = 1e-8  # eigenvalues of C are floored here before any division (official SWUDI code)
@@ -160,15 +160,6 @@ def swudi_rank(n: int, rank_ratio: float) -> int:
     return min(n, max(1, math.floor(n * rank_ratio + 0.999)))
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_choice(method: str, name: str, value: str, allowed: Sequence[str]) -> None:
-    _check(value in allowed, f"{method}: {name} must be one of {list(allowed)}, got {value!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Rank rules of SWUDI-A: λ (eigenvalues of C, floored, descending), shape (m, n) → k
 # ---------------------------------------------------------------------------------------------
@@ -253,12 +244,32 @@ def get_rank_rule(name: str) -> RankRule:
             fraction = float(name.removeprefix("energy_"))
         except ValueError:
             fraction = math.nan
-        _check(0.0 < fraction <= 1.0,
-               f"swudi_a: rank_rule {name!r} must be energy_<f> with a number 0 < f <= 1, "
-               f"e.g. energy_0.9")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"swudi_a: rank_rule {name!r} must be energy_<f> with a number "
+                             f"0 < f <= 1, e.g. energy_0.9")
         return _energy(fraction)
     raise ValueError(f"swudi_a: rank_rule must be one of {list(RANK_RULE_CHOICES)} "
                      f"(energy_<f> with 0 < f <= 1), got {name!r}")
+
+
+class RankRuleName(Options):
+    """A rank rule's name: one of RANK_RULES, or energy_<f> with a number 0 < f ≤ 1."""
+
+    def is_satisfied_by(self, value: object) -> bool:
+        if not isinstance(value, str):
+            return False
+        try:
+            get_rank_rule(value)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return (f"one of {list(RANK_RULES)}, or energy_<f> with a number 0 < f <= 1 "
+                f"(e.g. energy_0.9)")
+
+    def invalid_values(self) -> list[object]:
+        return ["energy_0", "energy_1.5", "energy_x", "foo", 3]
 
 
 def select_rank(lam: Tensor, shape: tuple[int, int], rank_rule: str, min_rank: int = 1,
@@ -328,8 +339,8 @@ _INIT_DOC = "τ_0: sum of the task vectors (official code), their mean, or zero"
         "init": _INIT_DOC,
         "scaling": "multiplies the result",
     },
-    choices={"optimizer": ("adam", "sgd"), "init": ("sum", "mean", "zero")},
-    ranges={"iterations": "[0, inf)", "lr": "(0, inf)"},
+    constraints={"iterations": Interval(int, 0, None, closed="left"),
+                 "lr": Interval(float, 0, None, closed="neither")},
     matrix_only=True,
     notes="Uses the analytic gradient 2(τC − D): one m×n×n product per step, not K.",
 )
@@ -350,10 +361,6 @@ def wudi(task_vectors: Sequence[Tensor], *, iterations: int = 300, lr: float = 1
     ``sgd`` stays put). A rank-deficient C leaves τ unchanged along null(C), where the gradient
     vanishes, so the result stays finite.
     """
-    _check_choice("wudi", "optimizer", optimizer, tuple(_OPTIMIZERS))
-    _check_choice("wudi", "init", init, ("sum", "mean", "zero"))
-    _check(iterations >= 0, f"wudi: iterations must be >= 0, got {iterations}")
-    _check(lr > 0, f"wudi: lr must be > 0, got {lr}")
     taus = prepare(task_vectors)
     if negligible(taus):
         return weight_average(taus)
@@ -403,8 +410,8 @@ def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
         "init": _INIT_DOC,
         "scaling": "multiplies the result",
     },
-    choices={"init": ("sum", "mean", "zero")},
-    ranges={"rank_ratio": "(0, 1]", "exp_time": "[0, inf)"},
+    constraints={"rank_ratio": Interval(float, 0, 1, closed="right"),
+                 "exp_time": Interval(float, 0, None, closed="left")},
     matrix_only=True,
 )
 def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time: float = 1300.0,
@@ -425,9 +432,6 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
     returns τ_1 (D − τ_0 C = 0); on null(C) the gain h/λ is at most exp_time, so a
     rank-deficient C gives a finite result without the closed form's amplification.
     """
-    _check(0.0 < rank_ratio <= 1.0, f"swudi: rank_ratio must lie in (0, 1], got {rank_ratio}")
-    _check(exp_time >= 0.0, f"swudi: exp_time must be >= 0, got {exp_time}")
-    _check_choice("swudi", "init", init, ("sum", "mean", "zero"))
 
     def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
         kept = lam[:swudi_rank(lam.numel(), rank_ratio)]
@@ -452,10 +456,10 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
         "init": _INIT_DOC,
         "scaling": "multiplies the result",
     },
-    choices={"rank_rule": RANK_RULE_CHOICES, "filter": ("none", "exponential"),
-             "init": ("sum", "mean", "zero")},
-    ranges={"min_rank": "[1, inf)", "max_rank_ratio": "(0, 1]", "exp_time": "[0, inf)"},
-    checks={"rank_rule": get_rank_rule},
+    constraints={"rank_rule": RankRuleName(RANK_RULE_CHOICES),
+                 "min_rank": Interval(int, 1, None, closed="left"),
+                 "max_rank_ratio": Interval(float, 0, 1, closed="right"),
+                 "exp_time": Interval(float, 0, None, closed="left")},
     matrix_only=True,
 )
 def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_sqrt",
@@ -480,14 +484,6 @@ def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_s
     init sum returns τ_1; with ``filter: none`` a rank-deficient C is safe as long as k_ℓ stays
     within its rank (the spectral rules count the floored null eigenvalues as nearly nothing).
     """
-    get_rank_rule(rank_rule)  # validates the name, and energy_<f>, at the door
-    _check(min_rank >= 1, f"swudi_a: min_rank must be >= 1, got {min_rank}")
-    _check(0.0 < max_rank_ratio <= 1.0,
-           f"swudi_a: max_rank_ratio must lie in (0, 1], got {max_rank_ratio}")
-    _check_choice("swudi_a", "filter", filter, ("none", "exponential"))
-    _check(exp_time >= 0.0, f"swudi_a: exp_time must be >= 0, got {exp_time}")
-    _check_choice("swudi_a", "init", init, ("sum", "mean", "zero"))
-
     def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
         kept = lam[:select_rank(lam, shape, rank_rule, min_rank, max_rank_ratio)]
         return exp_filter(kept, exp_time).div_(kept) if filter == "exponential" else kept.reciprocal()

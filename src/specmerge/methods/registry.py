@@ -1,29 +1,151 @@
-"""The method registry: names → functions, with parameters, defaults and a citation.
+"""The method registry: names → functions, with parameters, constraints, defaults and a citation.
 
 A method's parameters are the keyword-only arguments of its function, so a parameter's name and
-default are written once, in code, and the registry, the recipe validation, ``specmerge methods``
-and the docs all read them from there. ``docs`` adds one line of explanation per parameter and
-``choices`` the allowed values of string parameters.
+default are written once, in code; the registry, the recipe validation, ``specmerge methods`` and
+the docs all read them from there. A parameter's allowed values are declared once too, as
+constraint objects (in the manner of scikit-learn's ``Interval`` and ``StrOptions``): the choices
+of a ``Literal`` annotation become an ``Options`` constraint by themselves, and ranges are
+declared as ``Interval`` objects. The same objects validate a recipe, validate a direct call of
+the function, write the error text, document the parameter and give invalid values to tests.
 
 Calling conventions (see DESIGN.md):
 - merge methods: ``fn(task_vectors, *, <params>) -> Tensor`` (the merged update τ, not θ).
   Methods with ``uses_weights`` also take ``weights`` (one float per expert); methods with
-  ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert).
+  ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert); a method with
+  a ``statistic`` takes its value under ``statistic.kwarg`` when the statistic is wanted.
 - calibrations: ``fn(merged, task_vectors, *, <params>) -> Tensor``.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from torch import Tensor
 
 Family = Literal["elementwise", "subspace", "interference", "calibration"]
 # keyword arguments supplied by the engine, never by the user
-ENGINE_ARGS = frozenset({"weights", "generators", "thresholds"})
+ENGINE_ARGS = frozenset({"weights", "generators"})
 
+
+# ---------------------------------------------------------------------------------------------
+# Constraints
+# ---------------------------------------------------------------------------------------------
+
+class Constraint(Protocol):
+    """An allowed set of values. ``str(c)`` completes "must be …" in an error message."""
+
+    def is_satisfied_by(self, value: Any) -> bool: ...
+
+    def invalid_values(self) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Finite numbers of ``kind`` (int or float) between ``left`` and ``right`` (None: unbounded).
+
+    ``closed`` says which ends belong to the interval: "left", "right", "both" or "neither".
+    """
+
+    kind: type
+    left: float | None
+    right: float | None
+    closed: Literal["left", "right", "both", "neither"] = "both"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.left is not None:
+            if value < self.left or (value == self.left and self.closed in ("right", "neither")):
+                return False
+        if self.right is not None:
+            if value > self.right or (value == self.right and self.closed in ("left", "neither")):
+                return False
+        return True
+
+    def notation(self) -> str:
+        lo = "(" if self.left is None or self.closed in ("right", "neither") else "["
+        hi = ")" if self.right is None or self.closed in ("left", "neither") else "]"
+        left = "-inf" if self.left is None else _num(self.left)
+        right = "inf" if self.right is None else _num(self.right)
+        return f"{lo}{left}, {right}{hi}"
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.kind is int else "a finite number"
+        return f"{kind} in {self.notation()}"
+
+    def invalid_values(self) -> list[Any]:
+        out: list[Any] = [math.nan, math.inf, "1"]
+        if self.left is not None:
+            out.append(self.left - 1 if self.closed in ("left", "both") else self.left)
+        if self.right is not None:
+            out.append(self.right + 1 if self.closed in ("right", "both") else self.right)
+        if self.kind is int:
+            out.append((self.left if self.left is not None else 0) + 0.5)
+        return out
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of strings (read from a ``Literal`` annotation)."""
+
+    values: tuple[str, ...]
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def __str__(self) -> str:
+        return f"one of {list(self.values)}"
+
+    def invalid_values(self) -> list[Any]:
+        return ["__not_an_option__", 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model statistics
+# ---------------------------------------------------------------------------------------------
+
+class Statistic(Protocol):
+    """A whole-model pre-pass that a method declares in its registry entry.
+
+    The engine runs it over every entry the method computes, before the merge, as rounds of
+    map and reduce: ``map`` sees one parameter's task vectors and returns a partial result;
+    ``reduce`` combines the partials of a round exactly (whatever their order or grouping) into
+    the next state. When ``done``, ``value`` is passed to the method as ``kwarg``.
+    """
+
+    kwarg: str
+
+    def wanted(self, params: Mapping[str, Any]) -> bool: ...
+
+    def start(self, params: Mapping[str, Any], num_experts: int, numel: int,
+              dtype: Any) -> Any: ...
+
+    def done(self, state: Any) -> bool: ...
+
+    def map(self, state: Any, task_vectors: Sequence[Tensor]) -> Any: ...
+
+    def reduce(self, state: Any, partials: Sequence[Any]) -> Any: ...
+
+    def value(self, state: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and methods
+# ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Param:
@@ -31,14 +153,30 @@ class Param:
     default: Any
     types: tuple[type, ...]
     doc: str
-    choices: tuple[str, ...] | None = None
-    range: str | None = None  # interval such as "(0, 1]"; checked for numbers
-    check: Callable[[Any], object] | None = None  # extra validation; raises ValueError
+    constraints: tuple[Any, ...] = ()
 
     @property
     def type_name(self) -> str:
         names = [t.__name__ if t is not type(None) else "null" for t in self.types]
         return " | ".join(names)
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        for c in self.constraints:
+            if isinstance(c, Options):
+                return c.values
+        return None
+
+    @property
+    def range(self) -> str | None:
+        for c in self.constraints:
+            if isinstance(c, Interval):
+                return c.notation()
+        return None
+
+    def describe(self) -> str:
+        """The allowed values, in words (``specmerge methods``)."""
+        return " and ".join(str(c) for c in self.constraints)
 
     def validate(self, value: Any, method: str) -> Any:
         """Return ``value`` coerced to the parameter's type, or raise a ValueError that names it."""
@@ -47,37 +185,30 @@ class Param:
             if type(None) in self.types:
                 return None
             raise ValueError(f"{where} may not be null (expected {self.type_name})")
-        if self.choices is not None:
-            ok = isinstance(value, str) and (
-                value in self.choices
-                or any(c.endswith("*") and value.startswith(c[:-1]) for c in self.choices)
-            )
-            if not ok:
-                raise ValueError(f"{where} must be one of {list(self.choices)}, got {value!r}")
-            if self.check is not None:
-                self.check(value)
-            return value
+        value = self._coerce(value, where)
+        for c in self.constraints:
+            if not c.is_satisfied_by(value):
+                raise ValueError(f"{where} must be {c}, got {_short_repr(value)}")
+        return value
+
+    def _coerce(self, value: Any, where: str) -> Any:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if bool in self.types and isinstance(value, bool):
             return value
-        if float in self.types and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return self._in_range(float(value), where)
+        if float in self.types and number:
+            if not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
+            return float(value)
         if int in self.types and isinstance(value, int) and not isinstance(value, bool):
-            return self._in_range(value, where)
+            return value
         if str in self.types and isinstance(value, str):
             return value
-        raise ValueError(f"{where} must be {self.type_name}, got {value!r}")
+        raise ValueError(f"{where} must be {self.type_name}, got {_short_repr(value)}")
 
-    def _in_range(self, value: float, where: str) -> float:
-        if self.range is None:
-            return value
-        lo_br, hi_br = self.range[0], self.range[-1]
-        lo_s, hi_s = (x.strip() for x in self.range[1:-1].split(","))
-        lo, hi = float(lo_s), float(hi_s)
-        ok_lo = value >= lo if lo_br == "[" else value > lo
-        ok_hi = value <= hi if hi_br == "]" else value < hi
-        if not (ok_lo and ok_hi):
-            raise ValueError(f"{where} must lie in {self.range}, got {value!r}")
-        return value
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -91,6 +222,7 @@ class Method:
     matrix_only: bool = False
     uses_weights: bool = False
     uses_rng: bool = False
+    statistic: Statistic | None = None
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -136,6 +268,16 @@ def _types_of(annotation: Any) -> tuple[type, ...]:
     raise TypeError(f"unsupported parameter annotation {annotation!r}")
 
 
+def _literal_options(annotation: Any) -> Options | None:
+    if typing.get_origin(annotation) is Literal:
+        return Options(tuple(typing.get_args(annotation)))
+    for arg in typing.get_args(annotation):
+        found = _literal_options(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def register(
     name: str,
     *,
@@ -143,40 +285,52 @@ def register(
     summary: str,
     citation: str,
     docs: Mapping[str, str],
-    choices: Mapping[str, tuple[str, ...]] | None = None,
-    ranges: Mapping[str, str] | None = None,
-    checks: Mapping[str, Callable[[Any], object]] | None = None,
+    constraints: Mapping[str, Any] | None = None,
     matrix_only: bool = False,
     uses_weights: bool = False,
     uses_rng: bool = False,
+    statistic: Statistic | None = None,
     notes: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator that registers a method. Parameters come from the function's keyword-only args."""
+    """Decorator that registers a method and validates the keyword parameters of direct calls.
+
+    Parameters come from the function's keyword-only arguments; ``constraints`` adds a
+    constraint object per parameter beside the ``Literal`` choices read from the annotation.
+    """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         hints = typing.get_type_hints(fn)
-        sig = inspect.signature(fn)
+        engine_args = ENGINE_ARGS | ({statistic.kwarg} if statistic is not None else set())
         params = []
-        for p in sig.parameters.values():
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in ENGINE_ARGS:
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in engine_args:
                 continue
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"{name}: parameter {p.name!r} needs a default")
             if p.name not in docs:
                 raise TypeError(f"{name}: parameter {p.name!r} has no doc line")
-            params.append(
-                Param(p.name, p.default, _types_of(hints[p.name]), docs[p.name],
-                      (choices or {}).get(p.name), (ranges or {}).get(p.name),
-                      (checks or {}).get(p.name))
-            )
+            cons = [c for c in (_literal_options(hints[p.name]),
+                                (constraints or {}).get(p.name)) if c is not None]
+            param = Param(p.name, p.default, _types_of(hints[p.name]), docs[p.name], tuple(cons))
+            param.validate(p.default, name)  # a default always satisfies its own constraints
+            params.append(param)
+        by_name = {p.name: p for p in params}
+
+        @functools.wraps(fn)
+        def validated(*args: Any, **kwargs: Any) -> Any:
+            for key, value in kwargs.items():
+                if key in by_name:
+                    by_name[key].validate(value, name)
+            return fn(*args, **kwargs)
+
         _REGISTRY[name] = Method(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
-            uses_rng=uses_rng, notes=notes,
+            uses_rng=uses_rng, statistic=statistic, notes=notes,
         )
-        return fn
+        return validated
 
     return deco
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from specmerge.linalg import polar, prepare_task_vectors, thin_svd
 from specmerge.methods.elementwise import weighted_sum
-from specmerge.methods.registry import register
+from specmerge.methods.registry import Interval, register
 
 
 def tsv_rank(r: int, num_tasks: int) -> int:
@@ -114,7 +114,7 @@ def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, 
         "common_fraction": "share of the rank given to the common subspace (paper: 0.8)",
         "scaling": "multiplier of the merged update (the paper tunes it on validation data)",
     },
-    ranges={"common_fraction": "[0, 1]"},
+    constraints={"common_fraction": Interval(float, 0, 1)},
     matrix_only=True,
     notes="The rank split follows the official code: c = ⌊fraction·r⌋, "
           "t = round((r − c)/K)·K (half to even), k_c = r − t, s = t/K per task.",
@@ -132,8 +132,6 @@ def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
 
     With ``common_fraction`` 1 (or s = 0) this is Iso-C; with K = 1 it is Iso-C as well.
     """
-    if not 0.0 <= common_fraction <= 1.0:
-        raise ValueError(f"iso_cts: common_fraction must lie in [0, 1], got {common_fraction}")
     taus = prepare_task_vectors(task_vectors, "iso_cts", matrix=True)
     k_c, s = iso_cts_split(min(taus[0].shape), len(taus), common_fraction)
     u, sig, vh = thin_svd(weighted_sum(taus))
@@ -165,7 +163,7 @@ def star_rank(sigma: Tensor, eta: float) -> int:
     citation="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025, "
              "arXiv 2502.10339",
     docs={"eta": "percentage of each task's nuclear norm kept by the truncation (paper: 40)"},
-    ranges={"eta": "(0, 100]"},
+    constraints={"eta": Interval(float, 0, 100, closed="right")},
     matrix_only=True,
 )
 def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
@@ -176,8 +174,6 @@ def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
     Tensors with more than 2 dims are reshaped to (shape[0], −1) and back. A zero τ_i
     contributes zero. With eta 100 the result is the mean of the τ_i.
     """
-    if not 0.0 < eta <= 100.0:
-        raise ValueError(f"star: eta must lie in (0, 100], got {eta}")
     taus = prepare_task_vectors(task_vectors, "star")
     shape = taus[0].shape
     if len(shape) < 2:

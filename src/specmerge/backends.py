@@ -1,0 +1,63 @@
+"""Backends: run a step over plan entries and yield (entry, result) pairs as they finish.
+
+``map(step, entries, source)`` calls ``step(entry, source)`` for every entry. A step and a source
+are picklable, so a backend may run them in other processes or on other machines; results never
+depend on the backend, on how many steps run at once or on the order they finish in (the sinks
+place each result by its entry). The local backend runs in this process: serially, or on threads
+with at most ``workers`` entries in flight (torch releases the GIL in its kernels).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from specmerge.plan import PlanEntry
+
+R = TypeVar("R")
+Step = Callable[[PlanEntry, Any], R]
+
+
+class Backend(Protocol):
+    def map(self, step: Step[R], entries: Sequence[PlanEntry], source: Any
+            ) -> Iterator[tuple[PlanEntry, R]]: ...
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """This process: serial with ``workers`` 1, else a thread pool with ``workers`` in flight."""
+
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def map(self, step: Step[R], entries: Sequence[PlanEntry], source: Any
+            ) -> Iterator[tuple[PlanEntry, R]]:
+        if self.workers == 1:
+            for entry in entries:
+                yield entry, step(entry, source)
+            return
+        with cf.ThreadPoolExecutor(max_workers=self.workers,
+                                   thread_name_prefix="specmerge") as pool:
+            pending: dict[cf.Future[R], PlanEntry] = {}
+            it = iter(entries)
+            try:
+                for entry in it:
+                    pending[pool.submit(step, entry, source)] = entry
+                    if len(pending) >= self.workers:
+                        break
+                while pending:
+                    done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        entry = pending.pop(fut)
+                        yield entry, fut.result()
+                        nxt = next(it, None)
+                        if nxt is not None:
+                            pending[pool.submit(step, nxt, source)] = nxt
+            finally:
+                for fut in pending:
+                    fut.cancel()

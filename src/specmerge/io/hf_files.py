@@ -1,0 +1,94 @@
+"""The files of an HF output directory beside the weights: config and tokenizer files copied
+from the base, the resolved recipe, and the model card. Deterministic: no timings, no dates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from specmerge import __version__
+from specmerge.errors import OutputError
+from specmerge.io.writer import write_text
+from specmerge.linalg import dtype_name
+from specmerge.methods.registry import get_method
+from specmerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# files copied from the base directory next to the weights
+SIDE_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|"
+    r"merges\.txt|added_tokens\.json|spiece\.model|sentencepiece.*\.model|chat_template.*|"
+    r"preprocessor_config\.json)$")
+
+
+def main_dtype(tensors: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str | None:
+    """The floating dtype that holds the most parameters (what config.json's dtype records)."""
+    sizes: dict[torch.dtype, int] = {}
+    for shape, dtype in tensors:
+        if dtype.is_floating_point:
+            sizes[dtype] = sizes.get(dtype, 0) + torch.Size(shape).numel()
+    return dtype_name(max(sizes, key=lambda d: sizes[d])) if sizes else None
+
+
+def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
+                     out_dtype: str | None) -> None:
+    """Copy the base's config and tokenizer files, set config.json's dtype, write the recipe."""
+    if config_dir is not None:
+        for f in sorted(config_dir.iterdir()):
+            if f.is_file() and SIDE_FILES.match(f.name):
+                try:
+                    shutil.copy2(f, out / f.name)
+                except OSError as err:
+                    raise OutputError(f"{out / f.name}: cannot copy from the base: {err}") from err
+    config = out / "config.json"
+    if config.is_file() and out_dtype is not None:
+        try:
+            cfg = json.loads(config.read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON; copied as is", config)
+        else:
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+            for k in keys:
+                cfg[k] = out_dtype
+            write_text(config, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    header = f"# Resolved by specmerge {__version__}: every default filled in.\n"
+    write_text(out / "specmerge_recipe.yaml",
+               header + yaml.safe_dump(recipe.resolved(), sort_keys=False))
+
+
+def model_card(recipe: Recipe, base_path: Path, counts: Mapping[str, int]) -> str:
+    """The model card: method, calibration, scope and inputs (no timings, so it is deterministic)."""
+    method = get_method(recipe.merge_method)
+    lines = [
+        "---", "library_name: transformers", "tags: [merge, specmerge]", "---", "",
+        f"# Merged with specmerge {__version__}", "",
+        f"- **Method:** `{recipe.merge_method}`: {method.summary} ({method.citation})",
+        f"- **Parameters:** `{json.dumps(recipe.parameters, sort_keys=True)}`",
+    ]
+    if recipe.calibrate is not None:
+        cal = get_method(recipe.calibrate["method"])
+        params = {k: v for k, v in recipe.calibrate.items() if k != "method"}
+        lines.append(f"- **Calibration:** `{cal.name}` after `{recipe.merge_method}`: "
+                     f"{cal.summary} ({cal.citation}); parameters "
+                     f"`{json.dumps(params, sort_keys=True)}`")
+    else:
+        lines.append("- **Calibration:** none")
+    lines += [
+        f"- **Scope:** exclude {recipe.scope.exclude}, fallback `{recipe.scope.fallback}`",
+        f"- **Compute dtype:** {recipe.dtype}; seed {recipe.seed}",
+        f"- **Tensors:** {counts.get('method', 0)} by the method, {counts.get('fallback', 0)} by "
+        f"the fallback, {counts.get('copy', 0)} copied, {counts.get('calibrated', 0)} calibrated",
+        "", "## Inputs", "", f"- base: `{base_path}`",
+        *[f"- expert {i + 1}: `{m.model}` (weight {m.weight})"
+          for i, m in enumerate(recipe.models)],
+        "", "The full resolved recipe is in `specmerge_recipe.yaml`.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Sinks: where merged tensors go. Each receives (entry, tensor) pairs in any order.
+
+A sink is a context manager: entering claims the destination, ``put`` places one result by its
+entry, ``finish`` completes the output once every entry is in, and leaving without ``finish``
+(an error, Ctrl-C) leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor
+
+from specmerge import __version__
+from specmerge.errors import OutputError
+from specmerge.io.hf_files import main_dtype, model_card, write_side_files
+from specmerge.io.writer import OutTensor, ShardedWriter, atomic_output_dir, write_text
+from specmerge.plan import Plan, PlanEntry
+
+
+class HFDirSink:
+    """A Hugging Face directory: pre-allocated safetensors shards written at fixed offsets, the
+    shard index, the base's config and tokenizer files, the resolved recipe and a model card,
+    all in a hidden partial directory that is renamed into place by ``finish``."""
+
+    def __init__(self, out: Path, plan: Plan, *, base_path: Path, config_dir: Path | None,
+                 max_shard_bytes: int):
+        self.out, self.plan = out, plan
+        self.base_path, self.config_dir = base_path, config_dir
+        self.max_shard_bytes = max_shard_bytes
+        self._stack = contextlib.ExitStack()
+        self._finished = False
+
+    def __enter__(self) -> HFDirSink:
+        with contextlib.ExitStack() as stack:
+            self.tmp = stack.enter_context(atomic_output_dir(self.out))
+            specs = [OutTensor(e.name, e.shape, e.out_dtype) for e in self.plan.entries]
+            self.writer = ShardedWriter(
+                self.tmp, specs, self.max_shard_bytes,
+                metadata={"specmerge_version": __version__,
+                          "merge_method": self.plan.recipe.merge_method})
+            stack.callback(self.writer.close)
+            self._stack = stack.pop_all()
+        return self
+
+    def put(self, entry: PlanEntry, tensor: Tensor) -> None:
+        self.writer.write(entry.name, tensor)
+
+    def finish(self) -> Path:
+        weight_map = self.writer.finish()
+        self.writer.close()
+        self.writer.write_index(weight_map)
+        out_dtype = main_dtype([(e.shape, e.out_dtype) for e in self.plan.entries])
+        write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype)
+        write_text(self.tmp / "README.md",
+                   model_card(self.plan.recipe, self.base_path, self.plan.counts()))
+        self._finished = True
+        return self.out
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> bool | None:
+        if et is None and not self._finished:  # never rename an unfinished directory into place
+            err = OutputError(f"{self.out}: the output was closed before it was finished; "
+                              f"nothing was written")
+            self._stack.__exit__(OutputError, err, None)
+            raise err
+        return self._stack.__exit__(et, ev, tb)
+
+
+class StateDictSink:
+    """An in-memory state dict, in the plan's order (``merge_state_dicts``)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.tensors: dict[str, Tensor] = {}
+
+    def __enter__(self) -> StateDictSink:
+        return self
+
+    def put(self, entry: PlanEntry, tensor: Tensor) -> None:
+        self.tensors[entry.name] = tensor
+
+    def finish(self) -> dict[str, Tensor]:
+        return {e.name: self.tensors[e.name] for e in self.plan.entries}
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -1,0 +1,140 @@
+"""The plan: what happens to every parameter, decided once, before any tensor is read.
+
+``build_plan`` is the only code that turns a recipe and a source's index into per-parameter
+decisions; ``merge``, ``merge_state_dicts`` and ``analyze`` all run the plan it returns. Each
+entry holds the parameter's action (the method, the scope's fallback, or a plain copy), its
+output dtype, whether it is calibrated and the keyword arguments bound for its function. The
+plan also lists the whole-model statistics its method declares (TIES's global threshold).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from specmerge.linalg import compute_dtype, parse_dtype
+from specmerge.methods.registry import Statistic, get_method
+from specmerge.recipe import Recipe, Scope
+
+Action = Literal["method", "fallback", "copy"]
+# the scope's fallbacks, as registry methods with their bound arguments (None: keep θ0)
+FALLBACK_METHODS: dict[str, str | None] = {
+    "average": "weight_average", "task_arithmetic": "task_arithmetic", "base": None}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One entry of a source's index."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What happens to one parameter.
+
+    ``method`` is the registry name of the function that computes its merged update (None: a
+    zero update, or a copy); ``kwargs`` are its bound keyword arguments; ``seeds`` the per-expert
+    RNG seeds of a method that draws random numbers.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: Action
+    calibrate: bool
+    matrix: bool = False
+    method: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every parameter's entry, in the source's order, plus what the whole merge shares."""
+
+    recipe: Recipe
+    entries: tuple[PlanEntry, ...]
+    compute_dtype: torch.dtype
+    calibration: tuple[str, Mapping[str, Any]] | None
+    statistics: tuple[Statistic, ...]
+
+    def counts(self) -> dict[str, int]:
+        counts = {a: sum(e.action == a for e in self.entries)
+                  for a in ("method", "fallback", "copy")}
+        counts["calibrated"] = sum(e.calibrate for e in self.entries)
+        return counts
+
+    def select(self, names: Sequence[str]) -> Plan:
+        """The same plan restricted to ``names`` (statistics still see the whole model)."""
+        wanted = set(names)
+        return Plan(self.recipe, tuple(e for e in self.entries if e.name in wanted),
+                    self.compute_dtype, self.calibration, self.statistics)
+
+
+def is_matrix_param(name: str, shape: Sequence[int], dtype: torch.dtype, scope: Scope) -> bool:
+    """2-D floating tensors whose name matches none of the scope's exclusion patterns."""
+    if len(shape) != 2 or not dtype.is_floating_point:
+        return False
+    for pat in scope.exclude:
+        if pat.startswith("re:"):
+            if re.search(pat[3:], name):
+                return False
+        elif pat in name:
+            return False
+    return True
+
+
+def parameter_seed(seed: int, name: str, index: int) -> int:
+    """A 63-bit seed from (recipe seed, parameter name, expert index): order-independent."""
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo]) -> Plan:
+    """The plan of ``recipe`` over the parameters of ``index`` (name → shape, dtype)."""
+    method = get_method(recipe.merge_method)
+    weights = [m.weight for m in recipe.models]
+    method_kwargs: dict[str, Any] = dict(recipe.parameters)
+    if method.uses_weights:
+        method_kwargs["weights"] = weights
+    fallback_method = FALLBACK_METHODS[recipe.scope.fallback]
+    fallback_kwargs: dict[str, Any] = (
+        {"weights": weights, "scaling": recipe.scope.fallback_scaling}
+        if recipe.scope.fallback == "task_arithmetic" else {})
+    out_override = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
+
+    entries = []
+    for name, info in index.items():
+        floating = info.dtype.is_floating_point
+        matrix = is_matrix_param(name, info.shape, info.dtype, recipe.scope)
+        out_dtype = out_override if (out_override is not None and floating) else info.dtype
+        calibrate = recipe.calibrate is not None and matrix
+        if not floating:
+            entry = PlanEntry(name, info.shape, out_dtype, "copy", False, matrix)
+        elif method.matrix_only and not matrix:
+            entry = PlanEntry(name, info.shape, out_dtype, "fallback", calibrate, matrix,
+                              fallback_method, fallback_kwargs)
+        else:
+            seeds = tuple(parameter_seed(recipe.seed, name, i)
+                          for i in range(recipe.num_experts)) if method.uses_rng else ()
+            entry = PlanEntry(name, info.shape, out_dtype, "method", calibrate, matrix,
+                              method.name, method_kwargs, seeds)
+        entries.append(entry)
+
+    calibration = None
+    if recipe.calibrate is not None:
+        cal = dict(recipe.calibrate)
+        calibration = (cal.pop("method"), cal)
+    stats = tuple(s for s in (method.statistic,) if s is not None and s.wanted(recipe.parameters))
+    return Plan(recipe, tuple(entries), compute_dtype(recipe.dtype), calibration, stats)

@@ -1,0 +1,121 @@
+"""Sources: where θ0 and the task vectors τ_i of one parameter come from.
+
+A source offers an ``index`` (name → shape, dtype, in the base's order) and, per parameter,
+``task_vectors(name, device, dtype)``: θ0 and the τ_i = θ_i − θ0 on the device in the compute
+dtype. Every input tensor is checked for NaN/Inf as it is read, and the error names its file.
+
+A source is picklable (it holds paths and lazily opened readers, never open files or locks),
+so a backend can ship it to another process or machine. A τ_i is a dense tensor today; the
+LoRA issue adds a factored ``LowRank(B, A, scale)`` in the same list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from specmerge.errors import IncompatibleCheckpointError, NonFiniteError
+from specmerge.io.checkpoint import Checkpoint, check_compatible
+from specmerge.plan import ParamInfo
+
+
+@dataclass
+class TaskVectors:
+    """θ0 and the τ_i of one parameter, on the device, in the compute dtype (private copies)."""
+
+    theta0: Tensor
+    taus: list[Tensor]
+
+
+class Source(Protocol):
+    def index(self) -> dict[str, ParamInfo]: ...
+
+    def base_tensor(self, name: str) -> Tensor: ...
+
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype
+                     ) -> TaskVectors: ...
+
+
+def check_finite(t: Tensor, what: str, allow: bool) -> None:
+    """Raise NonFiniteError naming ``what`` if ``t`` holds NaN/Inf (unless ``allow``)."""
+    if not allow and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s); pass --allow-nonfinite "
+                             f"(allow_nonfinite=True) to merge anyway")
+
+
+class CheckpointSource:
+    """Dense checkpoints on disk: a base and K experts, read one tensor at a time."""
+
+    def __init__(self, base: str | Path, experts: Sequence[str | Path],
+                 allow_nonfinite: bool = False):
+        self.base = Checkpoint(base)
+        self.experts = [Checkpoint(p) for p in experts]
+        for ckpt in self.experts:
+            check_compatible(self.base, ckpt)
+        self.allow_nonfinite = allow_nonfinite
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.base.path, *(e.path for e in self.experts)]
+
+    @property
+    def config_dir(self) -> Path | None:
+        return self.base.config_dir
+
+    def index(self) -> dict[str, ParamInfo]:
+        return {n: ParamInfo(i.shape, i.dtype) for n, i in self.base.infos.items()}
+
+    def base_tensor(self, name: str) -> Tensor:
+        return self.base.read(name)
+
+    def _read(self, ckpt: Checkpoint, name: str) -> Tensor:
+        t = ckpt.read(name)
+        check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}", self.allow_nonfinite)
+        return t
+
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
+        theta0 = self._read(self.base, name).to(device, dtype)
+        taus = [self._read(e, name).to(device, dtype).sub_(theta0) for e in self.experts]
+        return TaskVectors(theta0, taus)
+
+
+class StateDictSource:
+    """In-memory state dicts (``merge_state_dicts``). The caller's tensors are never modified."""
+
+    def __init__(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
+                 allow_nonfinite: bool = False):
+        for i, sd in enumerate(experts):
+            for name, t in base.items():
+                other = sd.get(name)
+                if other is None or tuple(other.shape) != tuple(t.shape):
+                    found = "missing" if other is None else f"shape {list(other.shape)}"
+                    raise IncompatibleCheckpointError(
+                        f"expert state dict {i}: tensor {name!r} is {found}, expected shape "
+                        f"{list(t.shape)} as in the base")
+            extra = sorted(set(sd) - set(base))
+            if extra:
+                raise IncompatibleCheckpointError(
+                    f"expert state dict {i}: tensor {extra[0]!r} is not in the base")
+        self.base, self.experts = base, list(experts)
+        self.allow_nonfinite = allow_nonfinite
+
+    def index(self) -> dict[str, ParamInfo]:
+        return {n: ParamInfo(tuple(t.shape), t.dtype) for n, t in self.base.items()}
+
+    def base_tensor(self, name: str) -> Tensor:
+        return self.base[name].clone()
+
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
+        tensors = [self.base[name], *(sd[name] for sd in self.experts)]
+        labels = ["base state dict", *(f"expert state dict {i}" for i in range(len(self.experts)))]
+        for t, label in zip(tensors, labels, strict=True):
+            check_finite(t, f"{label}: tensor {name!r}", self.allow_nonfinite)
+        theta0 = tensors[0].to(device, dtype, copy=True)
+        return TaskVectors(theta0, [t.to(device, dtype, copy=True).sub_(theta0)
+                                    for t in tensors[1:]])
