@@ -17,13 +17,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 example_app = typer.Typer(no_args_is_help=True, help="Write example checkpoints.")
 app.add_typer(example_app, name="example")
 
-try:  # the benchmark ships in the same package; its heavy imports are lazy
-    from specmerge.bench.cli import app as bench_app
-except ImportError:  # pragma: no cover - bench package absent in a partial install
-    bench_app = None
-if bench_app is not None:
-    app.add_typer(bench_app, name="bench", help="Real-model benchmarks (needs the [bench] extra).")
-
 log = logging.getLogger("specmerge")
 
 
@@ -142,37 +135,61 @@ def inspect(path: Annotated[Path, typer.Argument(help="Checkpoint file or HF dir
 
 
 @app.command()
+def analyze(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (index.html, PNGs, "
+                                                    "report.json).")] = Path("out/analyze"),
+    param: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--param", help="Matrix whose spectrum to draw (repeat the option); default: the most "
+                        "and the least inflated.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Compute dtype override: float32 or float64.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Parameters analysed at once.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Spectral report of RECIPE's merge over every matrix: inflation, task overlap, SVC's γ,
+    effective ranks, SWUDI-A's ranks and SWUDI's kept trace share, as heat maps and spectra."""
+    from specmerge.analysis import analyze as run_analyze
+    from specmerge.errors import SpecmergeError
+
+    try:
+        path = run_analyze(recipe, out, params=param or [], device=device, dtype=dtype,
+                           workers=workers, force=force, progress=not quiet)
+    except (SpecmergeError, ValueError) as err:
+        _fail(err)
+    else:
+        typer.echo(f"wrote {path / 'index.html'} (with report.json and the PNGs)")
+
+
+@app.command()
 def diagnose(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    param: Annotated[str, typer.Argument(help="Name of a 2-D parameter, e.g. "
+    param: Annotated[str, typer.Argument(help="Name of a matrix parameter, e.g. "
                                                "model.layers.0.mlp.up_proj.weight.")],
     plot: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Write the spectrum plot (PNG) here; needs matplotlib.")] = None,
     top: Annotated[int, typer.Option(help="Singular directions to list.")] = 8,
 ) -> None:
-    """Spectral diagnostics of the recipe's merge on one parameter: inflation, s_i^r, SVC's γ."""
-    from specmerge.diagnostics import plot_spectrum, spectral_report
-    from specmerge.engine import PlanEntry, merge_update
+    """``analyze`` restricted to one parameter, printed: inflation, s_i^r, SVC's γ, ranks."""
+    from specmerge.analysis import diagnose as run_diagnose
     from specmerge.errors import SpecmergeError
-    from specmerge.io.checkpoint import Checkpoint
-    from specmerge.recipe import load_recipe
+    from specmerge.io.plots import plot_spectrum
 
     try:
-        rec = load_recipe(recipe)
-        base = Checkpoint(rec.base_model)
-        if param not in base.infos or len(base.infos[param].shape) != 2:
-            raise SpecmergeError(f"{base.path}: no 2-D parameter named {param!r}")
-        theta0 = base.read(param).float()
-        taus = [Checkpoint(m.model).read(param).float() - theta0 for m in rec.models]
-        entry = PlanEntry(param, tuple(theta0.shape), theta0.dtype, "method", calibrate=False)
-        merged = merge_update(entry, taus, rec)
-        alpha = (rec.calibrate or {}).get("alpha")
-        report = spectral_report(merged, taus, alpha=alpha)
-    except (SpecmergeError, ValueError) as err:
+        res = run_diagnose(recipe, param)
+        assert res.report is not None
+        m = res.metrics
+        typer.echo(f"{param}:\n{res.report.summary(top)}")
+        typer.echo(f"task subspace overlap (top {m.overlap_k}): {m.overlap:.3f}; SWUDI-A ranks "
+                   f"{m.swudi_a_ranks} of n = {m.n}; SWUDI top-{m.swudi_rank} keeps "
+                   f"{m.swudi_trace_share:.1%} of trace C")
+        if plot is not None:
+            typer.echo("wrote " + str(plot_spectrum(res.sigma_tasks, res.sigma_merged,
+                                                    res.sigma_calibrated, plot, title=param)))
+    except (SpecmergeError, ValueError, OSError) as err:
         _fail(err)
-    typer.echo(f"{param} under {rec.merge_method}:\n{report.summary(top)}")
-    if plot is not None:
-        typer.echo(f"wrote {plot_spectrum(report, plot, title=f'{param} ({rec.merge_method})')}")
 
 
 @example_app.command("quickstart")
@@ -207,6 +224,16 @@ def example_synthetic(
         _fail(err)
     typer.echo(f"wrote {len(dirs)} checkpoints of {shape.num_params():,} parameters "
                f"({shape}) under {Path(directory).resolve()}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []},
+             help="Real-model benchmarks (needs the bench extra); see specmerge bench --help.")
+def bench(ctx: typer.Context) -> None:
+    # imported only when used, so the core never imports the benchmark
+    from specmerge.bench.cli import app as bench_app
+
+    bench_app(args=ctx.args, prog_name="specmerge bench")
 
 
 def main() -> None:

@@ -12,6 +12,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Real-model benchmarks: fine-tune experts, merge them, evaluate.")
 log = logging.getLogger(__name__)
 
+
+@app.callback()
+def _group() -> None:
+    """Real-model benchmarks: fine-tune experts, merge them, evaluate."""
+
 DEFAULT_DATA = Path("../shared/data/text")
 DEFAULT_SHARED = Path("../shared/bench/text8")
 DEFAULT_CACHE = Path("~/.cache/specmerge/text8")

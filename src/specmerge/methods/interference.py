@@ -75,6 +75,15 @@ def negligible(taus: Sequence[Tensor]) -> bool:
     return all(_sq_norm(t) < WEIGHT_FLOOR for t in taus)
 
 
+def interference_gram(taus: Sequence[Tensor]) -> Tensor:
+    """C = Σ w_i τ_iᵀ τ_i (n × n) alone, for diagnostics that need no D."""
+    n = taus[0].shape[1]
+    c = taus[0].new_zeros(n, n)
+    for w, tau in zip(task_weights(taus), taus, strict=True):
+        c.addmm_(tau.mT, tau, alpha=w)
+    return c
+
+
 def interference_stats(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """C = Σ w_i τ_iᵀ τ_i (n × n) and D = Σ w_i τ_i τ_iᵀ τ_i (m × n), one task at a time.
 

@@ -1,0 +1,81 @@
+"""Pictures (PNG) of spectral diagnostics. matplotlib comes from the ``plot`` extra and is
+imported only when a picture is drawn."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from specmerge.errors import SpecmergeError
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise SpecmergeError("drawing pictures needs matplotlib: pip install "
+                             "'specmerge[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any work, when matplotlib is missing."""
+    _plt()
+
+
+def plot_spectrum(sigma_tasks: Sequence[Sequence[float]], sigma_merged: Sequence[float],
+                  sigma_calibrated: Sequence[float], path: str | Path, title: str = "",
+                  top: int | None = None) -> Path:
+    """The SVC paper's Figure 2 for one matrix: σ of W_m before/after SVC vs each τ_i."""
+    plt = _plt()
+    n = len(sigma_merged) if top is None else min(top, len(sigma_merged))
+    x = range(1, n + 1)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i, s in enumerate(sigma_tasks):
+        ax.plot(x, list(s)[:n], color="0.6", lw=0.8, label="task vectors τ_i" if i == 0 else None)
+    ax.plot(x, list(sigma_merged)[:n], color="C3", lw=1.6, label="merge (before SVC)")
+    ax.plot(x, list(sigma_calibrated)[:n], color="C0", lw=1.6, label="after SVC")
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index r")
+    ax.set_ylabel("σ_r")
+    ax.set_title(title or "singular values", fontsize=9)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
+                  panels: Mapping[str, Sequence[Sequence[float]]], path: str | Path,
+                  title: str = "") -> Path:
+    """One heat map per metric: rows are layers, columns module types (NaN cells blank)."""
+    plt = _plt()
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    width = max(2.2, 0.45 * len(modules) + 1.4)
+    height = max(1.8, 0.28 * len(layers) + 1.4)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * width, rows * height), dpi=110,
+                             squeeze=False)
+    for ax, (label, grid) in zip(axes.flat, panels.items(), strict=False):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
+        ax.set_xticks(range(len(modules)), labels=modules, fontsize=7, rotation=60, ha="right")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
