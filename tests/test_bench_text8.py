@@ -15,7 +15,7 @@ from specmerge.bench import runner as R
 from specmerge.bench import text8 as T
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "text"
+DATA = REPO / "data" / "text"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -167,16 +167,16 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     from specmerge.bench.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["--data", str(tmp_path / "nowhere"), "--tasks", "sst2",
+    res = runner.invoke(app, ["text8", "--data", str(tmp_path / "nowhere"), "--tasks", "sst2",
                               "--cache", str(tmp_path / "c"), "--quiet"])
     assert res.exit_code == 1
     assert "data directory not found" in res.output
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"x")
-    res = runner.invoke(app, ["--model-dir", str(tmp_path / "m"), "--cache",
+    res = runner.invoke(app, ["text8", "--model-dir", str(tmp_path / "m"), "--cache",
                               str(tmp_path / "c"), "--quiet"])
     assert res.exit_code == 1 and "hash mismatch" in res.output
-    res = runner.invoke(app, ["--methods", "no_such_method", "--data", str(tmp_path),
+    res = runner.invoke(app, ["text8", "--methods", "no_such_method", "--data", str(tmp_path),
                               "--tasks", "x", "--cache", str(tmp_path / "c"), "--quiet"])
     assert res.exit_code == 1
 
@@ -243,16 +243,30 @@ def test_report_writes_every_row_and_png_plots(tmp_path):
 # --quick end to end
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"task data not found at {DATA}")
+def test_the_tasks_ship_with_the_repository_and_are_the_default() -> None:
+    assert R.default_data_dir() == DATA
+    readme = (DATA / "README.md").read_text()
+    for name in T.TASKS:
+        task = T.load_task(R.default_data_dir(), name)
+        assert task.test and task.train and f"| {name} |" in readme, name
+    # nothing in the package points outside the repository
+    for f in (REPO / "src").rglob("*.py"):
+        assert "../shared" not in f.read_text(), f
+
+
+def test_headline_shows_tsv_m_with_svc_at_both_alphas() -> None:
+    assert {"tsv_m+svc", "tsv_m+svc_a1"} <= set(R.PRESETS["headline"])
+
+
 def test_quick_run_end_to_end(tmp_path):
     from typer.testing import CliRunner
 
     from specmerge.bench.cli import app
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["--quick", "--data", str(DATA), "--cache",
-                                   str(tmp_path / "cache"), "--out", str(out), "--quiet",
-                                   "--threads", "1"])
+    # no --data: the default location, data/text of this checkout
+    res = CliRunner().invoke(app, ["text8", "--quick", "--cache", str(tmp_path / "cache"),
+                                   "--out", str(out), "--quiet", "--threads", "1"])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}

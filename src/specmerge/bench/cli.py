@@ -17,8 +17,6 @@ log = logging.getLogger(__name__)
 def _group() -> None:
     """Real-model benchmarks: fine-tune experts, merge them, evaluate."""
 
-DEFAULT_DATA = Path("../shared/data/text")
-DEFAULT_SHARED = Path("../shared/bench/text8")
 DEFAULT_CACHE = Path("~/.cache/specmerge/text8")
 
 
@@ -31,15 +29,15 @@ def _split(s: str | None) -> list[str] | None:
 @app.command()
 def text8(
     data: Annotated[Optional[Path], typer.Option(  # noqa: UP045 (typer needs Optional)
-        help="Directory of the task folders (default: ../shared/data/text when it exists).")] = None,
+        help="Directory of the task folders (default: data/text of this checkout).")] = None,
     tasks: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Comma-separated task names under --data, or paths to task directories "
              "(default: the 8 tasks).")] = None,
     cache: Annotated[Path, typer.Option(
         help="Cache of experts, tokenised sets and evaluated rows.")] = DEFAULT_CACHE,
     shared_experts: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="Read-only directory of prebuilt experts, used when their protocol hash matches "
-             "(default: ../shared/bench/text8 when it exists).")] = None,
+        help="Read-only directory of prebuilt experts, used when their protocol hash "
+             "matches.")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Experts per task, one seed each.")] = 1,
     test_cap: Annotated[Optional[int], typer.Option(  # noqa: UP045
         min=1, help="Seeded subsample of at most N test examples per task (default: all).")] = None,
@@ -80,10 +78,7 @@ def text8(
     from . import text8 as T
 
     try:
-        if data is None and DEFAULT_DATA.is_dir():
-            data = DEFAULT_DATA
-        if shared_experts is None and DEFAULT_SHARED.is_dir():
-            shared_experts = DEFAULT_SHARED
+        data = data if data is not None else R.default_data_dir()
         if preset not in R.PRESETS:
             raise T.BenchError(f"--preset must be one of {list(R.PRESETS)}, got {preset!r}")
         task_list = _split(tasks)

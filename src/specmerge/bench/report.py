@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from specmerge.io.writer import atomic_write_text
 
 from .runner import EXPERTS, ZERO_SHOT
 
@@ -33,12 +34,7 @@ def label(row: str) -> str:
 
 
 def write_json(results: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False))
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:
@@ -280,11 +276,9 @@ def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(results, out / "results.json")}
     table = markdown_table(results)
-    (out / "table.md").write_text(table + "\n")
-    files["table"] = out / "table.md"
+    files["table"] = atomic_write_text(out / "table.md", table + "\n")
     if "versions" in results:
-        (out / "report.md").write_text(markdown_report(results, prefix))
-        files["report"] = out / "report.md"
+        files["report"] = atomic_write_text(out / "report.md", markdown_report(results, prefix))
     files["bars"] = plot_bars(results, out / f"{prefix}_normalised.png")
     files["heatmap"] = plot_heatmap(results, out / f"{prefix}_heatmap.png")
     sp = plot_spectra(results, out / f"{prefix}_svc_spectra.png")
@@ -309,5 +303,5 @@ def write_doc(results: dict, md_path: Path, notes: str = "") -> list[Path]:
     if notes:
         head, _, rest = text.partition("\n## Results")
         text = f"{head}\n{notes.strip()}\n\n## Results{rest}"
-    md_path.write_text(text)
+    atomic_write_text(md_path, text)
     return [md_path, *files]

@@ -21,13 +21,16 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from specmerge.io.writer import atomic_output_dir, atomic_write_text
 
 from . import text8 as T
 
@@ -45,7 +48,8 @@ EXTRAS = ("tsv_m+svc_a1",)
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PRESETS: dict[str, tuple[str, ...]] = {
     "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + EXTRAS + SWEEPS,
-    "headline": ("task_arithmetic", "task_arithmetic+svc", "tsv_m", "tsv_m+svc",
+    # TSV-M + SVC at α = 1 (the official setting for TSV-M) beside the registry's α = 1/K
+    "headline": ("task_arithmetic", "task_arithmetic+svc", "tsv_m", "tsv_m+svc", "tsv_m+svc_a1",
                  "swudi", "swudi+svc"),
     "quick": ("task_arithmetic", "task_arithmetic+svc", "ties"),
 }
@@ -74,6 +78,16 @@ class RunConfig:
     model_sha256: str = T.MODEL_SHA256
     progress: bool = True
     reuse_rows: bool = True
+
+
+def default_data_dir() -> Path | None:
+    """``data/text`` of the source checkout this module runs from (the eight tasks ship with
+    the repository, not in the wheel), else None."""
+    for parent in Path(__file__).resolve().parents:
+        cand = parent / "data" / "text"
+        if (cand / "README.md").is_file():
+            return cand
+    return None
 
 
 def default_recipes_dir() -> Path:
@@ -122,23 +136,15 @@ def validate_methods(methods: Sequence[str], recipes: Path) -> list[str]:
 # Base and experts
 # --------------------------------------------------------------------------------------------
 
-def _atomic_dir(final: Path):
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
 def ensure_base(model_dir: Path, sha: str, cache: Path) -> Path:
     """The base re-saved by transformers: same weights, and exactly the experts' key set."""
     out = cache / f"base-{sha[:12]}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     model, tok = T.load_encoder(model_dir)
-    tmp = _atomic_dir(out)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
     return out
 
 
@@ -170,8 +176,6 @@ def find_expert(cfg: RunConfig, task: str, seed: int, key: str) -> Path | None:
 def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
                    model_dir: Path) -> list[Expert]:
     """Find every (task, seed) expert in the shared directory or the cache; train the rest."""
-    from tqdm.auto import tqdm
-
     plan = expert_plan(cfg, tasks, sha)
     todo = [(t, s, k) for t, s, k in plan if find_expert(cfg, t.name, s, k) is None]
     if todo:
@@ -258,159 +262,200 @@ def _row_key(row: str, recipe: Any, experts: list[Expert], sets_key: str, extra:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class RowCache:
+    """Evaluated rows on disk, keyed by everything they depend on (``rows/<key>.json``)."""
+
+    def __init__(self, directory: Path, reuse: bool):
+        self.directory, self.reuse = directory, reuse
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str, compute: Callable[[], dict]) -> dict:
+        path = self.directory / f"{key}.json"
+        if self.reuse and path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        row = compute()
+        row["compute_s"] = time.perf_counter() - t0
+        atomic_write_text(path, json.dumps(row))
+        return row
+
+
+@dataclass
+class Bench:
+    """One text8 run's shared state, built by ``setup``; each method below is one named step."""
+
+    cfg: RunConfig
+    sha: str
+    tasks: list[T.Task]
+    recipes: Path
+    methods: list[str]
+    base: Path
+    model_dir: Path
+    evaluator: Evaluator
+    heads: dict
+    cache: RowCache
+    work: Path
+    test_sets: dict[str, T.EvalSet] = field(default_factory=dict)
+    val_sets: dict[str, T.EvalSet] = field(default_factory=dict)
+    sets_key: str = ""
+
+    @classmethod
+    def setup(cls, cfg: RunConfig) -> Bench:
+        """Check the model, tasks and rows; re-save the base; build the zero-shot heads."""
+        cfg.cache = Path(cfg.cache).expanduser()
+        cfg.cache.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model_dir = Path(cfg.model_dir) if cfg.model_dir else T.default_model_dir()
+        sha = T.verify_model(model_dir, cfg.model_sha256)
+        tasks = [T.load_task(cfg.data, t) for t in cfg.tasks]
+        if len({t.name for t in tasks}) != len(tasks):
+            raise T.BenchError(f"duplicate task names in {list(cfg.tasks)}")
+        recipes = Path(cfg.recipes) if cfg.recipes else default_recipes_dir()
+        methods = validate_methods(cfg.methods, recipes)
+        base = ensure_base(model_dir, sha, cfg.cache)
+        ev = Evaluator(base, cfg.device)
+        embed_fn = T.make_embed_fn(ev.model, ev.tok, cfg.device, cfg.train.max_length)
+        heads = {t.name: T.build_head(t.prompts(), embed_fn) for t in tasks}
+        return cls(cfg, sha, tasks, recipes, methods, base, model_dir, ev, heads,
+                   RowCache(cfg.cache / "rows", cfg.reuse_rows),
+                   cfg.cache / "merges" / f"run{os.getpid()}")
+
+    def tokenize(self) -> None:
+        """The test sets (and validation sets when a row sweeps λ), tokenised and cached."""
+        cfg, tok = self.cfg, self.evaluator.tok
+        ml, tok_cache = cfg.train.max_length, cfg.cache / "tokens"
+        self.test_sets = {t.name: T.tokenize_set(tok, T.subsample(t.test, cfg.test_cap, 0), ml,
+                                                 tok_cache) for t in self.tasks}
+        if any(m.endswith("@val") for m in self.methods):
+            self.val_sets = {t.name: T.tokenize_set(
+                tok, T.subsample(T.split_train_val(t, cfg.train.val_fraction)[1], cfg.val_cap,
+                                 0), ml, tok_cache) for t in self.tasks}
+        self.sets_key = json.dumps({
+            t: [len(es), hashlib.sha256(str(es.input_ids).encode()).hexdigest()]
+            for t, es in self.test_sets.items()})
+
+    def merge_and_score(self, recipe: dict, out: Path, sets: dict[str, T.EvalSet]
+                        ) -> tuple[dict[str, float], float]:
+        secs = run_merge(recipe, out, self.cfg)
+        self.evaluator.load(out)
+        return self.evaluator.scores(sets, self.heads), secs
+
+    def merged_row(self, row: str, recipe: dict, out: Path, want_spectra: bool) -> dict:
+        """One method row: merge, score the test sets, optionally keep Figure-2 spectra."""
+        acc, secs = self.merge_and_score(recipe, out, self.test_sets)
+        res: dict[str, Any] = {"acc": acc, "merge_s": secs}
+        if want_spectra:
+            res["spectra"] = spectra(self.base, {row: out}, SPECTRUM_PARAMS)
+        shutil.rmtree(out, ignore_errors=True)
+        return res
+
+    def sweep_row(self, row: str, recipe: dict, out: Path) -> dict:
+        """A λ sweep: every λ scored on validation; the best one scored on the test sets."""
+        curve, total, best = [], 0.0, None
+        for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not self.cfg.progress):
+            r = copy.deepcopy(recipe)
+            r.setdefault("parameters", {})["scaling"] = lam
+            d = out.with_name(f"{out.name}-{lam}")
+            va, secs = self.merge_and_score(r, d, self.val_sets)
+            total += secs
+            mean = sum(va.values()) / len(va)
+            curve.append({"lambda": lam, "val_acc": va, "val_avg": mean, "merge_s": secs})
+            if best is None or mean > best[0]:
+                if best is not None:
+                    shutil.rmtree(best[2], ignore_errors=True)
+                best = (mean, lam, d, secs)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+        assert best is not None
+        self.evaluator.load(best[2])
+        res = {"acc": self.evaluator.scores(self.test_sets, self.heads), "merge_s": best[3],
+               "sweep_s": total, "lambda": best[1], "curve": curve}
+        shutil.rmtree(best[2], ignore_errors=True)
+        return res
+
+    def method_row(self, row: str, seed: int, experts: list[Expert]) -> dict:
+        """A method row for one seed, from the row cache or computed; a failure is recorded."""
+        recipe = load_recipe(self.recipes, row, self.base, [e.path for e in experts])
+        out = self.work / f"{row.replace('+', '_').replace('@', '_')}-s{seed}"
+        sweep = row.endswith("@val")
+        key = _row_key(row, recipe | {"base_model": None, "models": None}, experts,
+                       self.sets_key, {"val": self.cfg.val_cap, "lambdas": LAMBDAS}
+                       if sweep else None)
+        want_spectra = seed == 0 and row in ("task_arithmetic", "task_arithmetic+svc")
+        try:
+            return self.cache.get(key, lambda: self.sweep_row(row, recipe, out) if sweep
+                                  else self.merged_row(row, recipe, out, want_spectra))
+        except Exception as err:  # one failing method must not sink the whole run
+            log.error("row %s (seed %d) failed: %s", row, seed, err)
+            shutil.rmtree(out, ignore_errors=True)
+            return {"acc": {t.name: math.nan for t in self.tasks},
+                    "error": f"{type(err).__name__}: {err}"}
+
+    def zero_shot_row(self) -> dict:
+        def compute() -> dict:
+            self.evaluator.load(self.base)
+            return {"acc": self.evaluator.scores(self.test_sets, self.heads)}
+
+        return self.cache.get(_row_key(ZERO_SHOT, self.sha, [], self.sets_key), compute)
+
+    def experts_row(self, experts: list[Expert]) -> dict:
+        def compute() -> dict:
+            acc = {}
+            for e in experts:
+                self.evaluator.load(e.path)
+                acc.update(self.evaluator.scores({e.task: self.test_sets[e.task]}, self.heads))
+            return {"acc": acc}
+
+        return self.cache.get(_row_key(EXPERTS, None, experts, self.sets_key), compute)
+
+    def task_spectra(self, experts: list[Expert], merged: dict) -> dict:
+        """Figure-2 spectra: each task vector's beside the merged rows' kept earlier."""
+        if not merged:
+            return {}
+        ex0 = {f"τ_{e.task}": e.path for e in experts if e.seed == 0}
+        out = dict(merged)
+        for n, v in spectra(self.base, ex0, SPECTRUM_PARAMS).items():
+            out[n] = {**v, **out.get(n, {})}
+        return out
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the benchmark; return the results dictionary (see report.write_results)."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
-    cfg.cache = Path(cfg.cache).expanduser()
-    cfg.cache.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else T.default_model_dir()
-    sha = T.verify_model(model_dir, cfg.model_sha256)
-    tasks = [T.load_task(cfg.data, t) for t in cfg.tasks]
-    if len({t.name for t in tasks}) != len(tasks):
-        raise T.BenchError(f"duplicate task names in {list(cfg.tasks)}")
-    recipes = Path(cfg.recipes) if cfg.recipes else default_recipes_dir()
-    methods = validate_methods(cfg.methods, recipes)
-    if methods:
-        import specmerge
-
-        if not hasattr(specmerge, "merge"):
-            raise T.BenchError("specmerge.merge is not available in this installation")
-
-    base = ensure_base(model_dir, sha, cfg.cache)
-    ev = Evaluator(base, cfg.device)
-    embed_fn = T.make_embed_fn(ev.model, ev.tok, cfg.device, cfg.train.max_length)
-    heads = {t.name: T.build_head(t.prompts(), embed_fn) for t in tasks}
-
+    bench = Bench.setup(cfg)
     t0 = time.perf_counter()
-    experts = ensure_experts(cfg, tasks, heads, sha, model_dir)
+    experts = ensure_experts(cfg, bench.tasks, bench.heads, bench.sha, bench.model_dir)
     t_experts = time.perf_counter() - t0
-    trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
+    bench.tokenize()
 
-    ml, tok_cache = cfg.train.max_length, cfg.cache / "tokens"
-    test_sets = {t.name: T.tokenize_set(ev.tok, T.subsample(t.test, cfg.test_cap, 0), ml,
-                                        tok_cache) for t in tasks}
-    val_sets = {}
-    if any(m.endswith("@val") for m in methods):
-        val_sets = {t.name: T.tokenize_set(
-            ev.tok, T.subsample(T.split_train_val(t, cfg.train.val_fraction)[1], cfg.val_cap, 0),
-            ml, tok_cache) for t in tasks}
-    sets_key = json.dumps({t: [len(es), hashlib.sha256(str(es.input_ids).encode()).hexdigest()]
-                           for t, es in test_sets.items()})
-    rows_dir = cfg.cache / "rows"
-    rows_dir.mkdir(exist_ok=True)
-    work = cfg.cache / "merges" / f"run{os.getpid()}"
-
-    def cached(key: str, fn):
-        p = rows_dir / f"{key}.json"
-        if cfg.reuse_rows and p.is_file():
-            return json.loads(p.read_text())
-        t0 = time.perf_counter()
-        val = fn()
-        val["compute_s"] = time.perf_counter() - t0
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(val))
-        os.replace(tmp, p)
-        return val
-
-    row_names = [ZERO_SHOT, EXPERTS, *methods]
+    row_names = [ZERO_SHOT, EXPERTS, *bench.methods]
     per_seed: dict[str, list[dict]] = {r: [] for r in row_names}
     sweeps: dict[str, list[dict]] = {}
     spec: dict = {}
     bar = tqdm(total=cfg.seeds * len(row_names), desc="rows", disable=not cfg.progress)
     for s in range(cfg.seeds):
         ex = [e for e in experts if e.seed == s]
-        ex_paths = [e.path for e in ex]
-
-        def zero_shot():
-            ev.load(base)
-            return {"acc": ev.scores(test_sets, heads)}
-
-        def own(ex=ex):
-            acc = {}
-            for e in ex:
-                ev.load(e.path)
-                acc.update(ev.scores({e.task: test_sets[e.task]}, heads))
-            return {"acc": acc}
-
-        for row in methods:
+        for row in bench.methods:
             bar.set_postfix_str(f"seed {s} {row}")
-            recipe = load_recipe(recipes, row, base, ex_paths)
-            out = work / f"{row.replace('+', '_').replace('@', '_')}-s{s}"
-            want_spec = s == 0 and row in ("task_arithmetic", "task_arithmetic+svc")
-
-            def merged(row=row, recipe=recipe, out=out, want_spec=want_spec):
-                if row.endswith("@val"):
-                    return sweep(row, recipe, out)
-                secs = run_merge(recipe, out, cfg)
-                ev.load(out)
-                res = {"acc": ev.scores(test_sets, heads), "merge_s": secs}
-                if want_spec:
-                    res["spectra"] = spectra(base, {row: out}, SPECTRUM_PARAMS)
-                shutil.rmtree(out, ignore_errors=True)
-                return res
-
-            def sweep(row, recipe, out):
-                curve, total = [], 0.0
-                best = None
-                for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not cfg.progress):
-                    r = copy.deepcopy(recipe)
-                    r.setdefault("parameters", {})["scaling"] = lam
-                    d = out.with_name(f"{out.name}-{lam}")
-                    secs = run_merge(r, d, cfg)
-                    total += secs
-                    ev.load(d)
-                    va = ev.scores(val_sets, heads)
-                    mean = sum(va.values()) / len(va)
-                    curve.append({"lambda": lam, "val_acc": va, "val_avg": mean, "merge_s": secs})
-                    if best is None or mean > best[0]:
-                        if best is not None:
-                            shutil.rmtree(best[2], ignore_errors=True)
-                        best = (mean, lam, d, secs)
-                    else:
-                        shutil.rmtree(d, ignore_errors=True)
-                assert best is not None
-                ev.load(best[2])
-                res = {"acc": ev.scores(test_sets, heads), "merge_s": best[3],
-                       "sweep_s": total, "lambda": best[1], "curve": curve}
-                shutil.rmtree(best[2], ignore_errors=True)
-                return res
-
-            key = _row_key(row, recipe | {"base_model": None, "models": None}, ex, sets_key,
-                           {"val": cfg.val_cap, "lambdas": LAMBDAS}
-                           if row.endswith("@val") else None)
-            try:
-                res = cached(key, merged)
-            except Exception as err:  # one failing method must not sink the whole run
-                log.error("row %s (seed %d) failed: %s", row, s, err)
-                res = {"acc": {t.name: math.nan for t in tasks},
-                       "error": f"{type(err).__name__}: {err}"}
-                shutil.rmtree(out, ignore_errors=True)
+            res = bench.method_row(row, s, ex)
             per_seed[row].append(res)
-            if "spectra" in res:
-                spec.update({n: {**spec.get(n, {}), **v} for n, v in res["spectra"].items()})
+            for n, v in res.get("spectra", {}).items():
+                spec[n] = {**spec.get(n, {}), **v}
             if "curve" in res:
                 sweeps.setdefault(row, []).append({"seed": s, "lambda": res["lambda"],
                                                    "curve": res["curve"]})
             bar.update()
         # the reference rows come last: parallel runs over disjoint --methods then share them
         bar.set_postfix_str(f"seed {s} zero-shot, experts")
-        per_seed[ZERO_SHOT].append(cached(_row_key(ZERO_SHOT, sha, [], sets_key), zero_shot))
-        bar.update()
-        per_seed[EXPERTS].append(cached(_row_key(EXPERTS, None, ex, sets_key), own))
-        bar.update()
+        per_seed[ZERO_SHOT].append(bench.zero_shot_row())
+        per_seed[EXPERTS].append(bench.experts_row(ex))
+        bar.update(2)
     bar.close()
-    shutil.rmtree(work, ignore_errors=True)
-
-    if spec:
-        ex0 = {f"τ_{e.task}": e.path for e in experts if e.seed == 0}
-        for n, v in spectra(base, ex0, SPECTRUM_PARAMS).items():
-            spec[n] = {**v, **spec.get(n, {})}
-
-    return assemble(cfg, tasks, sha, row_names, per_seed, experts, sweeps, spec,
+    shutil.rmtree(bench.work, ignore_errors=True)
+    trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
+    return assemble(cfg, bench.tasks, bench.sha, row_names, per_seed, experts, sweeps,
+                    bench.task_spectra(experts, spec),
                     timings={"total_s": time.perf_counter() - t_start,
                              "experts_wall_s": t_experts, "experts_train_s": trained_s})
 

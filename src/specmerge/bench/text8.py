@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from specmerge.io.writer import atomic_file, atomic_output_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def resolve_task_dir(data_dir: Path | None, task: str) -> Path:
     if data_dir is None:
         raise BenchError(
             f"task {task!r}: no data directory; pass --data DIR (the directory holding the "
-            "task folders, e.g. ../shared/data/text)"
+            "task folders: data/text of a specmerge source checkout)"
         )
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
@@ -398,13 +399,10 @@ def train_expert(model_dir: Path, task: Task, head: Tensor, cfg: TrainConfig, se
     info = {"task": task.name, "seed": seed, "steps": steps, "n_train": len(rows),
             "train_seconds": round(seconds, 1), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "first_loss": losses[0] if losses else None, "train_config": asdict(cfg), **(meta or {})}
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / "expert.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_output_dir(out_dir) as tmp:
+        model.eval().to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "expert.json", json.dumps(info, indent=1))
     log.info("expert %s seed %d: %d steps in %.0fs, loss %.3f → %.3f", task.name, seed, steps,
              seconds, info["first_loss"] or float("nan"), info["final_loss"])
     return info
@@ -440,10 +438,8 @@ def tokenize_set(tok, rows: Sequence[tuple[str, int]], max_length: int, cache: P
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     es = EvalSet([ids[i] for i in order], torch.tensor([rows[i][1] for i in order]))
     if key is not None:
-        key.parent.mkdir(parents=True, exist_ok=True)
-        tmp = key.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"input_ids": es.input_ids, "labels": es.labels}, tmp)
-        os.replace(tmp, key)
+        with atomic_file(key) as tmp:
+            torch.save({"input_ids": es.input_ids, "labels": es.labels}, tmp)
     return es
 
 

@@ -21,6 +21,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,27 @@ def write_text(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
     except OSError as err:
         raise _disk_error(err, path) from err
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path`` to write; on success it replaces ``path``
+    in one rename, on failure it is removed. Readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        write_text(tmp, text)
+    return Path(path)
 
 
 def _is_within(child: Path, parent: Path) -> bool:
