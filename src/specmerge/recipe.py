@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -27,6 +27,19 @@ def _reject_unknown(model: type[BaseModel], data: Any, where: str) -> None:
         unknown = [k for k in data if k not in allowed]
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys: {allowed}")
+
+
+class _Strict(BaseModel):
+    """A recipe section whose unknown keys are refused with the list of allowed ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    _where: ClassVar[str] = "the recipe"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        _reject_unknown(cls, data, cls._where)
+        return data
 
 
 class ModelRef(BaseModel):
@@ -68,7 +81,7 @@ def _from_mergekit_entry(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-class Scope(BaseModel):
+class Scope(_Strict):
     """Which parameters a matrix method (and calibration) applies to, and what the rest get.
 
     A parameter is a *matrix parameter* when it is a 2-D floating tensor whose name contains none
@@ -78,22 +91,15 @@ class Scope(BaseModel):
     floating parameter; calibration only to matrix parameters.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    _where: ClassVar[str] = "'scope'"
     exclude: list[str] = ["embed", "lm_head"]
     fallback: Literal["average", "task_arithmetic", "base"] = "average"
     fallback_scaling: float = 0.3
 
-    @model_validator(mode="before")
-    @classmethod
-    def _keys(cls, data: Any) -> Any:
-        _reject_unknown(cls, data, "'scope'")
-        return data
 
-
-class Recipe(BaseModel):
+class Recipe(_Strict):
     """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
 
-    model_config = ConfigDict(extra="forbid")
     base_model: str
     models: list[ModelRef]
     merge_method: str
@@ -103,12 +109,6 @@ class Recipe(BaseModel):
     dtype: str = "float32"
     out_dtype: str | None = None
     seed: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keys(cls, data: Any) -> Any:
-        _reject_unknown(cls, data, "the recipe")
-        return data
 
     @field_validator("models")
     @classmethod

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -116,33 +115,8 @@ def embed(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 # Tasks
 # --------------------------------------------------------------------------------------------
 
-# Prompt templates per task: "{}" takes the class's display name. ``names`` maps a label from
-# labels.json to its display name where the raw label reads badly in a sentence.
-TEMPLATES: dict[str, dict[str, Any]] = {
-    "sst2": {"templates": ["A {} movie review.", "This review of the film is {}.",
-                           "The sentiment of this movie review is {}."]},
-    "subj": {"templates": ["This sentence is {}.", "A movie sentence that is {}.",
-                           "The text is {}."]},
-    "trec": {"templates": ["This question asks for {}.", "A question about {}.",
-                           "The answer to this question is {}."],
-             "names": {"description": "a description or definition", "entity": "an entity",
-                       "abbreviation": "an abbreviation", "human": "a person",
-                       "location": "a location", "number": "a number"}},
-    "agnews": {"templates": ["A news article about {}.", "This news story is about {}.",
-                             "A headline about {}."],
-               "names": {"world": "world politics"}},
-    "banking77": {"templates": ["A banking customer asks about {}.", "This query is about {}.",
-                                "Customer intent: {}."]},
-    "tweet_emotion": {"templates": ["A tweet expressing {}.", "The emotion of this tweet is {}.",
-                                    "This tweet is full of {}."]},
-    "tweet_offensive": {"templates": ["This tweet is {}.", "A tweet that is {}.",
-                                      "The language of this tweet is {}."],
-                        "names": {"not-offensive": "polite and respectful",
-                                  "offensive": "offensive and insulting"}},
-    "tweet_irony": {"templates": ["This tweet is {}.", "A tweet that is {}.",
-                                  "The tone of this tweet is {}."],
-                    "names": {"non_irony": "sincere", "irony": "ironic and sarcastic"}},
-}
+# A task's prompt templates live in its templates.json ("{}" takes the class's display name;
+# ``names`` maps a raw label to a display name); a task without one gets these.
 GENERIC_TEMPLATES = ["{}.", "This text is about {}.", "The category of this text is {}."]
 
 
@@ -233,7 +207,7 @@ def load_task(data_dir: Path | None, task: str) -> Task:
     if (d / "templates.json").is_file():
         spec = json.loads((d / "templates.json").read_text(encoding="utf-8"))
     else:
-        spec = TEMPLATES.get(name, {"templates": GENERIC_TEMPLATES})
+        spec = {"templates": GENERIC_TEMPLATES}
     train, test = _read_jsonl(d / "train.jsonl"), _read_jsonl(d / "test.jsonl")
     val = _read_jsonl(d / "validation.jsonl") if (d / "validation.jsonl").is_file() else None
     for split, rows in (("train", train), ("test", test), ("validation", val or [])):
