@@ -28,10 +28,13 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    **{name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"),
+                                                     ("U64", "uint64")) if hasattr(torch, attr)},
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the safetensors library's limit
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INCOMPLETE_MARKER = "SPECMERGE_INCOMPLETE"  # written by io.writer into an unfinished output
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -51,8 +54,86 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+class HeaderError(ValueError):
+    """A safetensors header that the safetensors library would refuse."""
+
+
+def _reject_constant(name: str) -> object:
+    raise HeaderError(f"the JSON holds {name}, which JSON does not allow")
+
+
+def _uint(x: object, what: str) -> int:
+    # serde's usize: a JSON integer (not a float, not a bool) in [0, 2^64)
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**64:
+        raise HeaderError(f"{what} must be a non-negative integer, got {str(x)[:40]!r}")
+    return x
+
+
+def parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict[str, tuple[str, tuple[
+        int, ...], int, int]], dict[str, str]]:
+    """Validate a safetensors header as the safetensors library does; return, per tensor in
+    header order, (dtype name, shape, begin, end) relative to the data section, and the metadata.
+
+    The rules (safetensors 0.4–0.8, ``Metadata::validate``): the header is a UTF-8 JSON object;
+    ``__metadata__`` is null or maps strings to strings; every other value is an object with a
+    known ``dtype``, a ``shape`` of non-negative integers and two non-negative integer
+    ``data_offsets``; sorted by offsets, the ranges start at 0, are contiguous, each holds
+    exactly numel × itemsize bytes, and the last ends where the file ends. Raises HeaderError.
+    """
+    try:
+        text = raw.decode("utf-8")
+        header = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as err:
+        raise HeaderError("the header is not UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise HeaderError(f"the header is not valid JSON ({err.msg} at byte {err.pos})") from err
+    if not isinstance(header, dict):
+        raise HeaderError(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise HeaderError("__metadata__ must map strings to strings")
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise HeaderError(f"{where}: expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise HeaderError(f"{where}: unknown or unsupported dtype {str(dtype)[:40]!r} "
+                              f"(supported: {', '.join(ST_DTYPES)})")
+        if not isinstance(shape, list):
+            raise HeaderError(f"{where}: shape must be a list of integers")
+        dims = tuple(_uint(d, f"{where}: a dimension of shape") for d in shape)
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise HeaderError(f"{where}: data_offsets must be two integers [begin, end]")
+        begin, end = (_uint(o, f"{where}: data_offsets") for o in offsets)
+        tensors[name] = (dtype, dims, begin, end)
+    start = 0
+    ordered = sorted(tensors.items(), key=lambda kv: kv[1][2:])
+    for name, (dtype, dims, begin, end) in ordered:
+        if begin != start or end < begin:
+            problem = "overlaps another tensor" if begin < start else "leaves a gap before it"
+            raise HeaderError(f"tensor {name!r}: data_offsets [{begin}, {end}] {problem} or are "
+                              f"out of order (expected it to begin at {start})")
+        expected = math.prod(dims) * ST_DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise HeaderError(f"tensor {name!r} has {end - begin} bytes, expected {expected} for "
+                              f"shape {list(dims)} {dtype}")
+        start = end
+    if start > data_size:
+        name, (_, _, _, end) = next(kv for kv in ordered if kv[1][3] > data_size)
+        raise HeaderError(f"truncated: tensor {name!r} ends at byte {end} of the data but the "
+                          f"file holds {data_size} bytes of data")
+    if start < data_size:
+        raise HeaderError(f"{data_size - start} bytes after the last tensor that no tensor "
+                          f"covers")
+    return tensors, {str(k): v for k, v in meta.items()}
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: tensor table and ``__metadata__``."""
+    """Read and validate a safetensors header (see ``parse_safetensors_header``)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -67,33 +148,16 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = f.read(hlen)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from err
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
     data_start = 8 + hlen
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from err
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected} for "
-                f"shape {list(shape)} {entry['dtype']}")
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
-                f"has {size} bytes")
-        infos[name] = TensorInfo(name, shape, dtype, path, data_start + begin, expected)
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    try:
+        tensors, meta = parse_safetensors_header(raw, size - data_start)
+    except HeaderError as err:
+        what = "" if str(err).startswith("truncated") else "not a valid safetensors file: "
+        raise CheckpointError(f"{path}: {what}{err}") from err
+    infos = {name: TensorInfo(name, dims, ST_DTYPES[dtype], path, data_start + begin,
+                              end - begin)
+             for name, (dtype, dims, begin, end) in tensors.items()}
+    return infos, meta
 
 
 def read_tensor_bytes(info: TensorInfo) -> torch.Tensor:
@@ -153,6 +217,10 @@ class Checkpoint:
         self.path = Path(path).expanduser().resolve()
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
+        if self.path.is_dir() and (self.path / INCOMPLETE_MARKER).exists():
+            raise CheckpointError(f"{self.path}: an unfinished specmerge output (it holds "
+                                  f"{INCOMPLETE_MARKER}: a merge was interrupted while writing "
+                                  f"it, so its weights are partly zero); not a usable model")
         self.files: list[Path] = []
         self.metadata: dict[str, str] = {}
         self.infos: dict[str, TensorInfo] = {}
@@ -202,19 +270,36 @@ class Checkpoint:
 
     def _add_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
             raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            found = "no 'weight_map'" if weight_map is None else (
+                f"a 'weight_map' that is a JSON {type(weight_map).__name__}")
+            raise CheckpointError(f"{index}: not a valid shard index: expected an object with a "
+                                  f"'weight_map' mapping tensor names to shard files, found "
+                                  f"{found}")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index}: weight_map[{bad!r}] must be a shard file name, got "
+                                  f"{str(weight_map[bad])[:80]!r}")
+        for shard in sorted(set(weight_map.values())):
+            # a plain file name: no directory part, so nothing outside the checkpoint directory
+            # is read (a shard that is a symlink, as in the HF cache, is the user's own link)
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard or os.sep in shard:
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name in "
+                                      f"{index.parent}; refusing to read outside the checkpoint "
+                                      f"directory")
             f = index.parent / shard
             if not f.is_file():
                 raise CheckpointError(f"{index}: shard {shard} is missing from {index.parent}")
             self._add_file(f)
-        missing = sorted(set(weight_map) - set(self.infos))
-        if missing:
-            raise CheckpointError(
-                f"{index}: lists tensor {missing[0]!r} but its shard does not hold it")
+        for name, shard in weight_map.items():
+            info = self.infos.get(name)
+            if info is None or info.file.name != Path(shard).name:
+                raise CheckpointError(f"{index}: lists tensor {name!r} in {shard} but that "
+                                      f"shard does not hold it")
 
     def _add_file(self, f: Path) -> None:
         self.files.append(f)

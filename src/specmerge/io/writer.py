@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 
 from specmerge.errors import OutputError
-from specmerge.io.checkpoint import ST_NAMES
+from specmerge.io.checkpoint import INCOMPLETE_MARKER, ST_NAMES
 
 log = logging.getLogger(__name__)
 
-INCOMPLETE_MARKER = "SPECMERGE_INCOMPLETE"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
