@@ -18,7 +18,8 @@ every estimator here has the form
 
     τ̂ = τ_0 + (D − τ_0 C) Q diag(h / λ) Qᵀ
 
-for a filter h ∈ [0, 1]^n: h = 1 gives the closed form D C⁺, h = 1 − (1 − 2ηλ)^T is T steps of
+where h = 0 on the directions whose λ is rounding noise (λ ≤ λ_max · n · eps, ``significant``),
+and otherwise a filter h ∈ [0, 1]: h = 1 gives the closed form D C⁺, h = 1 − (1 − 2ηλ)^T is T steps of
 gradient descent with step η, h = 1 − exp(−t λ) is its continuous-time limit (t = 2ηT).
 
 All functions take the K task vectors of one 2-D parameter and return the merged update τ (not
@@ -136,6 +137,13 @@ def eigen(c: Tensor) -> tuple[Tensor, Tensor]:
     return lam.clamp_min(EIG_FLOOR), q
 
 
+def significant(lam: Tensor) -> int:
+    """How many leading eigenvalues of C stand above rounding: λ_j > λ_max · n · eps of the
+    compute dtype (the relative cutoff of ``pinv``). λ descending; 0 for an all-zero C."""
+    cutoff = float(lam[0]) * lam.numel() * torch.finfo(lam.dtype).eps
+    return int((lam > cutoff).sum())
+
+
 def spectral_update(tau0: Tensor, c: Tensor, d: Tensor, q: Tensor, g: Tensor) -> Tensor:
     """τ̂ = τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ, for the k kept eigenvectors Q_k and g = h/λ."""
     if q.shape[1] == 0:
@@ -156,6 +164,7 @@ def _filtered_solution(task_vectors: Sequence[Tensor],
     c, d = interference_stats(taus)
     lam, q = eigen(c)
     g = gain(lam, (taus[0].shape[0], taus[0].shape[1]))
+    g = g[:significant(lam)]  # directions below rounding keep τ_0, as in the closed form
     return spectral_update(initial_tau(taus, init), c, d, q[:, :g.numel()], g).mul_(scaling)
 
 
@@ -388,22 +397,26 @@ def wudi(task_vectors: Sequence[Tensor], *, iterations: int = 300, lr: float = 1
     notes="SWUDI's paper reports it below iterative WUDI (82.33% vs 84.63% on ViT-B/32, 8 tasks).",
 )
 def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
-    """τ* = D C⁺ = D Q diag(1 / max(λ, 1e-8)) Qᵀ, the minimiser of the WUDI loss
+    """τ* = D C⁺ = D Q_k diag(1 / λ_k) Q_kᵀ, the minimiser of the WUDI loss
     L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖² (arXiv 2503.08099; the limit of SWUDI, arXiv 2606.07289,
     as exp_time → ∞ with rank_ratio 1).
 
-    Degenerate inputs: if every ‖τ_i‖² < 1e-12 the mean of the τ_i is returned; K = 1 gives τ_1
-    (L(τ_1) = 0). If C is rank-deficient (K·m < n, e.g. K = 1 and m < n), the rows of D lie in
-    range(C) and the exact result has no component on null(C); in float32, though, rounding in
-    D along null(C) (≈ 1e-7 ‖D‖) is divided by the 1e-8 floor, so the result is finite but may
-    carry O(‖D‖) noise there. Use float64 inputs, or ``swudi``, whose filter bounds the gain.
+    C⁺ keeps the k eigen-directions with λ > λ_max · n · eps of the compute dtype (``pinv``'s
+    relative cutoff): below it an eigenvalue is rounding noise, and dividing by it (as the
+    official code's absolute 1e-8 floor does) amplifies noise along null(C). So K = 1 gives τ_1
+    (L(τ_1) = 0) to float32 precision on any shape, and a rank-deficient C (K·m < n) gives a
+    result with no component on null(C). C squares the condition number of the τ_i, so C, D
+    and the eigendecomposition are computed in float64 (cast back to the compute dtype): in
+    float32 a well-posed K = 1 merge of a 512 × 512 task vector was 2 % off τ_1 even with the
+    cutoff. If every ‖τ_i‖² < 1e-12 the mean of the τ_i is returned.
     """
     taus = prepare(task_vectors)
     if negligible(taus):
         return weight_average(taus)
-    c, d = interference_stats(taus)
+    c, d = interference_stats([t.double() for t in taus])
     lam, q = eigen(c)
-    return (d @ q).div_(lam) @ q.mT
+    k = significant(lam)
+    return ((d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT).to(taus[0].dtype)
 
 
 @register(
