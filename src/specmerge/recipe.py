@@ -7,6 +7,7 @@ parameters and bad values all fail with a message naming the field and the allow
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from specmerge.errors import RecipeError
 from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
-from specmerge.methods.registry import get_method
+from specmerge.methods.registry import SCALING, get_method
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_ECHO = 300  # characters of a value or message echoed back in one error line
 FALLBACKS = ("average", "task_arithmetic", "base")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -42,12 +45,23 @@ class _Strict(BaseModel):
         return data
 
 
+def _bounded(value: float, what: str) -> float:
+    if not SCALING.is_satisfied_by(value):
+        raise ValueError(f"{what} must be {SCALING}, got {value!r}")
+    return value
+
+
 class ModelRef(BaseModel):
     """One expert: a path, and its weight in methods that use per-model weights."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
     weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        return _bounded(v, "weight")
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +109,23 @@ class Scope(_Strict):
     exclude: list[str] = ["embed", "lm_head"]
     fallback: Literal["average", "task_arithmetic", "base"] = "average"
     fallback_scaling: float = 0.3
+
+    @field_validator("fallback_scaling")
+    @classmethod
+    def _scaling(cls, v: float) -> float:
+        return _bounded(v, "fallback_scaling")
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for i, pat in enumerate(v):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as err:
+                    raise ValueError(f"exclude[{i}] {pat[:MAX_ECHO]!r} is not a valid regular "
+                                     f"expression: {err}") from None
+        return v
 
 
 class Recipe(_Strict):
@@ -145,6 +176,8 @@ class Recipe(_Strict):
             raise ValueError(f"{self.merge_method!r} is a calibration; use it as "
                              f"calibrate: {{method: {self.merge_method}}} after a merge method")
         self.parameters = method.validate(self.parameters)
+        weights = [m.weight for m in self.models]
+        method.check_recipe(self.parameters, weights)
         base = os.path.realpath(self.base_model)
         for i, m in enumerate(self.models):
             if os.path.realpath(m.model) == base:
@@ -163,6 +196,7 @@ class Recipe(_Strict):
             if not cal_method.is_calibration:
                 raise ValueError(f"calibrate.method {name!r} is not a calibration method")
             self.calibrate = {"method": name, **cal_method.validate(cal)}
+            cal_method.check_recipe(self.calibrate, weights)
         return self
 
     @property
@@ -209,12 +243,7 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
         data, root = dict(source), Path.cwd()
     else:
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, found {type(data).__name__}")
         root = path.resolve().parent
@@ -225,13 +254,64 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err)) from None
     except ValueError as err:
-        raise RecipeError(f"invalid recipe: {err}") from None
+        raise RecipeError(f"invalid recipe: {_cap(str(err))}") from None
 
 
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "recipe"
-        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        msg = _cap(str(e.get("msg", "")).removeprefix("Value error, "))
         lines.append(f"{loc}: {msg}")
     return "invalid recipe: " + "; ".join(lines)
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + f"… ({len(text)} characters)"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (so no expansion bomb) and without duplicate keys."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a recipe; write the value out",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_cap(repr(key))}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe file's YAML, with the file named in every error."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise RecipeError(f"{path}: not a file")
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES})")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {_cap(str(err))}") from None

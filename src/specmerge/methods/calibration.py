@@ -7,8 +7,8 @@ used at scale 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -51,6 +51,13 @@ def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Te
     return (u * (scale * sigma)) @ vh
 
 
+def _target_is_a_task(params: Mapping[str, Any], weights: Sequence[float]) -> None:
+    target = params.get("target")
+    if target is not None and target >= len(weights):
+        raise ValueError(f"calibrate.target {target} is not a task index: the recipe has "
+                         f"{len(weights)} experts (0 to {len(weights) - 1})")
+
+
 @register(
     "svc",
     family="calibration",
@@ -68,6 +75,7 @@ def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Te
     constraints={"alpha": Interval(float, 0, None, closed="neither"),
                  "target": Interval(int, 0, None, closed="left")},
     matrix_only=True,
+    check=_target_is_a_task,
     notes="After Iso-C or Iso-CTS every singular value of the merged update is equal, so the "
           "singular basis SVC reads is arbitrary and rounding-level changes can move its output "
           "a lot; the result still lies in the span of the merged update, has γ ∈ (0, 1/α] and "

@@ -34,6 +34,12 @@ def weighted_sum(task_vectors: Sequence[Tensor], weights: Sequence[float] | None
     return out
 
 
+def _nonzero_weight_sum(params: Mapping[str, Any], weights: Sequence[float]) -> None:
+    if sum(weights) == 0:
+        raise ValueError(f"the models' weights {list(weights)} sum to zero; weight_average "
+                         f"divides by their sum")
+
+
 @register(
     "weight_average",
     family="elementwise",
@@ -41,6 +47,7 @@ def weighted_sum(task_vectors: Sequence[Tensor], weights: Sequence[float] | None
     citation="Wortsman et al., Model soups, ICML 2022, arXiv 2203.05482",
     docs={},
     uses_weights=True,
+    check=_nonzero_weight_sum,
 )
 def weight_average(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None
                    ) -> Tensor:

@@ -114,6 +114,12 @@ class Options:
         return ["__not_an_option__", 1]
 
 
+# λ: every method's ``scaling`` (and the recipe's model weights and fallback scaling) shares it;
+# far beyond any use in merging, and small enough that λ · τ stays finite in float32
+SCALING = Interval(float, -1e4, 1e4)
+COMMON_CONSTRAINTS: dict[str, Interval] = {"scaling": SCALING}
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole-model statistics
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +229,7 @@ class Method:
     uses_weights: bool = False
     uses_rng: bool = False
     statistic: Statistic | None = None
+    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -250,6 +257,11 @@ class Method:
                 f"allowed: {allowed or 'none'}"
             )
         return {p.name: p.validate(params.get(p.name, p.default), self.name) for p in self.params}
+
+    def check_recipe(self, params: Mapping[str, Any], weights: Sequence[float]) -> None:
+        """Cross-field checks that need the experts (K = len(weights)); raise ValueError."""
+        if self.check is not None:
+            self.check(params, weights)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -290,12 +302,15 @@ def register(
     uses_weights: bool = False,
     uses_rng: bool = False,
     statistic: Statistic | None = None,
+    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
     notes: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method and validates the keyword parameters of direct calls.
 
     Parameters come from the function's keyword-only arguments; ``constraints`` adds a
-    constraint object per parameter beside the ``Literal`` choices read from the annotation.
+    constraint object per parameter beside the ``Literal`` choices read from the annotation
+    (a parameter named in ``COMMON_CONSTRAINTS`` gets that one unless it declares its own).
+    ``check(params, weights)`` runs the cross-field checks a recipe needs (e.g. an index < K).
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -311,8 +326,8 @@ def register(
                 raise TypeError(f"{name}: parameter {p.name!r} needs a default")
             if p.name not in docs:
                 raise TypeError(f"{name}: parameter {p.name!r} has no doc line")
-            cons = [c for c in (_literal_options(hints[p.name]),
-                                (constraints or {}).get(p.name)) if c is not None]
+            declared = (constraints or {}).get(p.name, COMMON_CONSTRAINTS.get(p.name))
+            cons = [c for c in (_literal_options(hints[p.name]), declared) if c is not None]
             param = Param(p.name, p.default, _types_of(hints[p.name]), docs[p.name], tuple(cons))
             param.validate(p.default, name)  # a default always satisfies its own constraints
             params.append(param)
@@ -328,7 +343,7 @@ def register(
         _REGISTRY[name] = Method(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
-            uses_rng=uses_rng, statistic=statistic, notes=notes,
+            uses_rng=uses_rng, statistic=statistic, check=check, notes=notes,
         )
         return validated
 
