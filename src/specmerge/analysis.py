@@ -111,7 +111,7 @@ def analyze(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *
     rec, source, plan, step, backend = _prepare(recipe, dtype, device, workers, progress,
                                                 allow_nonfinite)
     out = Path(out_dir).expanduser().resolve()
-    check_output_path(out, source.paths, force)
+    claim = check_output_path(out, source.paths, force)
     entries = _matrix_entries(plan, params)
     if not entries:
         raise SpecmergeError(f"no matrix parameter under the recipe's scope (exclude "
@@ -119,7 +119,7 @@ def analyze(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *
     stats = run_statistics(plan, source, backend, step.device, progress)
     step = dataclasses.replace(step, statistics=stats)
     sink = ReportSink(out, plan, spectra=list(params), alpha=step.alpha,
-                      rank_ratio=step.rank_ratio)
+                      rank_ratio=step.rank_ratio, replace=claim)
     result: Path = execute(step, entries, source, backend, sink, desc="analyzing",
                            progress=progress)
     return result

@@ -21,8 +21,10 @@ log = logging.getLogger("specmerge")
 
 
 def _fail(err: Exception) -> None:
+    from specmerge.errors import Interrupted
+
     typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(128 + err.signum if isinstance(err, Interrupted) else 1)
 
 
 def _version(value: bool) -> None:
@@ -50,7 +52,9 @@ def merge(
         help="Compute dtype override: float32 or float64.")] = None,
     shard_size: Annotated[str, typer.Option(help="Max shard size, e.g. 5GB, 500MB.")] = "5GB",
     workers: Annotated[int, typer.Option(min=1, help="Parameters merged at once (threads).")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
+             "(only the one that was there at the start).")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed override.")] = None,  # noqa: UP045
     allow_nonfinite: Annotated[bool, typer.Option(
         help="Merge even if a tensor holds NaN/Inf.")] = False,
@@ -146,7 +150,9 @@ def analyze(
     dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Compute dtype override: float32 or float64.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parameters analysed at once.")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
+             "(only the one that was there at the start).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Spectral report of RECIPE's merge over every matrix: inflation, task overlap, SVC's γ,

@@ -12,11 +12,14 @@ whole-model statistics the recipe's method declares.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from specmerge.backends import Backend, LocalBackend, Step
-from specmerge.errors import MergeError, SpecmergeError
+from specmerge.errors import Interrupted, MergeError, SpecmergeError
 from specmerge.io.sinks import HFDirSink, StateDictSink
 from specmerge.io.writer import check_output_path, parse_size
 from specmerge.methods.registry import Statistic, get_method
@@ -147,10 +150,29 @@ def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
     return values
 
 
+@contextlib.contextmanager
+def termination_as_error() -> Iterator[None]:
+    """While an output is written, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread,
+    so the sink removes its partial output as on Ctrl-C. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def execute(step: Step[Any], entries: Sequence[PlanEntry], source: Source, backend: Backend,
             sink: Sink, *, desc: str, progress: bool) -> Any:
     """Run ``step`` on every entry through ``backend`` into ``sink``; return ``sink.finish()``."""
-    with sink:
+    with termination_as_error(), sink:
         bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress,
                    dynamic_ncols=True)
         for entry, result in backend.map(step, entries, source):
@@ -196,7 +218,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     dev = resolve_device(device)
 
     source = CheckpointSource(rec.base_model, [m.model for m in rec.models], allow_nonfinite)
-    check_output_path(out, source.paths, force)
+    claim = check_output_path(out, source.paths, force)
     plan = build_plan(rec, source.index())
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
@@ -204,7 +226,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     stats = run_statistics(plan, source, backend, dev, progress)
     step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
     sink = HFDirSink(out, plan, base_path=source.base.path, config_dir=source.config_dir,
-                     max_shard_bytes=max_shard)
+                     max_shard_bytes=max_shard, replace=claim)
     execute(step, plan.entries, source, backend, sink, desc="merging", progress=progress)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()

@@ -29,3 +29,14 @@ class OutputError(SpecmergeError):
 
 class MergeError(SpecmergeError):
     """A method failed on a given parameter."""
+
+
+class Interrupted(SpecmergeError):
+    """SIGTERM or SIGHUP arrived while an output was being written; it was removed."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; the unfinished output "
+                         f"was removed and the inputs are untouched")

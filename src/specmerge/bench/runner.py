@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from specmerge.io.writer import atomic_output_dir, atomic_write_text
+from specmerge.io.writer import atomic_output_dir, atomic_write_text, output_identity
 
 from . import text8 as T
 
@@ -142,7 +142,7 @@ def ensure_base(model_dir: Path, sha: str, cache: Path) -> Path:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     model, tok = T.load_encoder(model_dir)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, replace=output_identity(out)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return out

@@ -30,7 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from specmerge.io.writer import atomic_file, atomic_output_dir, atomic_write_text
+from specmerge.io.writer import (
+    atomic_file,
+    atomic_output_dir,
+    atomic_write_text,
+    output_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +378,7 @@ def train_expert(model_dir: Path, task: Task, head: Tensor, cfg: TrainConfig, se
     info = {"task": task.name, "seed": seed, "steps": steps, "n_train": len(rows),
             "train_seconds": round(seconds, 1), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "first_loss": losses[0] if losses else None, "train_config": asdict(cfg), **(meta or {})}
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, replace=output_identity(out_dir)) as tmp:
         model.eval().to("cpu").save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         atomic_write_text(tmp / "expert.json", json.dumps(info, indent=1))

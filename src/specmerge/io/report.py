@@ -14,7 +14,7 @@ from typing import Any
 
 from specmerge import __version__
 from specmerge.io.plots import plot_heatmaps, plot_spectrum
-from specmerge.io.writer import atomic_output_dir, write_text
+from specmerge.io.writer import Identity, atomic_output_dir, write_text
 from specmerge.plan import Plan, PlanEntry
 
 LAYER = re.compile(r"\.(\d+)\.")
@@ -162,9 +162,10 @@ class ReportSink:
     """Collects one ``MatrixAnalysis`` per matrix; ``finish`` writes the report directory."""
 
     def __init__(self, out: Path, plan: Plan, *, spectra: Sequence[str], alpha: float | None,
-                 rank_ratio: float):
+                 rank_ratio: float, replace: Identity | None = None):
         self.out, self.plan = out, plan
         self.spectra, self.alpha, self.rank_ratio = list(spectra), alpha, rank_ratio
+        self.replace = replace
         self.results: dict[str, Any] = {}
 
     def __enter__(self) -> ReportSink:
@@ -199,7 +200,7 @@ class ReportSink:
         report["spectra"] = {n: {"tasks": by_name[n].sigma_tasks,
                                  "merged": by_name[n].sigma_merged,
                                  "calibrated": by_name[n].sigma_calibrated} for n in names}
-        with atomic_output_dir(self.out) as tmp:
+        with atomic_output_dir(self.out, self.replace) as tmp:
             layers, modules, panels = _grids(rows)
             plot_heatmaps(layers, modules, panels, tmp / "heatmaps.png",
                           title=f"{self.plan.recipe.merge_method}, K = {k}")

@@ -17,7 +17,13 @@ from torch import Tensor
 from specmerge import __version__
 from specmerge.errors import OutputError
 from specmerge.io.hf_files import main_dtype, model_card, write_side_files
-from specmerge.io.writer import OutTensor, ShardedWriter, atomic_output_dir, write_text
+from specmerge.io.writer import (
+    Identity,
+    OutTensor,
+    ShardedWriter,
+    atomic_output_dir,
+    write_text,
+)
 from specmerge.plan import Plan, PlanEntry
 
 
@@ -27,16 +33,16 @@ class HFDirSink:
     all in a hidden partial directory that is renamed into place by ``finish``."""
 
     def __init__(self, out: Path, plan: Plan, *, base_path: Path, config_dir: Path | None,
-                 max_shard_bytes: int):
+                 max_shard_bytes: int, replace: Identity | None = None):
         self.out, self.plan = out, plan
         self.base_path, self.config_dir = base_path, config_dir
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes, self.replace = max_shard_bytes, replace
         self._stack = contextlib.ExitStack()
         self._finished = False
 
     def __enter__(self) -> HFDirSink:
         with contextlib.ExitStack() as stack:
-            self.tmp = stack.enter_context(atomic_output_dir(self.out))
+            self.tmp = stack.enter_context(atomic_output_dir(self.out, self.replace))
             specs = [OutTensor(e.name, e.shape, e.out_dtype) for e in self.plan.entries]
             self.writer = ShardedWriter(
                 self.tmp, specs, self.max_shard_bytes,

@@ -12,6 +12,7 @@ place only once complete (``atomic_output_dir``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -19,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -235,8 +237,24 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an existing output without ``force``, and any overlap between output and inputs."""
+Identity = tuple[int, int]  # (st_dev, st_ino): which directory was at OUT when a merge started
+
+
+def output_identity(path: Path) -> Identity | None:
+    """The (device, inode) of what is at ``path`` now, or None when nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> Identity | None:
+    """Refuse an existing output without ``force``, and any overlap between output and inputs.
+
+    Returns the identity of the existing OUT that ``force`` allows to be replaced (None when
+    OUT does not exist): pass it to ``atomic_output_dir`` so that only that one is replaced.
+    """
     for inp in inputs:
         # a directory input may not contain the output; a file input may not be the output
         if out_dir == inp or (inp.is_dir() and _is_within(out_dir, inp)):
@@ -247,33 +265,127 @@ def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> Non
                               f"replacing the output would delete it")
     if out_dir.exists() and not force:
         raise OutputError(f"output {out_dir} already exists; pass --force (force=True) to "
-                          f"replace it")
+                          f"replace it (the old one is then deleted)")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output {out_dir} exists and is not a directory")
+    return output_identity(out_dir)
+
+
+AT_FDCWD, RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if anything is at ``dst``.
+
+    Atomic with Linux's renameat2(RENAME_NOREPLACE). Where the OS or filesystem lacks it, a
+    check then a rename: a race of microseconds instead of none; nothing is ever deleted.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST or err == errno.ENOTEMPTY:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete the partial directories of ``out_dir`` left by a process that is gone (kill -9, a
+    crash, a power cut), as recorded in their marker on this host; return what was removed.
+    Partials of live processes, of other hosts, or without a readable marker are left alone."""
+    removed = []
+    host = socket.gethostname()
+    for d in sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*")):
+        try:
+            owner = json.loads((d / INCOMPLETE_MARKER).read_text())
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner_host == host and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s, the unfinished output of an earlier run (process %d, "
+                        "no longer running)", d, pid)
+            removed.append(d)
+    return removed
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of ``out_dir``; rename it into place on success.
+def atomic_output_dir(out_dir: Path, replace: Identity | None = None) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``out_dir``; claim ``out_dir`` with it on success.
 
-    On any exception (Ctrl-C included) the temporary directory is deleted, so no directory that
-    looks like a finished model is ever left behind. An existing ``out_dir`` (``--force``) is
-    moved aside first and deleted only after the new one is in place.
+    The temporary directory holds a marker naming this process and host until it is complete;
+    on any exception (Ctrl-C, SIGTERM and SIGHUP included, see ``engine``) it is deleted, and
+    partials left by dead processes are removed by the next run into the same OUT. The claim
+    never replaces what the caller did not name: with ``replace`` None it fails if anything
+    appeared at ``out_dir`` meanwhile (so of concurrent runs exactly one wins); with the
+    identity of the directory that was there at the start, only that directory is replaced.
+    Directories follow the umask.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    (tmp / INCOMPLETE_MARKER).write_text("specmerge is still writing this directory\n")
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out_dir),
+                  "note": "specmerge is still writing this directory; it is not a model"}
+        write_text(tmp / INCOMPLETE_MARKER, json.dumps(marker) + "\n")
         yield tmp
         (tmp / INCOMPLETE_MARKER).unlink()
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _claim(tmp, out_dir, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _claim(tmp: Path, out_dir: Path, replace: Identity | None) -> None:
+    appeared = OutputError(
+        f"output {out_dir} appeared while this run was writing (another run or program created "
+        f"it); it was left untouched and this run's output was discarded")
+    old = None
+    if replace is not None and output_identity(out_dir) is not None:
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(old)
+        try:
+            rename_noreplace(out_dir, old)
+        except FileNotFoundError:
+            old = None  # removed meanwhile: nothing to replace
+        if old is not None and output_identity(old) != replace:
+            rename_noreplace(old, out_dir)  # not the directory --force named: put it back
+            raise appeared
+    try:
+        rename_noreplace(tmp, out_dir)
+    except FileExistsError:
+        if old is not None:
+            raise OutputError(f"output {out_dir} appeared while this run replaced it; the "
+                              f"old output is kept at {old}") from None
+        raise appeared from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
