@@ -69,6 +69,7 @@ def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
         ax.set_title(label, fontsize=9)
         ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
         ax.set_xticks(range(len(modules)), labels=modules, fontsize=7, rotation=60, ha="right")
+        ax.set_ylabel("layer", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
