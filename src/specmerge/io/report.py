@@ -14,8 +14,9 @@ from typing import Any
 
 from specmerge import __version__
 from specmerge.io.plots import plot_heatmaps, plot_spectrum
+from specmerge.io.sinks import CollectingSink
 from specmerge.io.writer import Identity, atomic_output_dir, write_text
-from specmerge.plan import Plan, PlanEntry
+from specmerge.plan import Plan
 
 LAYER = re.compile(r"\.(\d+)\.")
 # (JSON key, heat-map title) of the metrics drawn per layer
@@ -158,21 +159,14 @@ def _median(xs: Sequence[float]) -> float:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-class ReportSink:
+class ReportSink(CollectingSink):
     """Collects one ``MatrixAnalysis`` per matrix; ``finish`` writes the report directory."""
 
     def __init__(self, out: Path, plan: Plan, *, spectra: Sequence[str], alpha: float | None,
                  rank_ratio: float, replace: Identity | None = None):
-        self.out, self.plan = out, plan
+        super().__init__(plan)
+        self.out, self.replace = out, replace
         self.spectra, self.alpha, self.rank_ratio = list(spectra), alpha, rank_ratio
-        self.replace = replace
-        self.results: dict[str, Any] = {}
-
-    def __enter__(self) -> ReportSink:
-        return self
-
-    def put(self, entry: PlanEntry, analysis: Any) -> None:
-        self.results[entry.name] = analysis
 
     def _spectra_names(self, rows: Sequence[dict[str, Any]]) -> list[str]:
         if self.spectra:
@@ -182,7 +176,7 @@ class ReportSink:
         return list(dict.fromkeys([ranked[-1]["name"], ranked[0]["name"]])) if ranked else []
 
     def finish(self) -> Path:
-        ordered = [self.results[e.name] for e in self.plan.entries if e.name in self.results]
+        ordered = list(self.ordered().values())
         rows = [matrix_row(a) for a in ordered]
         k = self.plan.recipe.num_experts
         report = {
@@ -216,5 +210,3 @@ class ReportSink:
             write_text(tmp / "index.html", render_html(report, files))
         return self.out
 
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -76,21 +76,28 @@ class HFDirSink:
         return self._stack.__exit__(et, ev, tb)
 
 
-class StateDictSink:
-    """An in-memory state dict, in the plan's order (``merge_state_dicts``)."""
+class CollectingSink:
+    """Keeps every result in memory; ``ordered()`` gives them in the plan's order."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.tensors: dict[str, Tensor] = {}
+        self.results: dict[str, Any] = {}
 
-    def __enter__(self) -> StateDictSink:
+    def __enter__(self) -> Any:
         return self
 
-    def put(self, entry: PlanEntry, tensor: Tensor) -> None:
-        self.tensors[entry.name] = tensor
+    def put(self, entry: PlanEntry, result: Any) -> None:
+        self.results[entry.name] = result
 
-    def finish(self) -> dict[str, Tensor]:
-        return {e.name: self.tensors[e.name] for e in self.plan.entries}
+    def ordered(self) -> dict[str, Any]:
+        return {e.name: self.results[e.name] for e in self.plan.entries if e.name in self.results}
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+class StateDictSink(CollectingSink):
+    """An in-memory state dict, in the plan's order (``merge_state_dicts``)."""
+
+    def finish(self) -> dict[str, Tensor]:
+        return self.ordered()
