@@ -89,7 +89,8 @@ def methods(
             "name": m.name, "family": m.family, "summary": m.summary, "citation": m.citation,
             "matrix_only": m.matrix_only,
             "parameters": {p.name: {"default": p.default, "type": p.type_name, "doc": p.doc,
-                                    "choices": p.choices, "range": p.range} for p in m.params},
+                                    "choices": p.choices, "range": p.range,
+                                    "allowed": p.describe()} for p in m.params},
         } for m in ms], indent=2))
         return
     family = None
@@ -104,9 +105,8 @@ def methods(
                                        "every floating param")
         typer.echo(f"\n{m.name}  [{scope}]\n  {m.summary}\n  ref: {m.citation}")
         for p in m.params:
-            extra = f" one of {list(p.choices)}" if p.choices else (
-                f" in {p.range}" if p.range else "")
-            typer.echo(f"    {p.name} = {p.default!r}  ({p.type_name}{extra}): {p.doc}")
+            allowed = f": {p.describe()}" if p.constraints else ""
+            typer.echo(f"    {p.name} = {p.default!r}  ({p.type_name}{allowed}): {p.doc}")
         if m.notes:
             typer.echo(f"  note: {m.notes}")
 
