@@ -101,12 +101,15 @@ def test_matrix_methods_use_scope_fallback(toy_models, tmp_path) -> None:
 
 
 def test_scope_patterns() -> None:
-    s = Scope(exclude=["embed", "re:^lm_head\\."])
+    s = Scope(exclude=["embed", "re:^mlp\\."])
     f32 = torch.float32
     assert is_matrix_param("layers.0.q.weight", (4, 4), f32, s)
     assert not is_matrix_param("embed_tokens.weight", (4, 4), f32, s)
-    assert not is_matrix_param("lm_head.weight", (4, 4), f32, s)
-    assert is_matrix_param("x.lm_head.weight", (4, 4), f32, s)
+    assert not is_matrix_param("mlp.up.weight", (4, 4), f32, s)
+    assert is_matrix_param("x.mlp.up.weight", (4, 4), f32, s)
+    # heads and embeddings are not matrix parameters by role, whatever the scope
+    assert not is_matrix_param("x.lm_head.weight", (4, 4), f32, Scope(exclude=[]))
+    assert not is_matrix_param("transformer.wte.weight", (4, 4), f32, Scope(exclude=[]))
     assert not is_matrix_param("layers.0.bias", (4,), f32, s)
     assert not is_matrix_param("conv.weight", (4, 4, 3, 3), f32, s)
     assert not is_matrix_param("idx", (4, 4), torch.int64, s)

@@ -58,8 +58,9 @@ class AnalyzeStep:
         tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype)
         merged = merged_update(dataclasses.replace(entry, calibrate=False), tv.taus, None,
                                self.statistics)
-        metrics, rep = matrix_metrics(merged, tv.taus, alpha=self.alpha,
-                                      rank_ratio=self.rank_ratio)
+        taus = [t.mT.contiguous() for t in tv.taus] if entry.transpose else tv.taus  # (out, in)
+        metrics, rep = matrix_metrics(merged.mT.contiguous() if entry.transpose else merged, taus,
+                                      alpha=self.alpha, rank_ratio=self.rank_ratio)
         return MatrixAnalysis(entry.name, entry.shape, metrics,
                               [s.tolist() for s in rep.sigma_tasks], rep.sigma_merged.tolist(),
                               rep.sigma_calibrated.tolist(), rep if self.keep_report else None)
@@ -79,7 +80,7 @@ def _prepare(recipe: Recipe | dict[str, Any] | str | Path, dtype: str | None, de
     backend = make_backend(workers)
     dev = resolve_device(device)
     source = CheckpointSource(rec.base_model, [m.model for m in rec.models], allow_nonfinite)
-    plan = build_plan(rec, source.index())
+    plan = build_plan(rec, source.index(), source.model_info())
     alpha, rank_ratio = _settings(rec)
     step = AnalyzeStep({}, dev, plan.compute_dtype, alpha, rank_ratio)
     return rec, source, plan, step, backend

@@ -77,6 +77,41 @@ def merge(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What the merge would do to every tensor: its role, action, function and output dtype.
+    Reads only the checkpoints' headers."""
+    from specmerge.engine import plan_recipe
+    from specmerge.errors import SpecmergeError
+
+    try:
+        p = plan_recipe(recipe)
+    except (SpecmergeError, ValueError) as err:
+        _fail(err)
+    rows = [{"name": e.name, "shape": list(e.shape), "role": e.role, "action": e.action,
+             "function": e.method, "transposed": e.transpose, "calibrated": e.calibrate,
+             "out_dtype": str(e.out_dtype).removeprefix("torch.")} for e in p.entries]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'tensor':<{width}}  {'shape':<14} {'role':<9} {'action':<8} "
+               f"{'function':<16} calibrated  out dtype")
+    for r in rows:
+        fn = (r["function"] or "-") + (" (ᵀ)" if r["transposed"] else "")
+        typer.echo(f"{r['name']:<{width}}  {'×'.join(map(str, r['shape'])) or '()':<14} "
+                   f"{r['role']:<9} {r['action']:<8} {fn:<16} "
+                   f"{'yes' if r['calibrated'] else '-':<11} {r['out_dtype']}")
+    counts = p.counts()
+    typer.echo(f"\n{len(rows)} tensors: {counts['method']} by {p.recipe.merge_method}, "
+               f"{counts['fallback']} by the fallback ({p.recipe.scope.fallback}), "
+               f"{counts['copy']} copied, {counts['calibrated']} calibrated; (ᵀ): Conv1D weights, "
+               f"merged in (out, in) orientation")
+
+
+@app.command()
 def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from specmerge.backends import Backend, LocalBackend, Step
 from specmerge.errors import Interrupted, MergeError, SpecmergeError
+from specmerge.io.hf_files import check_auto_map
 from specmerge.io.sinks import HFDirSink, StateDictSink
 from specmerge.io.writer import check_output_path, parse_size
 from specmerge.methods.registry import Statistic, get_method
@@ -64,19 +65,31 @@ class Sink(Protocol):
 def merged_update(entry: PlanEntry, task_vectors: list[Tensor],
                   calibration: tuple[str, Mapping[str, Any]] | None,
                   statistics: Mapping[str, Any]) -> Tensor:
-    """The merged update τ of one parameter: its method or fallback, then its calibration."""
+    """The merged update τ of one parameter: its method or fallback, then its calibration.
+
+    Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation:
+    transposed before, and back after.
+    """
+    def oriented(t: Tensor) -> Tensor:
+        return t.mT.contiguous() if entry.transpose else t
+
     if entry.method is None:
         merged = torch.zeros_like(task_vectors[0])
     else:
+        method = get_method(entry.method)
         kwargs = dict(entry.kwargs)
         if entry.seeds:
             kwargs["generators"] = [torch.Generator().manual_seed(s) for s in entry.seeds]
         if entry.action == "method":
             kwargs.update(statistics)
-        merged = get_method(entry.method).fn(task_vectors, **kwargs)
+        if method.matrix_only:
+            merged = oriented(method.fn([oriented(t) for t in task_vectors], **kwargs))
+        else:
+            merged = method.fn(task_vectors, **kwargs)
     if entry.calibrate and calibration is not None:
         name, cal_kwargs = calibration
-        merged = get_method(name).fn(merged, task_vectors, **cal_kwargs)
+        merged = oriented(get_method(name).fn(oriented(merged),
+                                              [oriented(t) for t in task_vectors], **cal_kwargs))
     return merged
 
 
@@ -219,7 +232,8 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
 
     source = CheckpointSource(rec.base_model, [m.model for m in rec.models], allow_nonfinite)
     claim = check_output_path(out, source.paths, force)
-    plan = build_plan(rec, source.index())
+    check_auto_map(source.config_dir)
+    plan = build_plan(rec, source.index(), source.model_info())
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
              rec.merge_method, dev)
@@ -235,6 +249,13 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
                        peak, rec, counts)
 
 
+def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
+    """The plan a merge of ``recipe`` would run (headers and config.json only, no tensor)."""
+    rec = load_recipe(recipe)
+    source = CheckpointSource(rec.base_model, [m.model for m in rec.models])
+    return build_plan(rec, source.index(), source.model_info())
+
+
 def peak_rss_mb() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / (1024 * 1024) if sys.platform == "darwin" else ru / 1024
@@ -242,11 +263,13 @@ def peak_rss_mb() -> float:
 
 def merge_state_dicts(recipe: Recipe | dict[str, Any], base: Mapping[str, Tensor],
                       experts: Sequence[Mapping[str, Tensor]], *, device: str = "cpu",
-                      workers: int = 1, allow_nonfinite: bool = False) -> dict[str, Tensor]:
+                      workers: int = 1, allow_nonfinite: bool = False,
+                      config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """In-memory merge of state dicts with the same plan, maths and bytes as ``merge``.
 
     For research code that already holds tensors; the recipe's paths are ignored. The inputs
-    are never modified.
+    are never modified. ``config`` (the model's config.json as a dict) gives parameter roles,
+    e.g. GPT-2's Conv1D weights; without it roles come from names and shapes.
     """
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(
         {"base_model": "<memory>", "models": [f"<memory:{i}>" for i in range(len(experts))],
@@ -254,10 +277,10 @@ def merge_state_dicts(recipe: Recipe | dict[str, Any], base: Mapping[str, Tensor
     if rec.num_experts != len(experts):
         raise SpecmergeError(f"the recipe lists {rec.num_experts} experts but "
                              f"{len(experts)} state dicts were given")
-    source = StateDictSource(base, experts, allow_nonfinite)
+    source = StateDictSource(base, experts, allow_nonfinite, config)
     backend = make_backend(workers)
     dev = resolve_device(device)
-    plan = build_plan(rec, source.index())
+    plan = build_plan(rec, source.index(), source.model_info())
     stats = run_statistics(plan, source, backend, dev, progress=False)
     step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
     result: dict[str, Tensor] = execute(step, plan.entries, source, backend,

@@ -20,6 +20,14 @@ import torch
 from specmerge.linalg import compute_dtype, parse_dtype
 from specmerge.methods.registry import Statistic, get_method
 from specmerge.recipe import Recipe, Scope
+from specmerge.roles import (
+    MATRIX_ROLES,
+    ModelInfo,
+    Role,
+    is_conv1d,
+    log_inferred,
+    parameter_role,
+)
 
 Action = Literal["method", "fallback", "copy"]
 # the scope's fallbacks, as registry methods with their bound arguments (None: keep θ0)
@@ -53,6 +61,8 @@ class PlanEntry:
     method: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = ()
+    role: Role = "other"
+    transpose: bool = False  # stored (in, out): matrix maths runs on the transpose
 
     @property
     def numel(self) -> int:
@@ -82,9 +92,12 @@ class Plan:
                     self.compute_dtype, self.calibration, self.statistics)
 
 
-def is_matrix_param(name: str, shape: Sequence[int], dtype: torch.dtype, scope: Scope) -> bool:
-    """2-D floating tensors whose name matches none of the scope's exclusion patterns."""
-    if len(shape) != 2 or not dtype.is_floating_point:
+def is_matrix_param(name: str, shape: Sequence[int], dtype: torch.dtype, scope: Scope,
+                    info: ModelInfo | None = None) -> bool:
+    """Linear, Conv1D or fused weights (by role) whose name matches none of the scope's
+    exclusion patterns; embeddings and heads are not matrix parameters."""
+    role = parameter_role(name, shape, dtype, info or ModelInfo())
+    if role not in MATRIX_ROLES:
         return False
     for pat in scope.exclude:
         if pat.startswith("re:"):
@@ -101,8 +114,12 @@ def parameter_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo]) -> Plan:
-    """The plan of ``recipe`` over the parameters of ``index`` (name → shape, dtype)."""
+def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
+               info: ModelInfo | None = None) -> Plan:
+    """The plan of ``recipe`` over the parameters of ``index`` (name → shape, dtype), with roles
+    from ``info`` (the base's config.json)."""
+    info = info or ModelInfo()
+    log_inferred(info)
     method = get_method(recipe.merge_method)
     weights = [m.weight for m in recipe.models]
     method_kwargs: dict[str, Any] = dict(recipe.parameters)
@@ -115,21 +132,23 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo]) -> Plan:
     out_override = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
 
     entries = []
-    for name, info in index.items():
-        floating = info.dtype.is_floating_point
-        matrix = is_matrix_param(name, info.shape, info.dtype, recipe.scope)
-        out_dtype = out_override if (out_override is not None and floating) else info.dtype
+    for name, p in index.items():
+        floating = p.dtype.is_floating_point
+        role = parameter_role(name, p.shape, p.dtype, info)
+        matrix = is_matrix_param(name, p.shape, p.dtype, recipe.scope, info)
+        out_dtype = out_override if (out_override is not None and floating) else p.dtype
         calibrate = recipe.calibrate is not None and matrix
+        transpose = matrix and is_conv1d(name, info)
         if not floating:
-            entry = PlanEntry(name, info.shape, out_dtype, "copy", False, matrix)
+            entry = PlanEntry(name, p.shape, out_dtype, "copy", False, matrix, role=role, transpose=transpose)
         elif method.matrix_only and not matrix:
-            entry = PlanEntry(name, info.shape, out_dtype, "fallback", calibrate, matrix,
-                              fallback_method, fallback_kwargs)
+            entry = PlanEntry(name, p.shape, out_dtype, "fallback", calibrate, matrix,
+                              fallback_method, fallback_kwargs, role=role, transpose=transpose)
         else:
             seeds = tuple(parameter_seed(recipe.seed, name, i)
                           for i in range(recipe.num_experts)) if method.uses_rng else ()
-            entry = PlanEntry(name, info.shape, out_dtype, "method", calibrate, matrix,
-                              method.name, method_kwargs, seeds)
+            entry = PlanEntry(name, p.shape, out_dtype, "method", calibrate, matrix,
+                              method.name, method_kwargs, seeds, role=role, transpose=transpose)
         entries.append(entry)
 
     calibration = None

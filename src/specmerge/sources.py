@@ -11,17 +11,19 @@ LoRA issue adds a factored ``LowRank(B, A, scale)`` in the same list.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from specmerge.errors import IncompatibleCheckpointError, NonFiniteError
+from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.plan import ParamInfo
+from specmerge.roles import ModelInfo
 
 
 @dataclass
@@ -34,6 +36,8 @@ class TaskVectors:
 
 class Source(Protocol):
     def index(self) -> dict[str, ParamInfo]: ...
+
+    def model_info(self) -> ModelInfo: ...
 
     def base_tensor(self, name: str) -> Tensor: ...
 
@@ -71,6 +75,16 @@ class CheckpointSource:
     def index(self) -> dict[str, ParamInfo]:
         return {n: ParamInfo(i.shape, i.dtype) for n, i in self.base.infos.items()}
 
+    def model_info(self) -> ModelInfo:
+        """Roles' facts from the base's config.json (none: roles from names and shapes)."""
+        cfg = self.base.config_dir / "config.json" if self.base.config_dir else None
+        if cfg is None or not cfg.is_file():
+            return ModelInfo()
+        try:
+            return ModelInfo.from_config(json.loads(cfg.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(f"{cfg}: not valid JSON ({err})") from err
+
     def base_tensor(self, name: str) -> Tensor:
         return self.base.read(name)
 
@@ -86,10 +100,12 @@ class CheckpointSource:
 
 
 class StateDictSource:
-    """In-memory state dicts (``merge_state_dicts``). The caller's tensors are never modified."""
+    """In-memory state dicts (``merge_state_dicts``). The caller's tensors are never modified;
+    ``config`` (a config.json as a dict) gives the parameter roles."""
 
     def __init__(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, config: Mapping[str, Any] | None = None):
+        self.config = dict(config or {})
         for i, sd in enumerate(experts):
             for name, t in base.items():
                 other = sd.get(name)
@@ -107,6 +123,9 @@ class StateDictSource:
 
     def index(self) -> dict[str, ParamInfo]:
         return {n: ParamInfo(tuple(t.shape), t.dtype) for n, t in self.base.items()}
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.from_config(self.config)
 
     def base_tensor(self, name: str) -> Tensor:
         return self.base[name].clone()

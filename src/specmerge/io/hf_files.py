@@ -22,11 +22,12 @@ from specmerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-# files copied from the base directory next to the weights
-SIDE_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|"
-    r"merges\.txt|added_tokens\.json|spiece\.model|sentencepiece.*\.model|chat_template.*|"
-    r"preprocessor_config\.json)$")
+# files of the base directory that are NOT copied next to the merged weights: weights, their
+# indexes, the base's model card (the merge writes its own) and specmerge's marker; every
+# other file is (config, tokenizer, processor, remote code, licence, params.json…)
+NOT_COPIED = re.compile(
+    r"^(.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite|ot)|"
+    r".*\.index\.json|README\.md|SPECMERGE_INCOMPLETE|\..*)$")
 
 
 def main_dtype(tensors: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str | None:
@@ -43,18 +44,19 @@ def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
     """Copy the base's config and tokenizer files, set config.json's dtype, write the recipe."""
     if config_dir is not None:
         for f in sorted(config_dir.iterdir()):
-            if f.is_file() and SIDE_FILES.match(f.name):
+            if f.is_file() and not NOT_COPIED.match(f.name):
                 try:
                     shutil.copy2(f, out / f.name)
                 except OSError as err:
                     raise OutputError(f"{out / f.name}: cannot copy from the base: {err}") from err
     config = out / "config.json"
-    if config.is_file() and out_dtype is not None:
+    if config.is_file():
         try:
             cfg = json.loads(config.read_text())
         except ValueError:
             log.warning("%s is not valid JSON; copied as is", config)
-        else:
+            cfg = None
+        if isinstance(cfg, dict) and out_dtype is not None:
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
             for k in keys:
                 cfg[k] = out_dtype
@@ -62,6 +64,32 @@ def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
     header = f"# Resolved by specmerge {__version__}: every default filled in.\n"
     write_text(out / "specmerge_recipe.yaml",
                header + yaml.safe_dump(recipe.resolved(), sort_keys=False))
+
+
+def check_auto_map(config_dir: Path | None) -> None:
+    """Every module that the base's config.json ``auto_map`` names (remote code) must be in the
+    base directory, since it is copied to the output; otherwise the merge would not load with
+    trust_remote_code=True. Checked before any work."""
+    cfg_path = config_dir / "config.json" if config_dir is not None else None
+    if cfg_path is None or not cfg_path.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # reported where the config is read for the roles
+    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    if not isinstance(auto_map, Mapping):
+        return
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v])
+            if isinstance(r, str)]
+    for ref in refs:
+        if "--" in ref:  # "owner/repo--module.Class": the code lives in another Hub repository
+            continue
+        module = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        if not (config_dir / module).is_file():
+            raise OutputError(f"{cfg_path}: auto_map names {ref!r}, but {module} is not in the "
+                              f"base directory, so the merge could not load with "
+                              f"trust_remote_code=True; add the file to the base directory")
 
 
 def model_card(recipe: Recipe, base_path: Path, counts: Mapping[str, int]) -> str:

@@ -1,0 +1,168 @@
+"""Real Hugging Face checkpoint layouts: tiny random models built with transformers' config
+classes, saved as sharded bf16 checkpoints, merged, and loaded back with transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import specmerge  # noqa: E402
+from specmerge.engine import plan_recipe  # noqa: E402
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+transformers.logging.set_verbosity_error()
+
+COMMON = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+ARCHS = {
+    "llama_tied": ("LlamaConfig", "AutoModelForCausalLM", {**COMMON, "tie_word_embeddings": True}),
+    "llama": ("LlamaConfig", "AutoModelForCausalLM", {**COMMON, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "AutoModelForCausalLM", COMMON),
+    "mistral": ("MistralConfig", "AutoModelForCausalLM", COMMON),
+    "gemma": ("GemmaConfig", "AutoModelForCausalLM", {**COMMON, "head_dim": 8}),
+    "phi": ("PhiConfig", "AutoModelForCausalLM", COMMON),
+    "gpt2": ("GPT2Config", "AutoModelForCausalLM",
+             {"vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+              "bos_token_id": 1, "eos_token_id": 2}),
+    "bert": ("BertConfig", "AutoModel",
+             {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}),
+}
+METHODS = {
+    "task_arithmetic": {"merge_method": "task_arithmetic"},
+    "ties": {"merge_method": "ties"},
+    "task_arithmetic+svc": {"merge_method": "task_arithmetic", "calibrate": {"method": "svc"}},
+    "tsv_m": {"merge_method": "tsv_m"},
+    "swudi": {"merge_method": "swudi"},
+    "swudi_a+svc": {"merge_method": "swudi_a", "calibrate": {"method": "svc"}},
+}
+
+
+def build(arch: str, root: Path, k: int = 2, dtype: torch.dtype = torch.bfloat16,
+          seed: int = 0) -> tuple[Path, list[Path]]:
+    """A base and k experts (base + small random task vectors), bf16, in 3+ shards."""
+    config_cls, auto_cls, kwargs = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, auto_cls).from_config(config).to(dtype)
+    dirs = []
+    for i in range(k + 1):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn_like(p))
+        d = root / arch / ("base" if i == 0 else f"expert_{i}")
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(d, max_shard_size=max(size // 4, 20_000))
+        dirs.append(d)
+        if i == 0:
+            base_sd = {n: p.clone() for n, p in model.state_dict().items()}
+        else:
+            model.load_state_dict(base_sd)
+    return dirs[0], dirs[1:]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    root = tmp_path_factory.mktemp("llm")
+    return {arch: build(arch, root) for arch in ARCHS}
+
+
+def _load(arch: str, path: Path):
+    _, auto_cls, _ = ARCHS[arch]
+    return getattr(transformers, auto_cls).from_pretrained(path, output_loading_info=True)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architecture_matrix(models, tmp_path, arch, method) -> None:
+    base, experts = models[arch]
+    assert len(list(base.glob("*.safetensors"))) >= 3
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts], **METHODS[method]}
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    model, info = _load(arch, out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    ref, _ = _load(arch, base)
+    assert next(model.parameters()).dtype == next(ref.parameters()).dtype == torch.bfloat16
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        tied = (model.get_output_embeddings().weight.data_ptr()
+                == model.get_input_embeddings().weight.data_ptr())
+        ref_tied = (ref.get_output_embeddings().weight.data_ptr()
+                    == ref.get_input_embeddings().weight.data_ptr())
+        assert tied == ref_tied
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        if arch == "bert":
+            assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
+        else:
+            gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            assert gen.shape == (1, 7)
+
+
+def _to_linear(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return {n: (t.T.contiguous() if n.endswith(conv) else t) for n, t in sd.items()}
+
+
+@pytest.mark.parametrize("method", ["swudi", "task_arithmetic+svc"])
+def test_gpt2_conv1d_is_merged_in_linear_orientation(tmp_path, method) -> None:
+    from safetensors.torch import load_file
+
+    base, experts = build("gpt2", tmp_path, k=3, dtype=torch.float32, seed=3)
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts], **METHODS[method]}
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(load_file(str(f)))
+
+    def sd(d: Path) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for f in d.glob("*.safetensors"):
+            tensors.update(load_file(str(f)))
+        return tensors
+
+    # the same merge on the weights in Linear orientation (no config: plain linear roles)
+    ref = specmerge.merge_state_dicts(recipe, _to_linear(sd(base)),
+                                      [_to_linear(sd(e)) for e in experts])
+    ref = _to_linear(ref)  # and back
+    for name, t in ref.items():
+        err = float((got[name] - t).norm() / t.norm().clamp_min(1e-30))
+        assert err < 1e-6, (name, err)
+    plan = {e.name: e for e in plan_recipe(recipe).entries}
+    assert plan["transformer.wte.weight"].role == "embedding"
+    assert plan["transformer.wpe.weight"].role == "embedding"
+    assert plan["transformer.h.0.attn.c_attn.weight"].transpose
+    if method == "swudi":  # embeddings take the fallback, not the matrix method
+        assert plan["transformer.wte.weight"].action == "fallback"
+        assert plan["transformer.wpe.weight"].action == "fallback"
+
+
+def test_remote_code_files_are_copied_and_checked(tmp_path) -> None:
+    from specmerge.errors import OutputError
+
+    base, experts = build("llama", tmp_path, k=1)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (base / "config.json").write_text(json.dumps(cfg))
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "task_arithmetic"}
+    with pytest.raises(OutputError, match="configuration_tiny.py is not in the base directory"):
+        specmerge.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    for f in ("configuration_tiny.py", "modeling_tiny.py", "LICENSE", "params.json",
+              "processor_config.json"):
+        (base / f).write_text("# " + f)
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    for f in ("configuration_tiny.py", "modeling_tiny.py", "LICENSE", "params.json",
+              "processor_config.json", "generation_config.json"):
+        assert (out / f).read_text() == (base / f).read_text(), f
+    assert not list(out.glob("*.index.json")) or (out / "model.safetensors.index.json").exists()
