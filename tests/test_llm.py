@@ -166,3 +166,26 @@ def test_remote_code_files_are_copied_and_checked(tmp_path) -> None:
               "processor_config.json", "generation_config.json"):
         assert (out / f).read_text() == (base / f).read_text(), f
     assert not list(out.glob("*.index.json")) or (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("stored_by", ["expert", "base"])
+def test_tied_head_stored_by_only_some_inputs(tmp_path, stored_by) -> None:
+    """A .bin saved from state_dict() keeps lm_head.weight; save_pretrained drops the tied copy.
+    Either way the merge runs and writes what the base writes."""
+    base, experts = build("llama_tied", tmp_path, k=2)
+    odd = experts[0] if stored_by == "expert" else base
+    model = transformers.AutoModelForCausalLM.from_pretrained(odd)
+    for f in odd.glob("*.safetensors*"):
+        f.unlink()
+    torch.save(model.state_dict(), odd / "pytorch_model.bin")
+    assert "lm_head.weight" in torch.load(odd / "pytorch_model.bin", weights_only=True)
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "task_arithmetic", "calibrate": {"method": "svc"}}
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    from specmerge.io.checkpoint import Checkpoint
+
+    assert ("lm_head.weight" in Checkpoint(out).infos) == (stored_by == "base")
+    merged, info = _load("llama_tied", out)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (merged.get_output_embeddings().weight.data_ptr()
+            == merged.get_input_embeddings().weight.data_ptr())

@@ -33,6 +33,8 @@ EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|position_embeddin
                        r"(^|\.)shared)\.weight$")
 HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|score|classifier)(\.decoder)?\.weight$|"
                   r"(cls\.predictions\.decoder|lm_head\.decoder)\.weight$")
+# the input embedding that a tied head shares
+TIED_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|(^|\.)shared)\.weight$")
 NORM = re.compile(r"(norm|ln_?\w*|layernorm|LayerNorm)[^.]*\.weight$", re.IGNORECASE)
 
 

@@ -12,6 +12,7 @@ LoRA issue adds a factored ``LowRank(B, A, scale)`` in the same list.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import Tensor
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.plan import ParamInfo
-from specmerge.roles import ModelInfo
+from specmerge.roles import TIED_EMBEDDING, ModelInfo, parameter_role
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,9 +63,12 @@ class CheckpointSource:
                  allow_nonfinite: bool = False):
         self.base = Checkpoint(base)
         self.experts = [Checkpoint(p) for p in experts]
-        for ckpt in self.experts:
-            check_compatible(self.base, ckpt)
         self.allow_nonfinite = allow_nonfinite
+        pair = tied_pair(self.index(), self.model_info())
+        for ckpt in self.experts:
+            if pair is not None:
+                match_tied_head(self.base, ckpt, *pair)
+            check_compatible(self.base, ckpt)
 
     @property
     def paths(self) -> list[Path]:
@@ -97,6 +103,35 @@ class CheckpointSource:
         theta0 = self._read(self.base, name).to(device, dtype)
         taus = [self._read(e, name).to(device, dtype).sub_(theta0) for e in self.experts]
         return TaskVectors(theta0, taus)
+
+
+def tied_pair(index: Mapping[str, ParamInfo], info: ModelInfo) -> tuple[str, str] | None:
+    """(head, embedding) names of a model whose config ties them, where the head may be stored
+    or not: the input embedding and the output head of the same shape."""
+    if not info.tie_word_embeddings:
+        return None
+    embeds = [n for n, p in index.items()
+              if parameter_role(n, p.shape, p.dtype, info) == "embedding"
+              and info.vocab_size in (None, p.shape[0])]
+    heads = {"lm_head.weight", "embed_out.weight", "cls.predictions.decoder.weight"}
+    embed = next((n for n in embeds if TIED_EMBEDDING.search(n)), None)
+    if embed is None:
+        return None
+    stored = [n for n in index if n in heads]
+    return (stored[0] if stored else "lm_head.weight"), embed
+
+
+def match_tied_head(base: Checkpoint, expert: Checkpoint, head: str, embed: str) -> None:
+    """With tied embeddings, an input may store the head or not: write what the base writes.
+    An expert's extra head copy is left out; a head it lacks is read as its embedding."""
+    if head not in base.infos and head in expert.infos:
+        expert.drop(head)
+        log.info("%s: leaving out %r, a stored copy of the tied %r that the base does not "
+                 "store", expert.path, head, embed)
+    elif head in base.infos and head not in expert.infos and embed in expert.infos:
+        expert.alias(head, embed)
+        log.info("%s: reading the tied %r as %r, which this expert stores", expert.path, head,
+                 embed)
 
 
 class StateDictSource:

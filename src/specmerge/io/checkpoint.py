@@ -334,7 +334,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         if info.offset >= 0:
             return read_tensor_bytes(info)
-        return self._torch_shard(info.file)[name].clone()
+        return self._torch_shard(info.file)[info.name].clone()
+
+    def alias(self, name: str, target: str) -> None:
+        """Read ``name`` as ``target`` (a tied weight that this checkpoint does not store)."""
+        self.infos[name] = self.infos[target]
+
+    def drop(self, name: str) -> None:
+        """Leave out ``name`` (a stored copy of a tied weight that the base does not store)."""
+        del self.infos[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
