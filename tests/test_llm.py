@@ -189,3 +189,34 @@ def test_tied_head_stored_by_only_some_inputs(tmp_path, stored_by) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (merged.get_output_embeddings().weight.data_ptr()
             == merged.get_input_embeddings().weight.data_ptr())
+
+
+def test_model_card_follows_hub_conventions(tmp_path) -> None:
+    import yaml
+
+    base, experts = build("gpt2", tmp_path, k=2, dtype=torch.float32)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "openai-community/gpt2"}))
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump({"base_model": "../gpt2/base",
+                                      "models": ["../gpt2/expert_1", "../gpt2/expert_2"],
+                                      "merge_method": "swudi", "calibrate": {"method": "svc"}}))
+    card = (specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+            / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front == {"base_model": "openai-community/gpt2", "library_name": "transformers",
+                     "tags": ["merge", "specmerge", "swudi"]}
+    assert "- base: `../gpt2/base`" in card and "- expert 2: `../gpt2/expert_2`" in card
+    assert str(tmp_path) not in card
+    rows = [ln for ln in card.splitlines() if ln.startswith("| `")]
+    conv = next(r for r in rows if "attn.c_attn.weight" in r)
+    assert "transformer.h.*.attn.c_attn.weight" in conv and "| 2 |" in conv
+    assert "Conv1D: merged transposed" in conv and "| yes |" in conv
+    wte = next(r for r in rows if "wte.weight" in r)
+    assert "embedding" in wte and "fallback `average`" in wte
+    # a local path in _name_or_path is not a Hub id: the base directory's name is used
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": str(base)}))
+    card = (specmerge.merge(recipe, tmp_path / "out2", progress=False).out_dir
+            / "README.md").read_text()
+    assert 'base_model: "base"' in card

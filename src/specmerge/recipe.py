@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from specmerge.errors import RecipeError
 from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
@@ -199,9 +206,16 @@ class Recipe(_Strict):
             cal_method.check_recipe(self.calibrate, weights)
         return self
 
+    _root: str | None = PrivateAttr(default=None)  # the directory relative paths resolved from
+
     @property
     def num_experts(self) -> int:
         return len(self.models)
+
+    def relative(self, path: str | os.PathLike[str]) -> str:
+        """``path`` relative to the recipe file's directory, as the model card names inputs (a
+        recipe given as a dict has no file: the path stays absolute)."""
+        return os.path.relpath(os.fspath(path), self._root) if self._root else os.fspath(path)
 
     def resolved(self) -> dict[str, Any]:
         """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records."""
@@ -236,9 +250,10 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
     Relative model paths are resolved against the YAML file's directory (for a dict: against
     the current directory), so a recipe means the same thing wherever it is run from.
     """
+    from_file = isinstance(source, Recipe) and source._root is not None
     if isinstance(source, Recipe):
         data: dict[str, Any] = source.model_dump(mode="json")
-        root = Path.cwd()
+        root = Path(source._root) if source._root else Path.cwd()
     elif isinstance(source, dict):
         data, root = dict(source), Path.cwd()
     else:
@@ -246,15 +261,18 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
         data = read_yaml(path)
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, found {type(data).__name__}")
-        root = path.resolve().parent
+        root, from_file = path.resolve().parent, True
     data.update({k: v for k, v in overrides.items() if v is not None})
     data = _resolve_paths(data, root)
     try:
-        return Recipe.model_validate(data)
+        rec = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err)) from None
     except ValueError as err:
         raise RecipeError(f"invalid recipe: {_cap(str(err))}") from None
+    if from_file:
+        rec._root = str(root)
+    return rec
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -18,6 +18,7 @@ from specmerge.errors import OutputError
 from specmerge.io.writer import write_text
 from specmerge.linalg import dtype_name
 from specmerge.methods.registry import get_method
+from specmerge.plan import Plan
 from specmerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,53 @@ def check_auto_map(config_dir: Path | None) -> None:
                               f"trust_remote_code=True; add the file to the base directory")
 
 
-def model_card(recipe: Recipe, base_path: Path, counts: Mapping[str, int]) -> str:
-    """The model card: method, calibration, scope and inputs (no timings, so it is deterministic)."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LAYER_NUMBER = re.compile(r"\.\d+\.")
+
+
+def base_model_id(config_dir: Path | None, base_path: Path) -> str:
+    """``_name_or_path`` of the base's config.json when it looks like a Hub id, else the base
+    directory's name (the model card's ``base_model``)."""
+    cfg_path = config_dir / "config.json" if config_dir is not None else None
+    if cfg_path is not None and cfg_path.is_file():
+        try:
+            name = json.loads(cfg_path.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and HUB_ID.match(name) and not Path(name).exists():
+            return name
+    return base_path.name
+
+
+def _pattern(name: str) -> str:
+    return LAYER_NUMBER.sub(".*.", name)
+
+
+def roles_table(plan: Plan) -> list[str]:
+    """One Markdown row per name pattern (layer numbers as *): role, action, SVC, layout."""
+    groups: dict[tuple[str, ...], int] = {}
+    for e in plan.entries:
+        action = {"method": f"`{e.method}`", "copy": "copied",
+                  "fallback": f"fallback `{plan.recipe.scope.fallback}`"}[e.action]
+        layout = "Conv1D: merged transposed, as (out, in)" if e.transpose else ""
+        key = (_pattern(e.name), e.role, action, "yes" if e.calibrate else "–", layout)
+        groups[key] = groups.get(key, 0) + 1
+    rows = ["| tensors | count | role | action | SVC | layout |", "|---|---:|---|---|---|---|"]
+    rows += [f"| `{k[0]}` | {n} | {k[1]} | {k[2]} | {k[3]} | {k[4]} |" for k, n in groups.items()]
+    return rows
+
+
+def model_card(plan: Plan, base_path: Path, config_dir: Path | None) -> str:
+    """The model card, after the Hugging Face conventions: YAML front matter (base_model, tags,
+    library_name), the method, calibration, scope and inputs (named relative to the recipe), and
+    what happened to every tensor, by name pattern. No timings, so it is deterministic."""
+    recipe = plan.recipe
     method = get_method(recipe.merge_method)
+    counts = plan.counts()
     lines = [
-        "---", "library_name: transformers", "tags: [merge, specmerge]", "---", "",
-        f"# Merged with specmerge {__version__}", "",
+        "---", f"base_model: {json.dumps(base_model_id(config_dir, base_path))}",
+        "library_name: transformers", f"tags: [merge, specmerge, {recipe.merge_method}]", "---",
+        "", f"# Merged with specmerge {__version__}", "",
         f"- **Method:** `{recipe.merge_method}`: {method.summary} ({method.citation})",
         f"- **Parameters:** `{json.dumps(recipe.parameters, sort_keys=True)}`",
     ]
@@ -114,9 +156,11 @@ def model_card(recipe: Recipe, base_path: Path, counts: Mapping[str, int]) -> st
         f"- **Compute dtype:** {recipe.dtype}; seed {recipe.seed}",
         f"- **Tensors:** {counts.get('method', 0)} by the method, {counts.get('fallback', 0)} by "
         f"the fallback, {counts.get('copy', 0)} copied, {counts.get('calibrated', 0)} calibrated",
-        "", "## Inputs", "", f"- base: `{base_path}`",
-        *[f"- expert {i + 1}: `{m.model}` (weight {m.weight})"
+        "", "## Inputs", "", f"- base: `{recipe.relative(base_path)}`",
+        *[f"- expert {i + 1}: `{recipe.relative(m.model)}` (weight {m.weight})"
           for i, m in enumerate(recipe.models)],
-        "", "The full resolved recipe is in `specmerge_recipe.yaml`.", "",
+        *(["", "Paths are relative to the recipe's directory."] if recipe._root else []), "",
+        "## What happened to each tensor", "", *roles_table(plan), "",
+        "The full resolved recipe is in `specmerge_recipe.yaml`.", "",
     ]
     return "\n".join(lines)

@@ -62,7 +62,7 @@ class HFDirSink:
         out_dtype = main_dtype([(e.shape, e.out_dtype) for e in self.plan.entries])
         write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype)
         write_text(self.tmp / "README.md",
-                   model_card(self.plan.recipe, self.base_path, self.plan.counts()))
+                   model_card(self.plan, self.base_path, self.config_dir))
         self._finished = True
         return self.out
 
