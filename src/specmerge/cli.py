@@ -233,6 +233,28 @@ def diagnose(
         _fail(err)
 
 
+@app.command()
+def convert(
+    recipe: Annotated[Path, typer.Argument(help="A mergekit YAML (base model plus experts).")],
+) -> None:
+    """Print the specmerge recipe that means what the mergekit recipe means (YAML, to stdout)."""
+    import yaml
+
+    from specmerge.errors import RecipeError
+    from specmerge.mergekit import MergekitError, from_mergekit
+    from specmerge.recipe import read_yaml
+
+    try:
+        data = read_yaml(recipe)
+        if not isinstance(data, dict):
+            raise RecipeError(f"{recipe}: a recipe is a YAML mapping")
+        out = from_mergekit(data)
+    except (RecipeError, MergekitError) as err:
+        _fail(err)
+    typer.echo(f"# specmerge recipe converted from the mergekit recipe {recipe}")
+    typer.echo(yaml.safe_dump(out, sort_keys=False).rstrip())
+
+
 @example_app.command("quickstart")
 def example_quickstart(
     directory: Annotated[Path, typer.Argument(help="Where to write base/ and expert_1..3/.")],

@@ -125,6 +125,9 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
     method_kwargs: dict[str, Any] = dict(recipe.parameters)
     if method.uses_weights:
         method_kwargs["weights"] = weights
+    if method.uses_densities:
+        method_kwargs["densities"] = [1.0 if m.density is None else m.density
+                                      for m in recipe.models]
     fallback_method = FALLBACK_METHODS[recipe.scope.fallback]
     fallback_kwargs: dict[str, Any] = (
         {"weights": weights, "scaling": recipe.scope.fallback_scaling}

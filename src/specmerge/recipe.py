@@ -23,8 +23,10 @@ from pydantic import (
 
 from specmerge.errors import RecipeError
 from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
-from specmerge.methods.registry import SCALING, get_method
+from specmerge.mergekit import MergekitError, from_mergekit, is_mergekit
+from specmerge.methods.registry import SCALING, Interval, get_method
 
+DENSITY = Interval(float, 0, 1)
 MAX_RECIPE_BYTES = 1_000_000
 MAX_ECHO = 300  # characters of a value or message echoed back in one error line
 FALLBACKS = ("average", "task_arithmetic", "base")
@@ -64,6 +66,14 @@ class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     weight: float = 1.0
+    density: float | None = None  # per-model density, for methods that take one (gta)
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float | None) -> float | None:
+        if v is not None and not DENSITY.is_satisfied_by(v):
+            raise ValueError(f"density must be {DENSITY}, got {v!r}")
+        return v
 
     @field_validator("weight")
     @classmethod
@@ -75,31 +85,8 @@ class ModelRef(BaseModel):
     def _from_string(cls, data: Any) -> Any:
         if isinstance(data, (str, os.PathLike)):
             return {"model": os.fspath(data)}
-        if isinstance(data, dict) and "parameters" in data:
-            data = _from_mergekit_entry(data)
         _reject_unknown(cls, data, "an entry of 'models'")
         return data
-
-
-def _from_mergekit_entry(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept mergekit's ``{model: m, parameters: {weight: w}}`` as ``{model: m, weight: w}``.
-
-    Other per-model parameters (mergekit's per-model ``density``…) have no specmerge meaning:
-    method parameters are set once, under the recipe's top-level ``parameters``.
-    """
-    data = dict(data)
-    params = data.pop("parameters") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"'parameters' of an entry of 'models' must be a mapping, got {params!r}")
-    extra = sorted(set(params) - {"weight"})
-    if extra:
-        raise ValueError(f"per-model parameters {extra} are not supported (only 'weight'); set "
-                         "method parameters once, under the recipe's top-level 'parameters'")
-    if "weight" in params:
-        if "weight" in data:
-            raise ValueError("an entry of 'models' gives 'weight' twice (also under 'parameters')")
-        data["weight"] = params["weight"]
-    return data
 
 
 class Scope(_Strict):
@@ -191,6 +178,9 @@ class Recipe(_Strict):
                 raise ValueError(f"models[{i}] is the base model itself ({m.model}); list only "
                                  "the fine-tuned experts (mergekit recipes often list the base "
                                  "there too: remove it)")
+        if not method.uses_densities and any(m.density is not None for m in self.models):
+            raise ValueError(f"method {self.merge_method!r} does not take per-model densities; "
+                             f"set its parameters under 'parameters'")
         if not method.uses_weights and any(m.weight != 1.0 for m in self.models):
             raise ValueError(f"method {self.merge_method!r} does not use per-model weights; "
                              f"remove 'weight' from 'models' or use a method that does")
@@ -218,8 +208,13 @@ class Recipe(_Strict):
         return os.path.relpath(os.fspath(path), self._root) if self._root else os.fspath(path)
 
     def resolved(self) -> dict[str, Any]:
-        """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records."""
-        return self.model_dump(mode="json")
+        """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records (a model's
+        ``density`` only where it is set: only some methods take one)."""
+        data = self.model_dump(mode="json")
+        for m in data["models"]:
+            if m.get("density") is None:
+                m.pop("density", None)
+        return data
 
 
 def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -262,6 +257,11 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, found {type(data).__name__}")
         root, from_file = path.resolve().parent, True
+    if is_mergekit(data):
+        try:
+            data = from_mergekit(data)
+        except MergekitError as err:
+            raise RecipeError(f"mergekit recipe: {_cap(str(err))}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
     data = _resolve_paths(data, root)
     try:

@@ -308,3 +308,115 @@ def dare(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = No
         keep = torch.rand(tau.shape, generator=gen, dtype=torch.float32) >= drop_rate
         out.add_(tau * keep.to(tau.device), alpha=w / (1.0 - drop_rate))
     return out.mul_(scaling)
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit's generalized task arithmetic (GTA), the semantics of its recipes
+# ---------------------------------------------------------------------------------------------
+
+def _l1_rescaled(tau: Tensor, kept: Tensor) -> Tensor:
+    """``kept`` scaled to τ's L1 norm (mergekit's ``rescale``), unless either is below 1e-7."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def sparsify(tau: Tensor, density: float, method: str, *, gamma: float = 0.01,
+             rescale: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """mergekit 0.1.5's sparsifications of one task vector (``mergekit/sparsify.py``):
+
+    - magnitude: keep the k = max(1, ⌊density·n⌋) largest |τ| (density ≤ 0 keeps none);
+    - magnitude_outliers (Model Breadcrumbs, arXiv 2312.06795): drop the ⌊gamma·n⌋ largest,
+      then keep the next ⌊density·n⌋ (fewer outliers dropped when the count demands it);
+    - random (DARE): keep each entry with probability density, from ``generator``.
+    density ≥ 1 returns τ. ``rescale`` scales the kept entries back to τ's L1 norm.
+    """
+    if density >= 1 or method == "none":
+        return tau
+    n = tau.numel()
+    flat = tau.reshape(-1)
+    if method == "random":
+        keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
+        kept = tau * keep.to(tau.device)
+    else:
+        if density <= 0 or n == 0:
+            return torch.zeros_like(tau)
+        order = torch.argsort(flat.abs().float(), descending=method == "magnitude")
+        if method == "magnitude":
+            idx = order[:max(1, int(density * n))]
+        else:
+            target = int(density * n)
+            low = max(0, n - target - int(gamma * n))
+            idx = order[low:low + target]
+        mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+        mask[idx] = True
+        kept = torch.where(mask, flat, torch.zeros((), dtype=tau.dtype,
+                                                   device=tau.device)).reshape(tau.shape)
+    return _l1_rescaled(tau, kept) if rescale else kept
+
+
+@register(
+    "gta",
+    family="elementwise",
+    summary="mergekit's generalized task arithmetic: sparsify each τ_i at its own density, "
+            "weight, optionally elect signs, sum, optionally normalise, scale.",
+    citation="Goddard et al., Arcee's MergeKit, arXiv 2403.13257 (generalized task arithmetic "
+             "as in mergekit 0.1.5)",
+    docs={
+        "sparsification": "none, magnitude (TIES), random (DARE) or magnitude_outliers "
+                          "(Model Breadcrumbs)",
+        "consensus": "none, or the sign election: sum (TIES: sign of Σ w_i τ_i) or count "
+                     "(majority of signs)",
+        "normalize": "divide by Σ w_i over the kept (and agreeing) entries",
+        "rescale": "scale each sparsified τ_i back to its L1 norm",
+        "gamma": "share of the largest |τ| dropped by magnitude_outliers",
+        "scaling": "λ applied to the merged update (mergekit's lambda)",
+    },
+    constraints={"gamma": Interval(float, 0, 1)},
+    uses_weights=True,
+    uses_densities=True,
+    uses_rng=True,
+    notes="Used for recipes in mergekit's format: linear, task_arithmetic, ties, dare_ties, "
+          "dare_linear, breadcrumbs and breadcrumbs_ties map onto it. DARE's masks come from "
+          "specmerge's per-parameter seeds, so they differ from mergekit's (same distribution).",
+)
+def gta(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None,
+        densities: Sequence[float] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        sparsification: Literal["none", "magnitude", "random", "magnitude_outliers"] = "none",
+        consensus: Literal["none", "sum", "count"] = "none", normalize: bool = False,
+        rescale: bool = False, gamma: float = 0.01, scaling: float = 1.0) -> Tensor:
+    """Generalized task arithmetic, as mergekit 0.1.5 computes it (arXiv 2403.13257):
+
+        δ_i = w_i · sparsify(τ_i, d_i)
+        with consensus: s = sign(Σ δ_i) (sum; ≥ 0 counts as +) or sign(Σ sign δ_i) (count),
+                        m_i = [sign δ_i = s],  τ = Σ m_i δ_i,  D = Σ m_i w_i (0 → 1)
+        without:        τ = Σ δ_i,  D = Σ w_i (|D| < 1e-8 → 1)
+        τ ← τ / D if normalize;  τ ← λ τ.
+
+    ``densities`` are the models' d_i (default 1); ``generators`` drive the random sparsification.
+    """
+    ws = _weights(task_vectors, weights)
+    ds = [1.0] * len(task_vectors) if densities is None else [float(d) for d in densities]
+    gens: Sequence[torch.Generator | None] = (
+        list(generators) if generators is not None else [None] * len(task_vectors))
+    deltas = [sparsify(t, d, sparsification, gamma=gamma, rescale=rescale, generator=g).mul(w)
+              for t, d, g, w in zip(task_vectors, ds, gens, ws, strict=True)]
+    if consensus == "none":
+        merged = weighted_sum(deltas)
+        divisor = torch.full_like(merged, sum(ws))
+        divisor[divisor.abs() < 1e-8] = 1
+    else:
+        votes = weighted_sum(deltas if consensus == "sum" else [d.sign() for d in deltas])
+        elected = torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
+        merged = torch.zeros_like(deltas[0])
+        divisor = torch.zeros_like(deltas[0])
+        for d, w in zip(deltas, ws, strict=True):
+            agree = d.sign() == elected
+            merged.add_(torch.where(agree, d, 0.0))
+            divisor.add_(agree.to(divisor.dtype), alpha=w)
+        divisor[divisor == 0] = 1
+    if normalize:
+        merged.div_(divisor)
+    return merged.mul_(scaling)

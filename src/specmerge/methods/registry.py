@@ -10,7 +10,8 @@ the function, write the error text, document the parameter and give invalid valu
 
 Calling conventions (see DESIGN.md):
 - merge methods: ``fn(task_vectors, *, <params>) -> Tensor`` (the merged update τ, not θ).
-  Methods with ``uses_weights`` also take ``weights`` (one float per expert); methods with
+  Methods with ``uses_weights`` also take ``weights`` (one float per expert), with
+  ``uses_densities`` ``densities`` (each model's ``density``, default 1); methods with
   ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert); a method with
   a ``statistic`` takes its value under ``statistic.kwarg`` when the statistic is wanted.
 - calibrations: ``fn(merged, task_vectors, *, <params>) -> Tensor``.
@@ -30,7 +31,7 @@ from torch import Tensor
 
 Family = Literal["elementwise", "subspace", "interference", "calibration"]
 # keyword arguments supplied by the engine, never by the user
-ENGINE_ARGS = frozenset({"weights", "generators"})
+ENGINE_ARGS = frozenset({"weights", "densities", "generators"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ class Method:
     params: tuple[Param, ...]
     matrix_only: bool = False
     uses_weights: bool = False
+    uses_densities: bool = False
     uses_rng: bool = False
     statistic: Statistic | None = None
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
@@ -300,6 +302,7 @@ def register(
     constraints: Mapping[str, Any] | None = None,
     matrix_only: bool = False,
     uses_weights: bool = False,
+    uses_densities: bool = False,
     uses_rng: bool = False,
     statistic: Statistic | None = None,
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
@@ -343,6 +346,7 @@ def register(
         _REGISTRY[name] = Method(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
+            uses_densities=uses_densities,
             uses_rng=uses_rng, statistic=statistic, check=check, notes=notes,
         )
         return validated

@@ -1,0 +1,189 @@
+"""mergekit recipes: a mergekit YAML for a base plus experts, read with mergekit's meaning.
+
+mergekit's task-vector methods are one family, generalized task arithmetic (GTA, mergekit
+0.1.5's ``merge_methods/registry.py``): per-model ``weight`` and ``density``, a sparsification,
+an optional sign consensus, ``normalize``, ``rescale`` and ``lambda``. specmerge's ``gta`` method
+computes the same thing, so each mergekit method becomes ``gta`` with its preset:
+
+| mergekit | sparsification | consensus | normalize | rescale |
+|---|---|---|---|---|
+| task_arithmetic | none | none | false | false |
+| ties | magnitude | sum | true | false |
+| dare_ties | random | sum | false | true |
+| dare_linear | random | none | false | true |
+| breadcrumbs | magnitude_outliers | none | false | false |
+| breadcrumbs_ties | magnitude_outliers | sum | false | false |
+
+``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
+with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
+base model, as mergekit does. What specmerge cannot honour is refused by name: ``slices``,
+gradients (lists of values), ``filter``-ed values, ``modules``, other tokenizer sources, and
+methods specmerge lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+GTA_PRESETS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"sparsification": "none", "consensus": "none", "normalize": False,
+                        "rescale": False},
+    "ties": {"sparsification": "magnitude", "consensus": "sum", "normalize": True,
+             "rescale": False},
+    "dare_ties": {"sparsification": "random", "consensus": "sum", "normalize": False,
+                  "rescale": True},
+    "dare_linear": {"sparsification": "random", "consensus": "none", "normalize": False,
+                    "rescale": True},
+    "breadcrumbs": {"sparsification": "magnitude_outliers", "consensus": "none",
+                    "normalize": False, "rescale": False},
+    "breadcrumbs_ties": {"sparsification": "magnitude_outliers", "consensus": "sum",
+                         "normalize": False, "rescale": False},
+}
+SUPPORTED = ("linear", *GTA_PRESETS)
+OTHER_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "passthrough",
+                 "della", "della_linear", "sce", "nearswap", "arcee_fusion", "core_space",
+                 "ram", "lrp", "task_adapter")
+# method names that only mergekit uses (task_arithmetic and ties are specmerge's too)
+MERGEKIT_ONLY = frozenset(SUPPORTED) - {"task_arithmetic", "ties"} | frozenset(OTHER_METHODS)
+MODEL_PARAMS = ("weight", "density", "gamma")
+SHARED_PARAMS = ("normalize", "rescale", "int8_mask", "lambda")
+TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "name")
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices (frankenmerges); give every expert whole, under 'models'",
+    "modules": "per-module merge definitions; merge whole models",
+    "chat_template": "chat templates; set it in the output's tokenizer_config.json",
+}
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+class MergekitError(ValueError):
+    """A mergekit recipe feature that specmerge does not implement (named in the message)."""
+
+
+def is_mergekit(data: dict[str, Any]) -> bool:
+    """A mergekit recipe: per-model ``parameters``, a mergekit-only key or method name, or
+    mergekit's shared parameters."""
+    models = data.get("models")
+    if isinstance(models, list) and any(isinstance(m, dict) and "parameters" in m
+                                        for m in models):
+        return True
+    if any(k in data for k in ("slices", "tokenizer_source", "tokenizer", "modules",
+                               "chat_template")):
+        return True
+    if data.get("merge_method") in MERGEKIT_ONLY:
+        return True
+    params = data.get("parameters")
+    return isinstance(params, dict) and any(k in params for k in SHARED_PARAMS)
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            raise MergekitError(f"{where}: values filtered by tensor name (a list of "
+                                f"{{filter, value}}) are not supported; give one value")
+        raise MergekitError(f"{where}: gradients (a list of values interpolated over layers) "
+                            f"are not supported; give one value")
+    if isinstance(value, dict):
+        raise MergekitError(f"{where}: a mapping is not supported here; give one value")
+    return value
+
+
+def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, (str, os.PathLike)):
+        return os.fspath(entry), {}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise MergekitError(f"models[{i}]: expected a path or {{model: PATH, parameters: …}}")
+    unknown = sorted(set(entry) - {"model", "parameters"})
+    if unknown:
+        raise MergekitError(f"models[{i}]: keys {unknown} are not supported")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise MergekitError(f"models[{i}].parameters must be a mapping")
+    extra = sorted(set(params) - set(MODEL_PARAMS))
+    if extra:
+        raise MergekitError(f"models[{i}].parameters {extra} are not supported (specmerge reads "
+                            f"{list(MODEL_PARAMS)})")
+    return os.fspath(entry["model"]), {k: _scalar(v, f"models[{i}].parameters.{k}")
+                                       for k, v in params.items()}
+
+
+def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+    """The specmerge recipe (a dict) that means what the mergekit recipe ``data`` means."""
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise MergekitError(f"mergekit's '{key}' is not supported: {why}")
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise MergekitError(f"mergekit recipe keys {unknown} are not supported")
+    method = data.get("merge_method")
+    if method not in SUPPORTED:
+        lacking = f"mergekit's {method!r} is not implemented in specmerge" if method in \
+            OTHER_METHODS else f"unknown mergekit merge_method {method!r}"
+        raise MergekitError(f"{lacking}; supported: {list(SUPPORTED)}, or write a specmerge "
+                            f"recipe (specmerge methods lists ours)")
+    tok = data.get("tokenizer_source", (data.get("tokenizer") or {}).get("source")
+                   if isinstance(data.get("tokenizer"), dict) else data.get("tokenizer"))
+    if tok not in (None, "base"):
+        raise MergekitError(f"tokenizer source {tok!r} is not supported yet: only 'base' (the "
+                            f"base model's tokenizer and vocabulary)")
+    shared = dict(data.get("parameters") or {})
+    defaults = {k: _scalar(shared.pop(k), f"parameters.{k}") for k in MODEL_PARAMS if k in shared}
+    extra = sorted(set(shared) - set(SHARED_PARAMS))
+    if extra:
+        raise MergekitError(f"parameters {extra} are not mergekit's shared parameters for "
+                            f"{method} (specmerge reads {list(SHARED_PARAMS + MODEL_PARAMS)})")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise MergekitError("'models' must list the models to merge")
+    entries = [_model_path(m, i) for i, m in enumerate(models)]
+    base = data.get("base_model")
+    if base is None:
+        if method != "linear":
+            raise MergekitError(f"mergekit's {method} needs a base_model")
+        base = entries[0][0]
+    base = os.fspath(base)
+    experts = [(p, {**defaults, **q}) for p, q in entries
+               if os.path.realpath(p) != os.path.realpath(base)]
+    if not experts:
+        raise MergekitError("no model other than the base to merge")
+
+    params: dict[str, Any] = {}
+    if method == "linear":
+        weights = [{**defaults, **q}.get("weight", 1.0) for _, q in entries]
+        total = float(sum(weights))
+        if shared.get("normalize", True):
+            if total == 0:
+                raise MergekitError("linear: the weights sum to zero")
+            params["scaling"] = 1.0 / total
+        elif abs(total - 1.0) > 1e-12:
+            raise MergekitError("linear with normalize: false sums Σ w_i θ_i, which is not a "
+                                "base plus task vectors unless the weights sum to 1")
+        params.update(GTA_PRESETS["task_arithmetic"])
+    else:
+        params.update(GTA_PRESETS[method])
+        for key in ("normalize", "rescale"):
+            if key in shared:
+                params[key] = bool(shared[key])
+        if "lambda" in shared:
+            params["scaling"] = float(shared["lambda"])
+    gammas = {q["gamma"] for _, q in experts if "gamma" in q}
+    if len(gammas) > 1:
+        raise MergekitError("per-model gamma values differ; specmerge takes one gamma")
+    if gammas:
+        params["gamma"] = gammas.pop()
+    out: dict[str, Any] = {
+        "base_model": base,
+        "models": [{"model": p, "weight": q.get("weight", 1.0),
+                    **({"density": q["density"]} if "density" in q else {})}
+                   for p, q in experts],
+        "merge_method": "gta", "parameters": params,
+    }
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
+        out["out_dtype"] = DTYPES[str(dtype)]
+    return out
