@@ -220,3 +220,45 @@ def test_model_card_follows_hub_conventions(tmp_path) -> None:
     card = (specmerge.merge(recipe, tmp_path / "out2", progress=False).out_dir
             / "README.md").read_text()
     assert 'base_model: "base"' in card
+
+
+CONFIG_CODE = '''from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_llama"
+'''
+MODELING_CODE = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+def test_trust_remote_code_base_merges_into_a_loadable_output(tmp_path) -> None:
+    base, experts = build("llama", tmp_path, k=2)
+    for d in (base, *experts):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="tiny_llama", architectures=["TinyForCausalLM"],
+                   auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                             "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+        (d / "config.json").write_text(json.dumps(cfg))
+    (base / "configuration_tiny.py").write_text(CONFIG_CODE)
+    (base / "modeling_tiny.py").write_text(MODELING_CODE)
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "swudi", "calibrate": {"method": "svc"}}
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, output_loading_info=True)
+    assert type(model).__name__ == "TinyForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # roles were inferred for the unknown model type: the embedding is not a matrix parameter
+    plan = {e.name: e for e in plan_recipe(recipe).entries}
+    assert plan["model.embed_tokens.weight"].role == "embedding"
+    assert plan["model.embed_tokens.weight"].action == "fallback"
+    with torch.no_grad():
+        assert model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=2, do_sample=False,
+                              pad_token_id=0).shape == (1, 5)
