@@ -262,3 +262,36 @@ def test_trust_remote_code_base_merges_into_a_loadable_output(tmp_path) -> None:
     with torch.no_grad():
         assert model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=2, do_sample=False,
                               pad_token_id=0).shape == (1, 5)
+
+
+def test_added_tokens_with_the_base_vocabulary(tmp_path, caplog) -> None:
+    from specmerge.errors import IncompatibleCheckpointError
+
+    base, experts = build("llama", tmp_path, k=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(experts[1])
+    model.resize_token_embeddings(99)  # a fine-tune that added 3 tokens
+    experts[1] = tmp_path / "expert_added"
+    model.save_pretrained(experts[1])
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "task_arithmetic", "calibrate": {"method": "svc"}}
+    with pytest.raises(IncompatibleCheckpointError, match=r"adds 3 token.*tokenizer: \{source: base\}"):
+        specmerge.merge(recipe, tmp_path / "out", progress=False)
+    with caplog.at_level("WARNING"):
+        out = specmerge.merge({**recipe, "tokenizer": {"source": "base"}}, tmp_path / "out",
+                              progress=False).out_dir
+    assert "dropping the 3 row(s)" in caplog.text
+    merged, info = _load("llama", out)
+    assert merged.get_input_embeddings().weight.shape[0] == 96
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # the kept rows are merged as usual: row 5 of the embedding from the two experts' rows 5
+    from safetensors.torch import load_file
+
+    def emb(d):
+        return next(load_file(str(f))["model.embed_tokens.weight"] for f in d.glob("*.safetensors")
+                    if "model.embed_tokens.weight" in load_file(str(f)))
+
+    e0, e1, b = emb(experts[0]), emb(experts[1]), emb(base)
+    want = b[:96].float() + 0.3 * ((e0[:96].float() - b.float()) + (e1[:96].float() - b.float()))
+    torch.testing.assert_close(emb(out).float(), want.to(torch.bfloat16).float())
+    with pytest.raises(specmerge.SpecmergeError, match="'union' is not supported yet"):
+        specmerge.load_recipe({**recipe, "tokenizer": {"source": "union"}})

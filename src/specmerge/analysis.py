@@ -79,7 +79,7 @@ def _prepare(recipe: Recipe | dict[str, Any] | str | Path, dtype: str | None, de
     rec = load_recipe(recipe, dtype=dtype)
     backend = make_backend(workers)
     dev = resolve_device(device)
-    source = CheckpointSource(rec.base_model, [m.model for m in rec.models], allow_nonfinite)
+    source = CheckpointSource.from_recipe(rec, allow_nonfinite)
     plan = build_plan(rec, source.index(), source.model_info())
     alpha, rank_ratio = _settings(rec)
     step = AnalyzeStep({}, dev, plan.compute_dtype, alpha, rank_ratio)

@@ -230,7 +230,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     out = Path(out_dir).expanduser().resolve()
     dev = resolve_device(device)
 
-    source = CheckpointSource(rec.base_model, [m.model for m in rec.models], allow_nonfinite)
+    source = CheckpointSource.from_recipe(rec, allow_nonfinite)
     claim = check_output_path(out, source.paths, force)
     check_auto_map(source.config_dir)
     plan = build_plan(rec, source.index(), source.model_info())
@@ -252,7 +252,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
 def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
     """The plan a merge of ``recipe`` would run (headers and config.json only, no tensor)."""
     rec = load_recipe(recipe)
-    source = CheckpointSource(rec.base_model, [m.model for m in rec.models])
+    source = CheckpointSource.from_recipe(rec)
     return build_plan(rec, source.index(), source.model_info())
 
 

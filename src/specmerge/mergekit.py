@@ -70,7 +70,7 @@ def is_mergekit(data: dict[str, Any]) -> bool:
     if isinstance(models, list) and any(isinstance(m, dict) and "parameters" in m
                                         for m in models):
         return True
-    if any(k in data for k in ("slices", "tokenizer_source", "tokenizer", "modules",
+    if any(k in data for k in ("slices", "tokenizer_source", "modules",
                                "chat_template")):
         return True
     if data.get("merge_method") in MERGEKIT_ONLY:
@@ -181,6 +181,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                    for p, q in experts],
         "merge_method": "gta", "parameters": params,
     }
+    if tok is not None:
+        out["tokenizer"] = {"source": tok}
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None:
         if str(dtype) not in DTYPES:

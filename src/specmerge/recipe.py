@@ -122,6 +122,25 @@ class Scope(_Strict):
         return v
 
 
+class TokenizerSpec(_Strict):
+    """Which vocabulary the output has when experts add tokens (mergekit's ``tokenizer_source``).
+
+    ``base``: the base's; rows past it in the experts' embeddings and heads are dropped, with a
+    warning that counts them. (``union`` and a model index are not supported yet.)
+    """
+
+    _where: ClassVar[str] = "'tokenizer'"
+    source: str | int = "base"
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str | int) -> str | int:
+        if v != "base":
+            raise ValueError(f"tokenizer source {v!r} is not supported yet: only 'base' (keep "
+                             f"the base's vocabulary, drop the experts' added tokens)")
+        return v
+
+
 class Recipe(_Strict):
     """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
 
@@ -134,6 +153,7 @@ class Recipe(_Strict):
     dtype: str = "float32"
     out_dtype: str | None = None
     seed: int = 0
+    tokenizer: TokenizerSpec | None = None
 
     @field_validator("models")
     @classmethod
@@ -199,6 +219,11 @@ class Recipe(_Strict):
     _root: str | None = PrivateAttr(default=None)  # the directory relative paths resolved from
 
     @property
+    def vocabulary(self) -> str:
+        """What the sources do with added tokens: "error" unless the recipe sets a source."""
+        return "error" if self.tokenizer is None else str(self.tokenizer.source)
+
+    @property
     def num_experts(self) -> int:
         return len(self.models)
 
@@ -211,6 +236,8 @@ class Recipe(_Strict):
         """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records (a model's
         ``density`` only where it is set: only some methods take one)."""
         data = self.model_dump(mode="json")
+        if data.get("tokenizer") is None:
+            data.pop("tokenizer", None)
         for m in data["models"]:
             if m.get("density") is None:
                 m.pop("density", None)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from torch import Tensor
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.plan import ParamInfo
+from specmerge.recipe import Recipe
 from specmerge.roles import TIED_EMBEDDING, ModelInfo, parameter_role
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,25 @@ class CheckpointSource:
     """Dense checkpoints on disk: a base and K experts, read one tensor at a time."""
 
     def __init__(self, base: str | Path, experts: Sequence[str | Path],
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, vocabulary: VocabularySource = "error"):
         self.base = Checkpoint(base)
         self.experts = [Checkpoint(p) for p in experts]
         self.allow_nonfinite = allow_nonfinite
-        pair = tied_pair(self.index(), self.model_info())
+        info = self.model_info()
+        pair = tied_pair(self.index(), info)
+        self.rows: list[dict[str, int]] = []  # per expert: tensors read up to the base's rows
         for ckpt in self.experts:
             if pair is not None:
                 match_tied_head(self.base, ckpt, *pair)
-            check_compatible(self.base, ckpt)
+            self.rows.append(added_token_rows(self.base, ckpt, info, vocabulary))
+            check_compatible(self.base, ckpt, other_shape=self.rows[-1])
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointSource:
+        """The recipe's base and experts, with its tokenizer source for added tokens."""
+        vocabulary: VocabularySource = "base" if recipe.vocabulary == "base" else "error"
+        return cls(recipe.base_model, [m.model for m in recipe.models], allow_nonfinite,
+                   vocabulary)
 
     @property
     def paths(self) -> list[Path]:
@@ -101,8 +112,44 @@ class CheckpointSource:
 
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
         theta0 = self._read(self.base, name).to(device, dtype)
-        taus = [self._read(e, name).to(device, dtype).sub_(theta0) for e in self.experts]
+        taus = []
+        for ckpt, rows in zip(self.experts, self.rows, strict=True):
+            t = self._read(ckpt, name)
+            if name in rows:
+                t = t[:rows[name]]
+            taus.append(t.to(device, dtype).sub_(theta0))
         return TaskVectors(theta0, taus)
+
+
+VocabularySource = Literal["error", "base"]
+
+
+def added_token_rows(base: Checkpoint, expert: Checkpoint, info: ModelInfo,
+                     vocabulary: VocabularySource) -> dict[str, int]:
+    """The embedding and head tensors where ``expert`` has more rows than the base (added
+    tokens), each with the base's row count. With ``vocabulary`` "base" they are read up to the
+    base's rows (the added rows are dropped, with a warning that counts them); otherwise such an
+    expert is an error that names the recipe key that resolves it."""
+    rows = {}
+    for name, b in base.infos.items():
+        e = expert.infos.get(name)
+        if (e is not None and len(b.shape) == 2 and e.shape[1:] == b.shape[1:]
+                and e.shape[0] > b.shape[0]
+                and parameter_role(name, b.shape, b.dtype, info) in ("embedding", "head")):
+            rows[name] = b.shape[0]
+    if not rows:
+        return rows
+    name = next(iter(rows))
+    added = expert.infos[name].shape[0] - rows[name]
+    if vocabulary != "base":
+        raise IncompatibleCheckpointError(
+            f"{expert.infos[name].file}: tensor {name!r} has {expert.infos[name].shape[0]} rows, "
+            f"the base {rows[name]}: this expert adds {added} token(s) to the vocabulary. Set "
+            f"'tokenizer: {{source: base}}' in the recipe to keep the base's vocabulary and drop "
+            f"the added rows ('tokenizer_source: base' in a mergekit recipe)")
+    log.warning("%s: dropping the %d row(s) past the base's vocabulary (added tokens) of %s "
+                "(tokenizer source: base)", expert.path, added, ", ".join(sorted(rows)))
+    return rows
 
 
 def tied_pair(index: Mapping[str, ParamInfo], info: ModelInfo) -> tuple[str, str] | None:

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
@@ -354,14 +354,18 @@ class Checkpoint:
         return sum(i.numel for i in self.infos.values())
 
 
-def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
+def check_compatible(base: Checkpoint, expert: Checkpoint,
+                     other_shape: Collection[str] = ()) -> None:
     """Every expert holds exactly the base's tensor names and shapes, with compatible dtypes.
 
     Floating tensors may differ in float dtype (they are upcast anyway); non-floating ones must
-    match exactly. The first mismatch is named, with the expert's file, expected and found.
+    match exactly. ``other_shape`` names tensors whose shape the caller reconciles (added
+    tokens). The first mismatch is named, with the expert's file, expected and found.
     """
     for name, b in base.infos.items():
         e = expert.infos.get(name)
+        if e is not None and name in other_shape:
+            continue
         if e is None:
             raise IncompatibleCheckpointError(
                 f"{expert.path}: tensor {name!r} is missing (the base {base.path} has it, "
