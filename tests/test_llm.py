@@ -31,6 +31,7 @@ ARCHS = {
     "gpt2": ("GPT2Config", "AutoModelForCausalLM",
              {"vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
               "bos_token_id": 1, "eos_token_id": 2}),
+    "phi3": ("Phi3Config", "AutoModelForCausalLM", {**COMMON, "pad_token_id": 0}),
     "bert": ("BertConfig", "AutoModel",
              {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}),
@@ -117,7 +118,8 @@ def test_gpt2_conv1d_is_merged_in_linear_orientation(tmp_path, method) -> None:
     from safetensors.torch import load_file
 
     base, experts = build("gpt2", tmp_path, k=3, dtype=torch.float32, seed=3)
-    recipe = {"base_model": str(base), "models": [str(e) for e in experts], **METHODS[method]}
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts], **METHODS[method],
+              "scope": {"split_fused": False}}  # c_attn whole here; its blocks: next test
     out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
     got = {}
     for f in out.glob("*.safetensors"):
@@ -295,3 +297,64 @@ def test_added_tokens_with_the_base_vocabulary(tmp_path, caplog) -> None:
     torch.testing.assert_close(emb(out).float(), want.to(torch.bfloat16).float())
     with pytest.raises(specmerge.SpecmergeError, match="'union' is not supported yet"):
         specmerge.load_recipe({**recipe, "tokenizer": {"source": "union"}})
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in d.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("arch, name, sizes, transpose", [
+    ("gpt2", "transformer.h.1.attn.c_attn.weight", (32, 32, 32), True),
+    ("phi3", "model.layers.1.self_attn.qkv_proj.weight", (32, 16, 16), False),  # GQA: 4 q, 2 kv
+    ("phi3", "model.layers.0.mlp.gate_up_proj.weight", (64, 64), False),
+])
+def test_fused_projections_are_merged_block_by_block(tmp_path, arch, name, sizes,
+                                                     transpose) -> None:
+    from specmerge.methods.interference import swudi
+
+    base, experts = build(arch, tmp_path, k=3, dtype=torch.float32, seed=5)
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "swudi"}
+    entry = next(e for e in plan_recipe(recipe).entries if e.name == name)
+    assert entry.role == "fused" and entry.blocks is not None
+    assert entry.blocks.sizes == sizes and entry.transpose == transpose
+    got = _tensors(specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir)[name]
+    b = _tensors(base)[name]
+    taus = [_tensors(e)[name] - b for e in experts]
+    if transpose:
+        taus = [t.T.contiguous() for t in taus]
+    blocks = [t.split(list(sizes)) for t in taus]
+    want = torch.cat([swudi([bl[j] for bl in blocks]) for j in range(len(sizes))])
+    want = b + (want.T if transpose else want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    whole = specmerge.merge({**recipe, "scope": {"split_fused": False}}, tmp_path / "whole",
+                            progress=False).out_dir
+    assert not torch.allclose(_tensors(whole)[name], got)  # splitting changes the merge
+
+
+def test_gpt_neox_blocks_interleaved_per_head_are_regrouped() -> None:
+    from specmerge.engine import matrix_apply
+    from specmerge.plan import PlanEntry
+    from specmerge.roles import Blocks
+
+    heads, d, hidden = 4, 3, 5
+    # rows [head0: q0 q0 q0 k0 k0 k0 v0 v0 v0][head1: …]: give each row its block's id (0, 1, 2)
+    ids = torch.arange(3).repeat_interleave(d).repeat(heads).float()
+    t = ids[:, None].expand(heads * 3 * d, hidden).contiguous()
+    entry = PlanEntry("x.query_key_value.weight", tuple(t.shape), torch.float32, "method",
+                      False, True, role="fused", blocks=Blocks((heads * d,) * 3, interleave=heads))
+    seen = []
+
+    def record(ts):
+        seen.append(float(ts[0].mean()))
+        assert (ts[0] == ts[0][0, 0]).all()  # one block: every row from the same q, k or v
+        return ts[0] * 10
+
+    out = matrix_apply(entry, record, [t])
+    assert seen == [0.0, 1.0, 2.0]
+    torch.testing.assert_close(out, t * 10)  # put back in the interleaved layout

@@ -58,7 +58,8 @@ class AnalyzeStep:
         tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype)
         merged = merged_update(dataclasses.replace(entry, calibrate=False), tv.taus, None,
                                self.statistics)
-        taus = [t.mT.contiguous() for t in tv.taus] if entry.transpose else tv.taus  # (out, in)
+        # the metrics of the whole matrix in (out, in) orientation (a fused one unsplit)
+        taus = [t.mT.contiguous() if entry.transpose else t for t in tv.taus]
         metrics, rep = matrix_metrics(merged.mT.contiguous() if entry.transpose else merged, taus,
                                       alpha=self.alpha, rank_ratio=self.rank_ratio)
         return MatrixAnalysis(entry.name, entry.shape, metrics,

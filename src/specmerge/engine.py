@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,12 +67,9 @@ def merged_update(entry: PlanEntry, task_vectors: list[Tensor],
                   statistics: Mapping[str, Any]) -> Tensor:
     """The merged update τ of one parameter: its method or fallback, then its calibration.
 
-    Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation:
-    transposed before, and back after.
+    Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation
+    (transposed before, and back after) and a fused projection block by block (``matrix_apply``).
     """
-    def oriented(t: Tensor) -> Tensor:
-        return t.mT.contiguous() if entry.transpose else t
-
     if entry.method is None:
         merged = torch.zeros_like(task_vectors[0])
     else:
@@ -83,14 +80,41 @@ def merged_update(entry: PlanEntry, task_vectors: list[Tensor],
         if entry.action == "method":
             kwargs.update(statistics)
         if method.matrix_only:
-            merged = oriented(method.fn([oriented(t) for t in task_vectors], **kwargs))
+            merged = matrix_apply(entry, lambda taus: method.fn(taus, **kwargs), task_vectors)
         else:
             merged = method.fn(task_vectors, **kwargs)
     if entry.calibrate and calibration is not None:
         name, cal_kwargs = calibration
-        merged = oriented(get_method(name).fn(oriented(merged),
-                                              [oriented(t) for t in task_vectors], **cal_kwargs))
+        cal = get_method(name)
+        merged = matrix_apply(entry, lambda ts: cal.fn(ts[0], ts[1:], **cal_kwargs),
+                              [merged, *task_vectors])
     return merged
+
+
+def matrix_apply(entry: PlanEntry, fn: Callable[[list[Tensor]], Tensor],
+                 tensors: Sequence[Tensor]) -> Tensor:
+    """``fn`` on same-shape tensors in (out, in) orientation: transposed for a Conv1D weight,
+    and for a fused projection once per block (rows regrouped when interleaved per head), the
+    results re-stacked and put back in the stored layout."""
+    def to_matrix(t: Tensor) -> Tensor:
+        t = t.mT.contiguous() if entry.transpose else t
+        if entry.blocks is not None and entry.blocks.interleave:
+            h, n = entry.blocks.interleave, len(entry.blocks.sizes)
+            t = t.reshape(h, n, -1, t.shape[-1]).transpose(0, 1).reshape(t.shape)
+        return t
+
+    def to_stored(t: Tensor) -> Tensor:
+        if entry.blocks is not None and entry.blocks.interleave:
+            h, n = entry.blocks.interleave, len(entry.blocks.sizes)
+            t = t.reshape(n, h, -1, t.shape[-1]).transpose(0, 1).reshape(t.shape)
+        return t.mT.contiguous() if entry.transpose else t
+
+    mats = [to_matrix(t) for t in tensors]
+    if entry.blocks is None:
+        return to_stored(fn(mats))
+    parts = [m.split(list(entry.blocks.sizes)) for m in mats]
+    return to_stored(torch.cat([fn([p[j] for p in parts])
+                                for j in range(len(entry.blocks.sizes))]))
 
 
 @dataclass(frozen=True)

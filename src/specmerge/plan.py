@@ -22,8 +22,10 @@ from specmerge.methods.registry import Statistic, get_method
 from specmerge.recipe import Recipe, Scope
 from specmerge.roles import (
     MATRIX_ROLES,
+    Blocks,
     ModelInfo,
     Role,
+    fused_blocks,
     is_conv1d,
     log_inferred,
     parameter_role,
@@ -63,6 +65,7 @@ class PlanEntry:
     seeds: tuple[int, ...] = ()
     role: Role = "other"
     transpose: bool = False  # stored (in, out): matrix maths runs on the transpose
+    blocks: Blocks | None = None  # a fused projection: matrix maths runs block by block
 
     @property
     def numel(self) -> int:
@@ -142,16 +145,22 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
         out_dtype = out_override if (out_override is not None and floating) else p.dtype
         calibrate = recipe.calibrate is not None and matrix
         transpose = matrix and is_conv1d(name, info)
+        blocks = None
+        if matrix and role == "fused" and recipe.scope.split_fused:
+            blocks = fused_blocks(name, p.shape[1] if transpose else p.shape[0], info)
         if not floating:
-            entry = PlanEntry(name, p.shape, out_dtype, "copy", False, matrix, role=role, transpose=transpose)
+            entry = PlanEntry(name, p.shape, out_dtype, "copy", False, matrix, role=role,
+                              transpose=transpose, blocks=blocks)
         elif method.matrix_only and not matrix:
             entry = PlanEntry(name, p.shape, out_dtype, "fallback", calibrate, matrix,
-                              fallback_method, fallback_kwargs, role=role, transpose=transpose)
+                              fallback_method, fallback_kwargs, role=role, transpose=transpose,
+                              blocks=blocks)
         else:
             seeds = tuple(parameter_seed(recipe.seed, name, i)
                           for i in range(recipe.num_experts)) if method.uses_rng else ()
             entry = PlanEntry(name, p.shape, out_dtype, "method", calibrate, matrix,
-                              method.name, method_kwargs, seeds, role=role, transpose=transpose)
+                              method.name, method_kwargs, seeds, role=role, transpose=transpose,
+                              blocks=blocks)
         entries.append(entry)
 
     calibration = None

@@ -103,6 +103,7 @@ class Scope(_Strict):
     exclude: list[str] = ["embed", "lm_head"]
     fallback: Literal["average", "task_arithmetic", "base"] = "average"
     fallback_scaling: float = 0.3
+    split_fused: bool = True
 
     @field_validator("fallback_scaling")
     @classmethod
