@@ -295,8 +295,8 @@ def test_added_tokens_with_the_base_vocabulary(tmp_path, caplog) -> None:
     e0, e1, b = emb(experts[0]), emb(experts[1]), emb(base)
     want = b[:96].float() + 0.3 * ((e0[:96].float() - b.float()) + (e1[:96].float() - b.float()))
     torch.testing.assert_close(emb(out).float(), want.to(torch.bfloat16).float())
-    with pytest.raises(specmerge.SpecmergeError, match="'union' is not supported yet"):
-        specmerge.load_recipe({**recipe, "tokenizer": {"source": "union"}})
+    with pytest.raises(specmerge.SpecmergeError, match="'expert_2' is not supported yet"):
+        specmerge.load_recipe({**recipe, "tokenizer": {"source": "expert_2"}})
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -358,3 +358,55 @@ def test_gpt_neox_blocks_interleaved_per_head_are_regrouped() -> None:
     out = matrix_apply(entry, record, [t])
     assert seen == [0.0, 1.0, 2.0]
     torch.testing.assert_close(out, t * 10)  # put back in the interleaved layout
+
+
+def _tiny_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>").save_pretrained(directory)
+
+
+def test_added_tokens_with_the_union_vocabulary(tmp_path) -> None:
+    base, experts = build("llama", tmp_path, k=2)
+    for d in (base, *experts):
+        _tiny_tokenizer(d)
+    added = tmp_path / "expert_added"
+    tok = transformers.AutoTokenizer.from_pretrained(experts[1])
+    tok.add_tokens(["<tool>", "<think>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = transformers.AutoModelForCausalLM.from_pretrained(experts[1])
+    model.resize_token_embeddings(len(tok))
+    with torch.no_grad():  # give the new rows values of their own
+        model.get_input_embeddings().weight[96:] = torch.randn(3, 32).to(torch.bfloat16)
+        model.get_output_embeddings().weight[96:] = torch.randn(3, 32).to(torch.bfloat16)
+    model.save_pretrained(added)
+    tok.save_pretrained(added)
+    recipe = {"base_model": str(base), "models": [str(experts[0]), str(added)],
+              "merge_method": "swudi", "calibrate": {"method": "svc"},
+              "tokenizer": {"source": "union"}}
+    out = specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir
+    merged_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(merged_tok) == 99
+    assert merged_tok.encode("w5 <tool> <think> <|im_end|>", add_special_tokens=False) == [
+        9, 96, 97, 98]
+    merged, info = _load("llama", out)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert merged.config.vocab_size == 99
+    got, src = _tensors(out), _tensors(added)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert got[name].shape == (99, 32)
+        assert torch.equal(got[name][96:], src[name][96:]), name  # only this expert has them
+    # the base's rows are merged as usual: the same as a merge without the added tokens
+    plain = specmerge.merge({**recipe, "tokenizer": {"source": "base"}}, tmp_path / "plain",
+                            progress=False).out_dir
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][:96], _tensors(plain)[name])
+    with torch.no_grad():
+        ids = merged_tok("w5 <tool>", return_tensors="pt").input_ids
+        assert merged.generate(ids, max_new_tokens=2, do_sample=False,
+                               pad_token_id=0).shape[1] == ids.shape[1] + 2

@@ -118,7 +118,7 @@ def test_mergekit_linear_is_the_weighted_average_of_the_listed_models(toy_models
     ({"slices": []}, "'slices' is not supported"),
     ({"merge_method": "slerp"}, "mergekit's 'slerp' is not implemented"),
     ({"merge_method": "della"}, "mergekit's 'della' is not implemented"),
-    ({"tokenizer_source": "union"}, "tokenizer source 'union' is not supported yet"),
+    ({"tokenizer_source": "EXPERT"}, "tokenizer source 'EXPERT' is not supported yet"),
     ({"parameters": {"weight": [0.0, 0.5, 1.0]}}, "gradients"),
     ({"parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
      "filtered by tensor name"),

@@ -17,13 +17,20 @@ from typing import Any
 import torch
 
 from specmerge.diagnostics import MatrixMetrics, SpectralReport, matrix_metrics
-from specmerge.engine import execute, make_backend, merged_update, resolve_device, run_statistics
+from specmerge.engine import (
+    execute,
+    make_backend,
+    merged_update,
+    plan_of,
+    resolve_device,
+    run_statistics,
+)
 from specmerge.errors import SpecmergeError
 from specmerge.io.plots import require_matplotlib
 from specmerge.io.report import ReportSink
 from specmerge.io.writer import check_output_path
 from specmerge.methods.registry import get_method
-from specmerge.plan import Plan, PlanEntry, build_plan
+from specmerge.plan import Plan, PlanEntry
 from specmerge.recipe import Recipe, load_recipe
 from specmerge.sources import CheckpointSource, Source
 
@@ -81,7 +88,7 @@ def _prepare(recipe: Recipe | dict[str, Any] | str | Path, dtype: str | None, de
     backend = make_backend(workers)
     dev = resolve_device(device)
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
-    plan = build_plan(rec, source.index(), source.model_info())
+    plan = plan_of(rec, source)
     alpha, rank_ratio = _settings(rec)
     step = AnalyzeStep({}, dev, plan.compute_dtype, alpha, rank_ratio)
     return rec, source, plan, step, backend

@@ -141,6 +141,13 @@ class MergeStep:
                              f"(shape {list(entry.shape)}): {err}") from err
         del tv.taus
         out = tv.theta0.add_(update)
+        if entry.out_rows is not None:  # the union vocabulary: place the added tokens' rows
+            full = out.new_zeros(entry.out_shape)
+            full[:out.shape[0]] = out
+            ids, rows = source.placed_rows(entry.name, torch.device(self.device),
+                                           self.compute_dtype)
+            full[ids] = rows
+            out = full
         check_finite(out, f"the merged tensor {entry.name!r} (from finite inputs)",
                      self.allow_nonfinite)
         return out.to("cpu", entry.out_dtype)
@@ -220,6 +227,11 @@ def execute(step: Step[Any], entries: Sequence[PlanEntry], source: Source, backe
         return sink.finish()
 
 
+def plan_of(recipe: Recipe, source: Source) -> Plan:
+    """``build_plan`` with everything the source knows: index, roles, union vocabulary rows."""
+    return build_plan(recipe, source.index(), source.model_info(), source.vocab_rows)
+
+
 def resolve_device(device: str | torch.device) -> str:
     try:
         dev = torch.device(device)
@@ -257,14 +269,14 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
     claim = check_output_path(out, source.paths, force)
     check_auto_map(source.config_dir)
-    plan = build_plan(rec, source.index(), source.model_info())
+    plan = plan_of(rec, source)
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
              rec.merge_method, dev)
     stats = run_statistics(plan, source, backend, dev, progress)
     step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
     sink = HFDirSink(out, plan, base_path=source.base.path, config_dir=source.config_dir,
-                     max_shard_bytes=max_shard, replace=claim)
+                     max_shard_bytes=max_shard, replace=claim, vocabulary=source.union)
     execute(step, plan.entries, source, backend, sink, desc="merging", progress=progress)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
@@ -277,7 +289,7 @@ def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
     """The plan a merge of ``recipe`` would run (headers and config.json only, no tensor)."""
     rec = load_recipe(recipe)
     source = CheckpointSource.from_recipe(rec)
-    return build_plan(rec, source.index(), source.model_info())
+    return plan_of(rec, source)
 
 
 def peak_rss_mb() -> float:
@@ -304,7 +316,7 @@ def merge_state_dicts(recipe: Recipe | dict[str, Any], base: Mapping[str, Tensor
     source = StateDictSource(base, experts, allow_nonfinite, config)
     backend = make_backend(workers)
     dev = resolve_device(device)
-    plan = build_plan(rec, source.index(), source.model_info())
+    plan = plan_of(rec, source)
     stats = run_statistics(plan, source, backend, dev, progress=False)
     step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
     result: dict[str, Tensor] = execute(step, plan.entries, source, backend,

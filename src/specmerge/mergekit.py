@@ -126,9 +126,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                             f"recipe (specmerge methods lists ours)")
     tok = data.get("tokenizer_source", (data.get("tokenizer") or {}).get("source")
                    if isinstance(data.get("tokenizer"), dict) else data.get("tokenizer"))
-    if tok not in (None, "base"):
-        raise MergekitError(f"tokenizer source {tok!r} is not supported yet: only 'base' (the "
-                            f"base model's tokenizer and vocabulary)")
+    if tok not in (None, "base", "union"):
+        raise MergekitError(f"tokenizer source {tok!r} is not supported yet: 'base' (the base "
+                            f"model's vocabulary) or 'union' (every model's tokens)")
     shared = dict(data.get("parameters") or {})
     defaults = {k: _scalar(shared.pop(k), f"parameters.{k}") for k in MODEL_PARAMS if k in shared}
     extra = sorted(set(shared) - set(SHARED_PARAMS))

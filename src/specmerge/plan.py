@@ -9,6 +9,7 @@ plan also lists the whole-model statistics its method declares (TIES's global th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,11 @@ class PlanEntry:
     role: Role = "other"
     transpose: bool = False  # stored (in, out): matrix maths runs on the transpose
     blocks: Blocks | None = None  # a fused projection: matrix maths runs block by block
+    out_rows: int | None = None  # a vocabulary-sized tensor of the union vocabulary
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape if self.out_rows is None else (self.out_rows, *self.shape[1:])
 
     @property
     def numel(self) -> int:
@@ -118,9 +124,10 @@ def parameter_seed(seed: int, name: str, index: int) -> int:
 
 
 def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
-               info: ModelInfo | None = None) -> Plan:
+               info: ModelInfo | None = None, vocab_rows: Mapping[str, int] | None = None) -> Plan:
     """The plan of ``recipe`` over the parameters of ``index`` (name → shape, dtype), with roles
-    from ``info`` (the base's config.json)."""
+    from ``info`` (the base's config.json) and, for a union vocabulary, the output rows of the
+    vocabulary-sized tensors."""
     info = info or ModelInfo()
     log_inferred(info)
     method = get_method(recipe.merge_method)
@@ -161,6 +168,8 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
             entry = PlanEntry(name, p.shape, out_dtype, "method", calibrate, matrix,
                               method.name, method_kwargs, seeds, role=role, transpose=transpose,
                               blocks=blocks)
+        if vocab_rows and name in vocab_rows:
+            entry = dataclasses.replace(entry, out_rows=vocab_rows[name])
         entries.append(entry)
 
     calibration = None

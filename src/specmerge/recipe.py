@@ -127,7 +127,9 @@ class TokenizerSpec(_Strict):
     """Which vocabulary the output has when experts add tokens (mergekit's ``tokenizer_source``).
 
     ``base``: the base's; rows past it in the experts' embeddings and heads are dropped, with a
-    warning that counts them. (``union`` and a model index are not supported yet.)
+    warning that counts them. ``union``: the base's plus every token an expert added (experts
+    must extend the base's vocabulary); a new token's embedding and head rows are the mean of the
+    experts' that have it. (A model index is not supported yet.)
     """
 
     _where: ClassVar[str] = "'tokenizer'"
@@ -136,9 +138,9 @@ class TokenizerSpec(_Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str | int) -> str | int:
-        if v != "base":
-            raise ValueError(f"tokenizer source {v!r} is not supported yet: only 'base' (keep "
-                             f"the base's vocabulary, drop the experts' added tokens)")
+        if v not in ("base", "union"):
+            raise ValueError(f"tokenizer source {v!r} is not supported yet: 'base' (keep the "
+                             f"base's vocabulary) or 'union' (add every expert's new tokens)")
         return v
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
 from specmerge.io.checkpoint import Checkpoint, check_compatible
+from specmerge.io.tokenizer import VocabularyUnion, vocabulary_union
 from specmerge.plan import ParamInfo
 from specmerge.recipe import Recipe
 from specmerge.roles import TIED_EMBEDDING, ModelInfo, parameter_role
@@ -39,7 +40,12 @@ class TaskVectors:
 
 
 class Source(Protocol):
+    vocab_rows: dict[str, int]  # output rows of vocabulary-sized tensors (union vocabulary)
+
     def index(self) -> dict[str, ParamInfo]: ...
+
+    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]: ...
 
     def model_info(self) -> ModelInfo: ...
 
@@ -73,11 +79,18 @@ class CheckpointSource:
                 match_tied_head(self.base, ckpt, *pair)
             self.rows.append(added_token_rows(self.base, ckpt, info, vocabulary))
             check_compatible(self.base, ckpt, other_shape=self.rows[-1])
+        self.union: VocabularyUnion | None = None
+        self.vocab_rows: dict[str, int] = {}  # output rows of the vocabulary-sized tensors
+        if vocabulary == "union":
+            self.union = vocabulary_union(self.base.config_dir,
+                                          [e.config_dir for e in self.experts])
+            self.vocab_rows = vocabulary_tensors(self.index(), info, self.union.size)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointSource:
         """The recipe's base and experts, with its tokenizer source for added tokens."""
-        vocabulary: VocabularySource = "base" if recipe.vocabulary == "base" else "error"
+        vocabulary: VocabularySource = (
+            recipe.vocabulary if recipe.vocabulary in ("base", "union") else "error")
         return cls(recipe.base_model, [m.model for m in recipe.models], allow_nonfinite,
                    vocabulary)
 
@@ -110,6 +123,25 @@ class CheckpointSource:
         check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}", self.allow_nonfinite)
         return t
 
+    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+        """For the union vocabulary: the union ids of the added tokens and their rows of
+        ``name``, each the mean of the rows of the experts that have the token."""
+        assert self.union is not None
+        full = {i: self._read(self.experts[i], name) for i in
+                sorted({i for src in self.union.sources.values() for i, _ in src})}
+        ids, rows = [], []
+        for _, _, uid in self.union.new:
+            picks = []
+            for i, j in self.union.sources[uid]:
+                if j >= full[i].shape[0]:
+                    raise CheckpointError(f"{self.experts[i].path}: token id {j} has no row in "
+                                          f"{name!r} ({full[i].shape[0]} rows)")
+                picks.append(full[i][j].to(device, dtype))
+            ids.append(uid)
+            rows.append(torch.stack(picks).mean(0))
+        return torch.tensor(ids, device=device), torch.stack(rows)
+
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
         theta0 = self._read(self.base, name).to(device, dtype)
         taus = []
@@ -121,7 +153,22 @@ class CheckpointSource:
         return TaskVectors(theta0, taus)
 
 
-VocabularySource = Literal["error", "base"]
+VocabularySource = Literal["error", "base", "union"]
+
+
+def vocabulary_tensors(index: Mapping[str, ParamInfo], info: ModelInfo,
+                       vocab_size: int) -> dict[str, int]:
+    """The embedding and head tensors with the input embedding's row count, each with its output
+    rows: enough for ``vocab_size`` tokens, and never fewer than the base has (padding)."""
+    embed = next((n for n, p in index.items() if TIED_EMBEDDING.search(n) and len(p.shape) == 2),
+                 None)
+    if embed is None:
+        raise CheckpointError("tokenizer source 'union': no input embedding found among the "
+                              "base's tensors")
+    rows = index[embed].shape[0]
+    return {n: max(rows, vocab_size) for n, p in index.items() if len(p.shape) == 2
+            and p.shape[0] == rows
+            and parameter_role(n, p.shape, p.dtype, info) in ("embedding", "head")}
 
 
 def added_token_rows(base: Checkpoint, expert: Checkpoint, info: ModelInfo,
@@ -141,6 +188,8 @@ def added_token_rows(base: Checkpoint, expert: Checkpoint, info: ModelInfo,
         return rows
     name = next(iter(rows))
     added = expert.infos[name].shape[0] - rows[name]
+    if vocabulary == "union":
+        return rows  # merged on the base's rows; the added ones are placed from the experts
     if vocabulary != "base":
         raise IncompatibleCheckpointError(
             f"{expert.infos[name].file}: tensor {name!r} has {expert.infos[name].shape[0]} rows, "
@@ -202,12 +251,17 @@ class StateDictSource:
                     f"expert state dict {i}: tensor {extra[0]!r} is not in the base")
         self.base, self.experts = base, list(experts)
         self.allow_nonfinite = allow_nonfinite
+        self.vocab_rows: dict[str, int] = {}  # no tokenizers in memory: no union vocabulary
 
     def index(self) -> dict[str, ParamInfo]:
         return {n: ParamInfo(tuple(t.shape), t.dtype) for n, t in self.base.items()}
 
     def model_info(self) -> ModelInfo:
         return ModelInfo.from_config(self.config)
+
+    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("state dicts carry no tokenizer: no union vocabulary")
 
     def base_tensor(self, name: str) -> Tensor:
         return self.base[name].clone()

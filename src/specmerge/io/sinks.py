@@ -17,6 +17,7 @@ from torch import Tensor
 from specmerge import __version__
 from specmerge.errors import OutputError
 from specmerge.io.hf_files import main_dtype, model_card, write_side_files
+from specmerge.io.tokenizer import VocabularyUnion, write_union_tokenizer
 from specmerge.io.writer import (
     Identity,
     OutTensor,
@@ -33,17 +34,19 @@ class HFDirSink:
     all in a hidden partial directory that is renamed into place by ``finish``."""
 
     def __init__(self, out: Path, plan: Plan, *, base_path: Path, config_dir: Path | None,
-                 max_shard_bytes: int, replace: Identity | None = None):
+                 max_shard_bytes: int, replace: Identity | None = None,
+                 vocabulary: VocabularyUnion | None = None):
         self.out, self.plan = out, plan
         self.base_path, self.config_dir = base_path, config_dir
         self.max_shard_bytes, self.replace = max_shard_bytes, replace
+        self.vocabulary = vocabulary
         self._stack = contextlib.ExitStack()
         self._finished = False
 
     def __enter__(self) -> HFDirSink:
         with contextlib.ExitStack() as stack:
             self.tmp = stack.enter_context(atomic_output_dir(self.out, self.replace))
-            specs = [OutTensor(e.name, e.shape, e.out_dtype) for e in self.plan.entries]
+            specs = [OutTensor(e.name, e.out_shape, e.out_dtype) for e in self.plan.entries]
             self.writer = ShardedWriter(
                 self.tmp, specs, self.max_shard_bytes,
                 metadata={"specmerge_version": __version__,
@@ -61,6 +64,9 @@ class HFDirSink:
         self.writer.write_index(weight_map)
         out_dtype = main_dtype([(e.shape, e.out_dtype) for e in self.plan.entries])
         write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype)
+        if self.vocabulary is not None:
+            rows = max(e.out_rows or 0 for e in self.plan.entries)
+            write_union_tokenizer(self.tmp, self.vocabulary, rows)
         write_text(self.tmp / "README.md",
                    model_card(self.plan, self.base_path, self.config_dir))
         self._finished = True
