@@ -250,3 +250,11 @@ def test_bin_and_pt_inputs(tmp_path) -> None:
     out = load_dir(specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir)
     ref = specmerge.merge_state_dicts(recipe, base, experts)
     assert all(torch.equal(out[n], ref[n]) for n in ref)
+
+
+def test_scope_matrix_patterns_override_roles() -> None:
+    f32 = torch.float32
+    s = Scope(matrix=["re:embed_tokens"])
+    assert is_matrix_param("model.embed_tokens.weight", (16, 8), f32, s)
+    assert not is_matrix_param("model.embed_tokens.weight", (16,), f32, s)  # 2-D only
+    assert not is_matrix_param("model.embed_tokens.weight", (16, 8), f32, Scope())

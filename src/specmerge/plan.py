@@ -104,17 +104,17 @@ class Plan:
 def is_matrix_param(name: str, shape: Sequence[int], dtype: torch.dtype, scope: Scope,
                     info: ModelInfo | None = None) -> bool:
     """Linear, Conv1D or fused weights (by role) whose name matches none of the scope's
-    exclusion patterns; embeddings and heads are not matrix parameters."""
+    ``exclude`` patterns; embeddings and heads are not matrix parameters unless a ``matrix``
+    pattern names them (any 2-D floating tensor it names is one)."""
     role = parameter_role(name, shape, dtype, info or ModelInfo())
-    if role not in MATRIX_ROLES:
-        return False
-    for pat in scope.exclude:
-        if pat.startswith("re:"):
-            if re.search(pat[3:], name):
-                return False
-        elif pat in name:
-            return False
-    return True
+    if any(_matches(p, name) for p in scope.matrix):
+        return len(shape) == 2 and dtype.is_floating_point
+    return role in MATRIX_ROLES and not any(_matches(p, name) for p in scope.exclude)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A scope pattern: a substring, or a regular expression after "re:"."""
+    return bool(re.search(pattern[3:], name)) if pattern.startswith("re:") else pattern in name
 
 
 def parameter_seed(seed: int, name: str, index: int) -> int:

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -92,8 +93,10 @@ class ModelRef(BaseModel):
 class Scope(_Strict):
     """Which parameters a matrix method (and calibration) applies to, and what the rest get.
 
-    A parameter is a *matrix parameter* when it is a 2-D floating tensor whose name contains none
-    of the ``exclude`` substrings (a pattern starting with ``re:`` is a regular expression).
+    A parameter is a *matrix parameter* when its role (from config.json) is a linear, Conv1D or
+    fused weight and its name contains none of the ``exclude`` substrings, or when a ``matrix``
+    pattern names it (a pattern starting with ``re:`` is a regular expression). ``split_fused``
+    merges fused projections block by block.
     Matrix methods give the rest the ``fallback``: ``average`` (mean of the τ_i), ``task_arithmetic``
     (``fallback_scaling`` · Σ w_i τ_i) or ``base`` (keep θ0). Element-wise methods apply to every
     floating parameter; calibration only to matrix parameters.
@@ -101,6 +104,7 @@ class Scope(_Strict):
 
     _where: ClassVar[str] = "'scope'"
     exclude: list[str] = ["embed", "lm_head"]
+    matrix: list[str] = []
     fallback: Literal["average", "task_arithmetic", "base"] = "average"
     fallback_scaling: float = 0.3
     split_fused: bool = True
@@ -110,16 +114,16 @@ class Scope(_Strict):
     def _scaling(cls, v: float) -> float:
         return _bounded(v, "fallback_scaling")
 
-    @field_validator("exclude")
+    @field_validator("exclude", "matrix")
     @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
+    def _patterns(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for i, pat in enumerate(v):
             if pat.startswith("re:"):
                 try:
                     re.compile(pat[3:])
                 except re.error as err:
-                    raise ValueError(f"exclude[{i}] {pat[:MAX_ECHO]!r} is not a valid regular "
-                                     f"expression: {err}") from None
+                    raise ValueError(f"{info.field_name}[{i}] {pat[:MAX_ECHO]!r} is not a valid "
+                                     f"regular expression: {err}") from None
         return v
 
 
