@@ -456,3 +456,59 @@ def test_nan_in_the_last_tensor_stops_cleanly_and_the_readme_says_when(toy_model
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "NaN/Inf in any input is an error" in readme
     assert "found when its tensor is read" in readme
+
+
+def test_force_keeps_the_old_out_when_the_final_rename_fails(toy_models, tmp_path,
+                                                             monkeypatch) -> None:
+    import specmerge.io.writer as writer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = writer.rename_noreplace
+
+    def failing(src, dst):
+        if ".partial-" in str(src):
+            raise KeyboardInterrupt  # a signal between moving OUT aside and claiming it
+        return real(src, dst)
+
+    monkeypatch.setattr(writer, "rename_noreplace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        specmerge.merge(recipe_for(toy_models), out, force=True, progress=False)
+    assert (out / "old.txt").read_text() == "old"
+    assert not partials(tmp_path) and not list(tmp_path.glob(".out.old-*"))
+
+
+def test_in_memory_merges_leave_the_callers_signal_handlers_alone(toy_models,
+                                                                   monkeypatch) -> None:
+    import specmerge.engine as engine
+
+    def mine(signum, frame):  # pragma: no cover - never called
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    seen = []
+    real = engine.merged_update
+
+    def spy(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "merged_update", spy)
+    try:
+        specmerge.merge_state_dicts(recipe_for(toy_models), toy_models["base_sd"],
+                                    toy_models["expert_sds"])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert seen and all(h is mine for h in seen)
+
+
+def test_plan_of_a_checkpoint_without_tensors_prints_no_traceback(tmp_path) -> None:
+    for d in ("b", "e"):
+        (tmp_path / d).mkdir()
+        save_file({}, str(tmp_path / d / "model.safetensors"))
+    p = tmp_path / "r.yaml"
+    p.write_text(json.dumps({"base_model": str(tmp_path / "b"), "models": [str(tmp_path / "e")],
+                             "merge_method": "task_arithmetic"}))
+    res = cli("plan", str(p))
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "0 tensors" in res.stdout

@@ -410,3 +410,17 @@ def test_added_tokens_with_the_union_vocabulary(tmp_path) -> None:
         ids = merged_tok("w5 <tool>", return_tensors="pt").input_ids
         assert merged.generate(ids, max_new_tokens=2, do_sample=False,
                                pad_token_id=0).shape[1] == ids.shape[1] + 2
+
+
+def test_union_without_added_tokens_is_the_base_vocabulary(tmp_path) -> None:
+    base, experts = build("llama", tmp_path, k=2)
+    for d in (base, *experts):
+        _tiny_tokenizer(d)
+    recipe = {"base_model": str(base), "models": [str(e) for e in experts],
+              "merge_method": "task_arithmetic"}
+    union = specmerge.merge({**recipe, "tokenizer": {"source": "union"}}, tmp_path / "u",
+                            progress=False).out_dir
+    plain = specmerge.merge(recipe, tmp_path / "p", progress=False).out_dir
+    assert _tensors(union).keys() == _tensors(plain).keys()
+    assert all(torch.equal(_tensors(union)[n], t) for n, t in _tensors(plain).items())
+    assert json.loads((union / "config.json").read_text())["vocab_size"] == 96

@@ -142,3 +142,21 @@ def test_convert_prints_the_specmerge_recipe(toy_models, tmp_path) -> None:
     assert rec == from_mergekit(yaml.safe_load(p.read_text()))
     assert rec["merge_method"] == "gta" and rec["parameters"]["rescale"] is False
     assert tree_hash(toy_models["root"] / "base") == before
+
+
+def test_a_gta_recipe_and_its_resolved_record_re_run_to_the_same_bytes(toy_models,
+                                                                        tmp_path) -> None:
+    # gta shares parameter names (normalize, rescale) with mergekit: it is never read as mergekit
+    first = specmerge.merge(_mk(toy_models, "ties"), tmp_path / "a", progress=False).out_dir
+    again = specmerge.merge(first / "specmerge_recipe.yaml", tmp_path / "b",
+                            progress=False).out_dir
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    rec = specmerge.load_recipe(_mk(toy_models, "ties"))
+    assert specmerge.load_recipe(rec).parameters == rec.parameters  # a Recipe object as input
+
+
+@pytest.mark.parametrize("change", [{"base_model": 7},
+                                    {"models": [{"model": 3, "parameters": {"weight": 1}}]}])
+def test_mergekit_paths_must_be_paths(toy_models, change) -> None:
+    with pytest.raises(RecipeError, match="path"):
+        specmerge.load_recipe({**_mk(toy_models, "ties"), **change})

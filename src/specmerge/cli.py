@@ -96,7 +96,7 @@ def plan(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    width = max(len(r["name"]) for r in rows)
+    width = max((len(r["name"]) for r in rows), default=6)
     typer.echo(f"{'tensor':<{width}}  {'shape':<14} {'role':<9} {'action':<8} "
                f"{'function':<16} calibrated  out dtype")
     for r in rows:

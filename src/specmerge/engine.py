@@ -214,9 +214,11 @@ def termination_as_error() -> Iterator[None]:
 
 
 def execute(step: Step[Any], entries: Sequence[PlanEntry], source: Source, backend: Backend,
-            sink: Sink, *, desc: str, progress: bool) -> Any:
-    """Run ``step`` on every entry through ``backend`` into ``sink``; return ``sink.finish()``."""
-    with termination_as_error(), sink:
+            sink: Sink, *, desc: str, progress: bool, writes_files: bool = True) -> Any:
+    """Run ``step`` on every entry through ``backend`` into ``sink``; return ``sink.finish()``.
+    While a sink ``writes_files``, SIGTERM and SIGHUP clean up as Ctrl-C does."""
+    guard = termination_as_error() if writes_files else contextlib.nullcontext()
+    with guard, sink:
         bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress,
                    dynamic_ncols=True)
         for entry, result in backend.map(step, entries, source):
@@ -320,5 +322,6 @@ def merge_state_dicts(recipe: Recipe | dict[str, Any], base: Mapping[str, Tensor
     stats = run_statistics(plan, source, backend, dev, progress=False)
     step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
     result: dict[str, Tensor] = execute(step, plan.entries, source, backend,
-                                        StateDictSink(plan), desc="merging", progress=False)
+                                        StateDictSink(plan), desc="merging", progress=False,
+                                        writes_files=False)
     return result

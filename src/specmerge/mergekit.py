@@ -65,7 +65,10 @@ class MergekitError(ValueError):
 
 def is_mergekit(data: dict[str, Any]) -> bool:
     """A mergekit recipe: per-model ``parameters``, a mergekit-only key or method name, or
-    mergekit's shared parameters."""
+    mergekit's shared parameters with one of its method names (``gta``, specmerge's own method,
+    shares parameter names with mergekit and is never read as mergekit)."""
+    if data.get("merge_method") == "gta":
+        return False
     models = data.get("models")
     if isinstance(models, list) and any(isinstance(m, dict) and "parameters" in m
                                         for m in models):
@@ -76,7 +79,8 @@ def is_mergekit(data: dict[str, Any]) -> bool:
     if data.get("merge_method") in MERGEKIT_ONLY:
         return True
     params = data.get("parameters")
-    return isinstance(params, dict) and any(k in params for k in SHARED_PARAMS)
+    return (data.get("merge_method") in (*SUPPORTED, *OTHER_METHODS) and isinstance(params, dict)
+            and any(k in params for k in SHARED_PARAMS))
 
 
 def _scalar(value: Any, where: str) -> Any:
@@ -94,7 +98,7 @@ def _scalar(value: Any, where: str) -> Any:
 def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
     if isinstance(entry, (str, os.PathLike)):
         return os.fspath(entry), {}
-    if not isinstance(entry, dict) or "model" not in entry:
+    if not isinstance(entry, dict) or not isinstance(entry.get("model"), (str, os.PathLike)):
         raise MergekitError(f"models[{i}]: expected a path or {{model: PATH, parameters: …}}")
     unknown = sorted(set(entry) - {"model", "parameters"})
     if unknown:
@@ -140,6 +144,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise MergekitError("'models' must list the models to merge")
     entries = [_model_path(m, i) for i, m in enumerate(models)]
     base = data.get("base_model")
+    if base is not None and not isinstance(base, (str, os.PathLike)):
+        raise MergekitError(f"base_model must be a path, got {str(base)[:80]!r}")
     if base is None:
         if method != "linear":
             raise MergekitError(f"mergekit's {method} needs a base_model")

@@ -291,7 +291,7 @@ def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, found {type(data).__name__}")
         root, from_file = path.resolve().parent, True
-    if is_mergekit(data):
+    if not isinstance(source, Recipe) and is_mergekit(data):
         try:
             data = from_mergekit(data)
         except MergekitError as err:

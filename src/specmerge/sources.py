@@ -84,7 +84,11 @@ class CheckpointSource:
         if vocabulary == "union":
             self.union = vocabulary_union(self.base.config_dir,
                                           [e.config_dir for e in self.experts])
-            self.vocab_rows = vocabulary_tensors(self.index(), info, self.union.size)
+            if self.union.new:
+                self.vocab_rows = vocabulary_tensors(self.index(), info, self.union.size)
+            else:
+                log.info("tokenizer source union: no expert adds a token; the base's vocabulary")
+                self.union = None
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointSource:

@@ -352,6 +352,13 @@ class Bench:
 
     def sweep_row(self, row: str, recipe: dict, out: Path) -> dict:
         """A λ sweep: every λ scored on validation; the best one scored on the test sets."""
+        try:
+            return self._sweep(row, recipe, out)
+        finally:  # whatever happened, no merged model of the sweep stays behind
+            for d in out.parent.glob(f"{out.name}-*"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _sweep(self, row: str, recipe: dict, out: Path) -> dict:
         curve, total, best = [], 0.0, None
         for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not self.cfg.progress):
             r = copy.deepcopy(recipe)

@@ -387,5 +387,12 @@ def _claim(tmp: Path, out_dir: Path, replace: Identity | None) -> None:
             raise OutputError(f"output {out_dir} appeared while this run replaced it; the "
                               f"old output is kept at {old}") from None
         raise appeared from None
+    except BaseException:
+        if old is not None:  # an error or a signal between the two renames: put the old back
+            try:
+                rename_noreplace(old, out_dir)
+            except OSError:
+                log.error("the previous output %s is kept at %s", out_dir, old)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
