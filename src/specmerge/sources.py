@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
+from specmerge.io.adapter import Adapter, is_adapter
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.io.tokenizer import VocabularyUnion, vocabulary_union
 from specmerge.plan import ParamInfo
@@ -69,12 +70,18 @@ class CheckpointSource:
     def __init__(self, base: str | Path, experts: Sequence[str | Path],
                  allow_nonfinite: bool = False, vocabulary: VocabularySource = "error"):
         self.base = Checkpoint(base)
-        self.experts = [Checkpoint(p) for p in experts]
+        self.experts: list[Checkpoint | Adapter] = [
+            Adapter(p) if is_adapter(Path(p).expanduser()) else Checkpoint(p) for p in experts]
         self.allow_nonfinite = allow_nonfinite
         info = self.model_info()
         pair = tied_pair(self.index(), info)
         self.rows: list[dict[str, int]] = []  # per expert: tensors read up to the base's rows
         for ckpt in self.experts:
+            if isinstance(ckpt, Adapter):
+                ckpt.check_against(self.base)
+                warn_other_base(ckpt, self.base)
+                self.rows.append({})
+                continue
             if pair is not None:
                 match_tied_head(self.base, ckpt, *pair)
             self.rows.append(added_token_rows(self.base, ckpt, info, vocabulary))
@@ -150,6 +157,9 @@ class CheckpointSource:
         theta0 = self._read(self.base, name).to(device, dtype)
         taus = []
         for ckpt, rows in zip(self.experts, self.rows, strict=True):
+            if isinstance(ckpt, Adapter):
+                taus.append(ckpt.task_vector(name, theta0, self._read))
+                continue
             t = self._read(ckpt, name)
             if name in rows:
                 t = t[:rows[name]]
@@ -203,6 +213,23 @@ def added_token_rows(base: Checkpoint, expert: Checkpoint, info: ModelInfo,
     log.warning("%s: dropping the %d row(s) past the base's vocabulary (added tokens) of %s "
                 "(tokenizer source: base)", expert.path, added, ", ".join(sorted(rows)))
     return rows
+
+
+def warn_other_base(adapter: Adapter, base: Checkpoint) -> None:
+    """Warn when an adapter says it was trained on another base than the recipe's."""
+    named = adapter.base_model
+    if not named:
+        return
+    cfg = base.config_dir / "config.json" if base.config_dir else None
+    known = {str(base.path), base.path.name}
+    if cfg is not None and cfg.is_file():
+        try:
+            known.add(str(json.loads(cfg.read_text(encoding="utf-8")).get("_name_or_path")))
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            pass
+    if named not in known and Path(named).name not in known:
+        log.warning("%s: the adapter names %r as its base, the recipe %s", adapter.path, named,
+                    base.path)
 
 
 def tied_pair(index: Mapping[str, ParamInfo], info: ModelInfo) -> tuple[str, str] | None:

@@ -1,0 +1,139 @@
+"""PEFT LoRA adapters as experts: τ = s·B·A on the targeted weights, read without peft, checked
+against peft's own merge_and_unload on adapters that peft saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import specmerge  # noqa: E402
+from specmerge.errors import CheckpointError, IncompatibleCheckpointError  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in d.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def llama(root: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "base")
+    return root / "base"
+
+
+def adapter(base: Path, out: Path, seed: int, cls=transformers.AutoModelForCausalLM,
+            **lora) -> Path:
+    torch.manual_seed(seed)
+    model = cls.from_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    with torch.no_grad():  # peft starts B at zero: give every factor values
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(out)
+    return out
+
+
+def peft_merged(base: Path, ad: Path, cls=transformers.AutoModelForCausalLM):
+    model = peft.PeftModel.from_pretrained(cls.from_pretrained(base), ad)
+    return {k: v for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_one_adapter_at_lambda_1_equals_peft_merge_and_unload(tmp_path) -> None:
+    base = llama(tmp_path)
+    ad = adapter(base, tmp_path / "ad", 1, r=4, lora_alpha=8, layers_to_transform=[1],
+                 target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"])
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic",
+              "parameters": {"scaling": 1.0}}
+    got = _tensors(specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir)
+    want = peft_merged(base, ad)
+    b = _tensors(base)
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], rtol=1e-6, atol=1e-6)
+    # layers_to_transform: layer 0 untouched; modules_to_save: lm_head replaced whole
+    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                       b["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_gpt2_rslora_fan_in_fan_out_adapter(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    ad = adapter(base, tmp_path / "ad", 2, r=2, lora_alpha=4, use_rslora=True,
+                 fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    assert json.loads((ad / "adapter_config.json").read_text())["use_rslora"]
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic",
+              "parameters": {"scaling": 1.0}}
+    got = _tensors(specmerge.merge(recipe, tmp_path / "out", progress=False).out_dir)
+    want = peft_merged(base, ad)
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [
+    {"merge_method": "task_arithmetic", "calibrate": {"method": "svc"}},
+    {"merge_method": "swudi"}])
+def test_dense_experts_and_adapters_mix(tmp_path, method) -> None:
+    # (TSV-M and Iso-C read the null space of an exactly low-rank τ, where singular vectors are
+    # arbitrary: rounding-level differences move them. That edge case is issue #12's item 3.)
+    base = llama(tmp_path)
+    ads = [adapter(base, tmp_path / f"ad{i}", 3 + i, r=4, lora_alpha=16,
+                   target_modules=["q_proj", "k_proj", "up_proj"]) for i in range(2)]
+    def save_dense(sd, out: Path) -> Path:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base)
+        model.load_state_dict(sd)
+        model.save_pretrained(out)
+        return out
+
+    dense = save_dense(peft_merged(base, ads[1]), tmp_path / "dense")
+    recipe = {"base_model": str(base), "models": [str(ads[0]), str(dense)], **method}
+    mixed = _tensors(specmerge.merge(recipe, tmp_path / "mixed", progress=False).out_dir)
+    d0 = save_dense(peft_merged(base, ads[0]), tmp_path / "dense0")
+    all_dense = _tensors(specmerge.merge({**recipe, "models": [str(d0), str(dense)]},
+                                         tmp_path / "dense_out", progress=False).out_dir)
+    for name, t in all_dense.items():
+        torch.testing.assert_close(mixed[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_and_warnings(tmp_path, caplog) -> None:
+    base = llama(tmp_path)
+    ad = adapter(base, tmp_path / "ad", 5, r=2, lora_alpha=4, target_modules=["q_proj"])
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
+    cfg_path = ad / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(CheckpointError, match="DoRA"):
+        specmerge.merge(recipe, tmp_path / "o1", progress=False)
+    cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
+        specmerge.merge(recipe, tmp_path / "o2", progress=False)
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "someone/else"}))
+    with caplog.at_level("WARNING"):
+        specmerge.merge(recipe, tmp_path / "o3", progress=False)
+    assert "names 'someone/else' as its base" in caplog.text
+    other = tmp_path / "other"
+    cfg_small = transformers.LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg_small).save_pretrained(other)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(IncompatibleCheckpointError, match="does not make the base's shape"):
+        specmerge.merge({**recipe, "base_model": str(other)}, tmp_path / "o4", progress=False)
