@@ -90,10 +90,10 @@ def test_gpt2_rslora_fan_in_fan_out_adapter(tmp_path) -> None:
 
 @pytest.mark.parametrize("method", [
     {"merge_method": "task_arithmetic", "calibrate": {"method": "svc"}},
-    {"merge_method": "swudi"}])
+    {"merge_method": "swudi"},
+    {"merge_method": "tsv_m", "calibrate": {"method": "svc"}},  # low-rank τ: rank cutoff
+    {"merge_method": "iso_c"}])
 def test_dense_experts_and_adapters_mix(tmp_path, method) -> None:
-    # (TSV-M and Iso-C read the null space of an exactly low-rank τ, where singular vectors are
-    # arbitrary: rounding-level differences move them. That edge case is issue #12's item 3.)
     base = llama(tmp_path)
     ads = [adapter(base, tmp_path / f"ad{i}", 3 + i, r=4, lora_alpha=16,
                    target_modules=["q_proj", "k_proj", "up_proj"]) for i in range(2)]
@@ -110,7 +110,12 @@ def test_dense_experts_and_adapters_mix(tmp_path, method) -> None:
     all_dense = _tensors(specmerge.merge({**recipe, "models": [str(d0), str(dense)]},
                                          tmp_path / "dense_out", progress=False).out_dir)
     for name, t in all_dense.items():
-        torch.testing.assert_close(mixed[name], t, rtol=1e-5, atol=1e-6)
+        if method["merge_method"] in ("tsv_m", "iso_c"):  # polar factors / a flat spectrum of
+            # a rank-8 sum: float32 rounding of the two routes to τ differs at 1e-5 relative
+            err = float((mixed[name] - t).norm() / (t - _tensors(base)[name]).norm().clamp_min(1e-30))
+            assert err < 1e-4, (name, err)
+        else:
+            torch.testing.assert_close(mixed[name], t, rtol=1e-5, atol=1e-6)
 
 
 def test_refusals_and_warnings(tmp_path, caplog) -> None:

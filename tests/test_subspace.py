@@ -282,3 +282,19 @@ def test_registry_entries() -> None:
         get_method("star").validate({"eta": 0})
     with pytest.raises(ValueError, match="common_fraction"):
         get_method("iso_cts").validate({"common_fraction": 1.5})
+
+
+@pytest.mark.parametrize("fn", [tsv_m, iso_c, iso_cts])
+@pytest.mark.parametrize("shape", [(12, 10), (10, 12)])
+def test_exactly_low_rank_inputs_give_a_well_defined_merge(fn, shape) -> None:
+    """LoRA-like τ_i = B_i A_i of rank 2: the official rules would also take (TSV-M) or flatten
+    (Iso-C, Iso-CTS) null-space directions, which rounding moves freely. Below the numerical
+    rank they are dropped, so float32 and float64 agree and the update stays in the τ_i's span."""
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
+            @ torch.randn(2, shape[1], generator=g, dtype=torch.float64) for _ in range(2)]
+    out64 = fn(taus)
+    out32 = fn([t.float() for t in taus])
+    assert float((out32.double() - out64).norm() / out64.norm()) < 1e-4
+    rows = torch.linalg.qr(torch.cat([t.mT for t in taus], dim=1)).Q  # span of the rows
+    assert float((out64 - out64 @ rows @ rows.mT).norm()) < 1e-8 * float(out64.norm())

@@ -94,6 +94,19 @@ def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
+def numerical_rank(sigma: torch.Tensor, shape: Sequence[int],
+                   reference: float | None = None) -> int:
+    """How many singular values (descending) stand above rounding: σ_j > s · max(m, n) · eps of
+    their dtype, with s = σ_1 (the default tolerance of ``torch.linalg.matrix_rank``) or the
+    ``reference`` scale of the matrix this one was computed from (a residual's own σ_1 may be
+    rounding noise)."""
+    scale = float(sigma[0]) if reference is None and sigma.numel() else (reference or 0.0)
+    if sigma.numel() == 0 or scale == 0.0:
+        return 0
+    cutoff = scale * max(shape) * torch.finfo(sigma.dtype).eps
+    return int((sigma > cutoff).sum())
+
+
 def polar(a: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor of ``a``: if ``a = P Σ Qᵀ`` then ``polar(a) = P Qᵀ``.
 

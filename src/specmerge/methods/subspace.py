@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specmerge.linalg import polar, prepare_task_vectors, thin_svd
+from specmerge.linalg import numerical_rank, polar, prepare_task_vectors, thin_svd
 from specmerge.methods.elementwise import weighted_sum
 from specmerge.methods.registry import Interval, register
 
@@ -45,7 +45,9 @@ def tsv_from_triplets(triplets: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tens
     docs={"scaling": "multiplier of the merged update (official code: 1.0)"},
     matrix_only=True,
     notes="Per-task rank k = ⌊min(m, n)/K⌋ as in the official code; when K > min(m, n) each task "
-          "still keeps k = 1 triplet (the official code would keep none and return 0).",
+          "still keeps k = 1 triplet (the official code would keep none and return 0). A task "
+          "keeps no triplet below its numerical rank (a deviation: the official code takes "
+          "arbitrary null-space directions of an exactly low-rank τ_i, e.g. a LoRA update).",
 )
 def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     """TSV-M (Gargiulo et al., arXiv 2412.00081), as in the official code.
@@ -55,16 +57,22 @@ def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     3. U⊥ = polar(U_cat), V⊥ᵀ = polar(V_catᵀ); if U_cat = P Σ Qᵀ then polar(U_cat) = P Qᵀ.
     4. τ = ``scaling`` · U⊥ diag(σ_cat) V⊥ᵀ.
 
-    With K = 1 the full rank is kept and τ = τ_1. Edge case: when K > r, k is raised to 1 (the
-    official code would give k = 0, an all-zero update); U⊥ then has orthonormal rows.
-    The result does not depend on the sign convention of any SVD.
+    With K = 1 the full rank is kept and τ = τ_1. Edge cases: when K > r, k is raised to 1 (the
+    official code would give k = 0, an all-zero update); U⊥ then has orthonormal rows. A task
+    keeps at most its numerical rank (``numerical_rank``) of triplets: on an exactly low-rank τ_i
+    the official code would also take arbitrary null-space directions (with σ ≈ 0), which
+    rounding moves freely. The result does not depend on the sign convention of any SVD.
     """
     taus = prepare_task_vectors(task_vectors, "tsv_m", matrix=True)
     k = tsv_rank(min(taus[0].shape), len(taus))
     triplets = []
     for tau in taus:
         u, s, vh = thin_svd(tau)
-        triplets.append((u[:, :k], s[:k], vh[:k]))
+        k_i = min(k, numerical_rank(s, tau.shape))
+        if k_i:
+            triplets.append((u[:, :k_i], s[:k_i], vh[:k_i]))
+    if not triplets:
+        return torch.zeros_like(taus[0])
     return tsv_from_triplets(triplets).mul_(scaling)
 
 
@@ -80,13 +88,19 @@ def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
 def iso_c(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     """Iso-C (Marczak et al., arXiv 2502.04959).
 
-    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, all r triplets), σ̄ = mean(σ);
-    τ = ``scaling`` · U (σ̄ I) Vᵀ. The default ``scaling`` 1.0 is neutral: the paper tunes it
-    on validation data and FusionBench uses 1.5.
+    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD), kept up to its numerical rank ρ, σ̄ = mean(σ_1..ρ);
+    τ = ``scaling`` · U_ρ (σ̄ I) V_ρᵀ. The default ``scaling`` 1.0 is neutral: the paper tunes it
+    on validation data and FusionBench uses 1.5. On full-rank M this is the official rule; on an
+    exactly low-rank M (LoRA updates) the official code also flattens the zero singular values,
+    giving weight σ̄ to arbitrary null-space directions: here they are dropped (a deviation).
     """
     taus = prepare_task_vectors(task_vectors, "iso_c", matrix=True)
-    u, s, vh = thin_svd(weighted_sum(taus))
-    return (u @ vh).mul_(s.mean() * scaling)
+    m = weighted_sum(taus)
+    u, s, vh = thin_svd(m)
+    rho = numerical_rank(s, m.shape)
+    if rho == 0:
+        return torch.zeros_like(m)
+    return (u[:, :rho] @ vh[:rho]).mul_(s[:rho].mean() * scaling)
 
 
 def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -130,18 +144,27 @@ def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
        with K·s + k_c = r columns, and take U⊥ = polar(U_cat), V⊥ᵀ = polar(V_catᵀ).
     5. τ = ``scaling`` · mean(σ_cat) · U⊥ V⊥ᵀ.
 
-    With ``common_fraction`` 1 (or s = 0) this is Iso-C; with K = 1 it is Iso-C as well.
+    With ``common_fraction`` 1 (or s = 0) this is Iso-C; with K = 1 it is Iso-C as well. As in
+    ``iso_c``, the common part and each task's part keep at most their numerical rank (on
+    full-rank input, the official rule; on exactly low-rank input a deviation that drops
+    arbitrary null-space directions).
     """
     taus = prepare_task_vectors(task_vectors, "iso_cts", matrix=True)
     k_c, s = iso_cts_split(min(taus[0].shape), len(taus), common_fraction)
-    u, sig, vh = thin_svd(weighted_sum(taus))
+    total = weighted_sum(taus)
+    u, sig, vh = thin_svd(total)
+    k_c = min(k_c, numerical_rank(sig, total.shape))
     u_c, sig_c, vh_c = u[:, :k_c], sig[:k_c], vh[:k_c]
     triplets = []
     if s > 0:
         for tau in taus:
-            ut, st, vht = thin_svd(tau - u_c @ (u_c.mT @ tau))
-            triplets.append((ut[:, :s], st[:s], vht[:s]))
+            residual = tau - u_c @ (u_c.mT @ tau)
+            ut, st, vht = thin_svd(residual)
+            s_i = min(s, numerical_rank(st, residual.shape, float(torch.linalg.norm(tau))))
+            triplets.append((ut[:, :s_i], st[:s_i], vht[:s_i]))
     triplets.append((u_c, sig_c, vh_c))
+    if sum(t[1].numel() for t in triplets) == 0:
+        return torch.zeros_like(total)
     u_cat = torch.cat([t[0] for t in triplets], dim=1)
     s_mean = torch.cat([t[1] for t in triplets]).mean()
     vh_cat = torch.cat([t[2] for t in triplets], dim=0)
