@@ -107,8 +107,9 @@ def plan(
     counts = p.counts()
     typer.echo(f"\n{len(rows)} tensors: {counts['method']} by {p.recipe.merge_method}, "
                f"{counts['fallback']} by the fallback ({p.recipe.scope.fallback}), "
-               f"{counts['copy']} copied, {counts['calibrated']} calibrated; (ᵀ): Conv1D weights, "
-               f"merged in (out, in) orientation")
+               f"{counts['copy']} copied, {counts['calibrated']} calibrated"
+               + ("; (ᵀ): Conv1D weights, merged in (out, in) orientation"
+                  if any(r["transposed"] for r in rows) else ""))
 
 
 @app.command()
