@@ -94,12 +94,6 @@ class Plan:
         counts["calibrated"] = sum(e.calibrate for e in self.entries)
         return counts
 
-    def select(self, names: Sequence[str]) -> Plan:
-        """The same plan restricted to ``names`` (statistics still see the whole model)."""
-        wanted = set(names)
-        return Plan(self.recipe, tuple(e for e in self.entries if e.name in wanted),
-                    self.compute_dtype, self.calibration, self.statistics)
-
 
 def is_matrix_param(name: str, shape: Sequence[int], dtype: torch.dtype, scope: Scope,
                     info: ModelInfo | None = None) -> bool:

@@ -160,7 +160,7 @@ class Param:
     default: Any
     types: tuple[type, ...]
     doc: str
-    constraints: tuple[Any, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def type_name(self) -> str:
@@ -299,7 +299,7 @@ def register(
     summary: str,
     citation: str,
     docs: Mapping[str, str],
-    constraints: Mapping[str, Any] | None = None,
+    constraints: Mapping[str, Constraint] | None = None,
     matrix_only: bool = False,
     uses_weights: bool = False,
     uses_densities: bool = False,
