@@ -98,3 +98,16 @@ def test_example_synthetic_small(tmp_path: Path) -> None:
         assert all(t.dtype == torch.bfloat16 for t in sd.values())
     res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "s"), "--params", "2M"])
     assert res.exit_code == 1 and "already exists" in res.output
+
+
+def test_synthetic_vocab_and_hidden_options(tmp_path) -> None:
+    shape = llama_shape_for(parse_count("10M"), vocab=128_256, hidden=64)
+    assert (shape.vocab, shape.hidden, shape.intermediate, shape.heads) == (128_256, 64, 176, 1)
+    assert shape.layers == 1  # the embeddings alone (16.4M) exceed 10M: one layer
+    res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "s"), "--params", "2M",
+                              "--vocab", "300", "--hidden", "32", "--experts", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "s" / "base" / "config.json").read_text())
+    assert (cfg["vocab_size"], cfg["hidden_size"]) == (300, 32)
+    res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "t"), "--hidden", "30"])
+    assert res.exit_code == 1 and "multiple of 16" in res.output

@@ -277,12 +277,16 @@ def example_synthetic(
     experts: Annotated[int, typer.Option(min=1, help="Number of experts K.")] = 4,
     dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    vocab: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Vocabulary size (embedding and head rows), e.g. 128256 for Llama 3.")] = None,
+    hidden: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Hidden size (a multiple of 16); the depth still follows --params.")] = None,
 ) -> None:
     """A Llama-shaped base and K experts (shared + task low-rank + noise task vectors)."""
     from specmerge.examples import llama_shape_for, parse_count, write_example_models
 
     try:
-        shape = llama_shape_for(parse_count(params))
+        shape = llama_shape_for(parse_count(params), vocab=vocab, hidden=hidden)
         dirs = write_example_models(directory, shape, experts, dtype=dtype, seed=seed)
     except (FileExistsError, OSError, ValueError) as err:
         _fail(err)

@@ -73,14 +73,24 @@ def parse_count(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def llama_shape_for(params: int) -> LlamaShape:
-    """A Llama shape with about ``params`` parameters (depth chosen to hit the target)."""
+def llama_shape_for(params: int, *, vocab: int | None = None,
+                    hidden: int | None = None) -> LlamaShape:
+    """A Llama shape with about ``params`` parameters (depth chosen to hit the target, at least
+    one layer). ``vocab`` and ``hidden`` override the size tier's; with ``hidden`` the MLP width
+    is ⌈2.75·hidden / 16⌉·16 (Llama's ratio) and heads of 64 dims."""
     if params >= 200_000_000:
-        hidden, inter, heads, vocab = 1024, 2816, 16, 32000
+        h, inter, heads, v = 1024, 2816, 16, 32000
     elif params >= 20_000_000:
-        hidden, inter, heads, vocab = 512, 1408, 8, 8000
+        h, inter, heads, v = 512, 1408, 8, 8000
     else:
-        hidden, inter, heads, vocab = 128, 352, 4, 1000
+        h, inter, heads, v = 128, 352, 4, 1000
+    if hidden is not None:
+        if hidden < 16 or hidden % 16:
+            raise ValueError(f"--hidden must be a multiple of 16, at least 16; got {hidden}")
+        h, inter, heads = hidden, -(-hidden * 11 // 4 // 16) * 16, max(1, hidden // 64)
+    if vocab is not None and vocab < 1:
+        raise ValueError(f"--vocab must be positive, got {vocab}")
+    hidden, vocab = h, v if vocab is None else vocab
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
     layers = max(1, round((params - fixed) / per_layer))
