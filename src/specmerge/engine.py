@@ -33,6 +33,7 @@ from specmerge.errors import Interrupted, MergeError, SpecmergeError
 from specmerge.io.hf_files import check_auto_map
 from specmerge.io.sinks import HFDirSink, StateDictSink
 from specmerge.io.writer import check_output_path, parse_size
+from specmerge.lowrank import LowRank, TaskVector, dense, is_zero
 from specmerge.methods.registry import Statistic, get_method
 from specmerge.plan import Plan, PlanEntry, build_plan
 from specmerge.recipe import Recipe, load_recipe
@@ -62,59 +63,69 @@ class Sink(Protocol):
     def __exit__(self, *exc: Any) -> Any: ...
 
 
-def merged_update(entry: PlanEntry, task_vectors: list[Tensor],
+def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                   calibration: tuple[str, Mapping[str, Any]] | None,
-                  statistics: Mapping[str, Any]) -> Tensor:
+                  statistics: Mapping[str, Any]) -> TaskVector:
     """The merged update τ of one parameter: its method or fallback, then its calibration.
 
     Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation
     (transposed before, and back after) and a fused projection block by block (``matrix_apply``).
+    Factored τ_i (LoRA) reach the methods that take them (``factored`` in the registry) as they
+    are, and the result may be factored; the other methods get them densified, one tensor at a
+    time.
     """
     if entry.method is None:
-        merged = torch.zeros_like(task_vectors[0])
+        return torch.zeros(entry.shape, dtype=task_vectors[0].dtype,
+                           device=task_vectors[0].device)
+    method = get_method(entry.method)
+    kwargs = dict(entry.kwargs)
+    if entry.seeds:
+        kwargs["generators"] = [torch.Generator().manual_seed(s) for s in entry.seeds]
+    if entry.action == "method":
+        kwargs.update(statistics)
+    taus = list(task_vectors) if method.factored else [dense(t) for t in task_vectors]
+    if method.matrix_only:
+        merged = matrix_apply(entry, lambda ts: method.fn(ts, **kwargs), taus)
     else:
-        method = get_method(entry.method)
-        kwargs = dict(entry.kwargs)
-        if entry.seeds:
-            kwargs["generators"] = [torch.Generator().manual_seed(s) for s in entry.seeds]
-        if entry.action == "method":
-            kwargs.update(statistics)
-        if method.matrix_only:
-            merged = matrix_apply(entry, lambda taus: method.fn(taus, **kwargs), task_vectors)
-        else:
-            merged = method.fn(task_vectors, **kwargs)
+        merged = method.fn(taus, **kwargs)
     if entry.calibrate and calibration is not None:
         name, cal_kwargs = calibration
         cal = get_method(name)
+        inputs = [merged, *task_vectors]
         merged = matrix_apply(entry, lambda ts: cal.fn(ts[0], ts[1:], **cal_kwargs),
-                              [merged, *task_vectors])
+                              inputs if cal.factored else [dense(t) for t in inputs])
     return merged
 
 
-def matrix_apply(entry: PlanEntry, fn: Callable[[list[Tensor]], Tensor],
-                 tensors: Sequence[Tensor]) -> Tensor:
+def matrix_apply(entry: PlanEntry, fn: Callable[[list[TaskVector]], TaskVector],
+                 tensors: Sequence[TaskVector]) -> TaskVector:
     """``fn`` on same-shape tensors in (out, in) orientation: transposed for a Conv1D weight,
     and for a fused projection once per block (rows regrouped when interleaved per head), the
-    results re-stacked and put back in the stored layout."""
+    results re-stacked and put back in the stored layout. Factored tensors stay factored through
+    a transposition; a fused projection densifies them."""
+    if entry.blocks is None:
+        if not entry.transpose:
+            return fn(list(tensors))
+        out = fn([t.mT if isinstance(t, LowRank) else t.mT.contiguous() for t in tensors])
+        return out.mT if isinstance(out, LowRank) else out.mT.contiguous()
+    blocks = entry.blocks
+
     def to_matrix(t: Tensor) -> Tensor:
         t = t.mT.contiguous() if entry.transpose else t
-        if entry.blocks is not None and entry.blocks.interleave:
-            h, n = entry.blocks.interleave, len(entry.blocks.sizes)
+        if blocks.interleave:
+            h, n = blocks.interleave, len(blocks.sizes)
             t = t.reshape(h, n, -1, t.shape[-1]).transpose(0, 1).reshape(t.shape)
         return t
 
     def to_stored(t: Tensor) -> Tensor:
-        if entry.blocks is not None and entry.blocks.interleave:
-            h, n = entry.blocks.interleave, len(entry.blocks.sizes)
+        if blocks.interleave:
+            h, n = blocks.interleave, len(blocks.sizes)
             t = t.reshape(n, h, -1, t.shape[-1]).transpose(0, 1).reshape(t.shape)
         return t.mT.contiguous() if entry.transpose else t
 
-    mats = [to_matrix(t) for t in tensors]
-    if entry.blocks is None:
-        return to_stored(fn(mats))
-    parts = [m.split(list(entry.blocks.sizes)) for m in mats]
-    return to_stored(torch.cat([fn([p[j] for p in parts])
-                                for j in range(len(entry.blocks.sizes))]))
+    parts = [to_matrix(dense(t)).split(list(blocks.sizes)) for t in tensors]
+    return to_stored(torch.cat([dense(fn([p[j] for p in parts]))
+                                for j in range(len(blocks.sizes))]))
 
 
 @dataclass(frozen=True)
@@ -131,16 +142,15 @@ class MergeStep:
     def __call__(self, entry: PlanEntry, source: Source) -> Tensor:
         if entry.action == "copy":
             return source.base_tensor(entry.name)
-        tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype)
-        try:
-            update = merged_update(entry, tv.taus, self.calibration, self.statistics)
-        except SpecmergeError:
-            raise
-        except Exception as err:
-            raise MergeError(f"{entry.method} failed on tensor {entry.name!r} "
-                             f"(shape {list(entry.shape)}): {err}") from err
-        del tv.taus
-        out = tv.theta0.add_(update)
+        tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype,
+                                 factored=True)
+        assert tv.theta0 is not None
+        if all(is_zero(t) for t in tv.taus):  # no adapter touches it: every method gives 0
+            out = tv.theta0
+        else:
+            update = run_method(entry, tv.taus, self.calibration, self.statistics)
+            del tv.taus
+            out = tv.theta0.add_(dense(update))
         if entry.out_rows is not None:  # the union vocabulary: place the added tokens' rows
             full = out.new_zeros(entry.out_shape)
             full[:out.shape[0]] = out
@@ -151,6 +161,19 @@ class MergeStep:
         check_finite(out, f"the merged tensor {entry.name!r} (from finite inputs)",
                      self.allow_nonfinite)
         return out.to("cpu", entry.out_dtype)
+
+
+def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
+               calibration: tuple[str, Mapping[str, Any]] | None,
+               statistics: Mapping[str, Any]) -> TaskVector:
+    """``merged_update`` with any failure of the maths reported against the tensor."""
+    try:
+        return merged_update(entry, task_vectors, calibration, statistics)
+    except SpecmergeError:
+        raise
+    except Exception as err:
+        raise MergeError(f"{entry.method} failed on tensor {entry.name!r} "
+                         f"(shape {list(entry.shape)}): {err}") from err
 
 
 @dataclass(frozen=True)

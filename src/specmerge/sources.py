@@ -5,8 +5,9 @@ A source offers an ``index`` (name → shape, dtype, in the base's order) and, p
 dtype. Every input tensor is checked for NaN/Inf as it is read, and the error names its file.
 
 A source is picklable (it holds paths and lazily opened readers, never open files or locks),
-so a backend can ship it to another process or machine. A τ_i is a dense tensor today; the
-LoRA issue adds a factored ``LowRank(B, A, scale)`` in the same list.
+so a backend can ship it to another process or machine. A τ_i is a dense tensor, or, for a LoRA
+adapter read with ``factored=True``, a ``LowRank(B, A, scale)`` that the factored methods use as
+it is (``specmerge.lowrank``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFi
 from specmerge.io.adapter import Adapter, is_adapter
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.io.tokenizer import VocabularyUnion, vocabulary_union
+from specmerge.lowrank import LowRank, TaskVector
 from specmerge.plan import ParamInfo
 from specmerge.recipe import Recipe
 from specmerge.roles import TIED_EMBEDDING, ModelInfo, parameter_role
@@ -34,10 +36,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskVectors:
-    """θ0 and the τ_i of one parameter, on the device, in the compute dtype (private copies)."""
+    """θ0 and the τ_i of one parameter, on the device, in the compute dtype (private copies).
 
-    theta0: Tensor
-    taus: list[Tensor]
+    With ``factored`` reads, an adapter's τ_i is a ``LowRank`` (rank 0 where it does not touch
+    the weight); θ0 is None when it was not asked for and no τ_i needed it."""
+
+    theta0: Tensor | None
+    taus: list[TaskVector]
 
 
 class Source(Protocol):
@@ -52,8 +57,8 @@ class Source(Protocol):
 
     def base_tensor(self, name: str) -> Tensor: ...
 
-    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype
-                     ) -> TaskVectors: ...
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
+                     factored: bool = False, base: bool = True) -> TaskVectors: ...
 
 
 def check_finite(t: Tensor, what: str, allow: bool) -> None:
@@ -153,13 +158,33 @@ class CheckpointSource:
             rows.append(torch.stack(picks).mean(0))
         return torch.tensor(ids, device=device), torch.stack(rows)
 
-    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
-        theta0 = self._read(self.base, name).to(device, dtype)
-        taus = []
+    def needs_base(self, name: str) -> bool:
+        """Whether some τ_i of ``name`` needs θ0: a full expert, or an adapter's saved module."""
+        return any(not isinstance(e, Adapter) or name in e.saved for e in self.experts)
+
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
+                     factored: bool = False, base: bool = True) -> TaskVectors:
+        """θ0 and the τ_i of ``name``. ``factored``: adapters give ``LowRank`` τ_i (rank 0 where
+        they do not touch the weight) instead of dense ones. ``base`` False: θ0 is read only if
+        some τ_i needs it (a factored merge of adapters reads no base weight)."""
+        theta0 = None
+        if base or not factored or self.needs_base(name):
+            theta0 = self._read(self.base, name).to(device, dtype)
+        info = self.base.infos[name]
+        taus: list[TaskVector] = []
         for ckpt, rows in zip(self.experts, self.rows, strict=True):
             if isinstance(ckpt, Adapter):
-                taus.append(ckpt.task_vector(name, theta0, self._read))
+                tau = ckpt.factors(name, device, dtype, self._read) if factored else None
+                if tau is not None:
+                    taus.append(tau)
+                elif factored and name not in ckpt.saved:
+                    taus.append(zero_factors(info.shape, device, dtype) if len(info.shape) == 2
+                                else torch.zeros(info.shape, device=device, dtype=dtype))
+                else:
+                    assert theta0 is not None
+                    taus.append(ckpt.task_vector(name, theta0, self._read))
                 continue
+            assert theta0 is not None
             t = self._read(ckpt, name)
             if name in rows:
                 t = t[:rows[name]]
@@ -168,6 +193,12 @@ class CheckpointSource:
 
 
 VocabularySource = Literal["error", "base", "union"]
+
+
+def zero_factors(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> LowRank:
+    """τ = 0 of a 2-D weight as a rank-0 factored task vector."""
+    return LowRank(torch.zeros(shape[0], 0, device=device, dtype=dtype),
+                   torch.zeros(0, shape[1], device=device, dtype=dtype))
 
 
 def vocabulary_tensors(index: Mapping[str, ParamInfo], info: ModelInfo,
@@ -297,7 +328,9 @@ class StateDictSource:
     def base_tensor(self, name: str) -> Tensor:
         return self.base[name].clone()
 
-    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype) -> TaskVectors:
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
+                     factored: bool = False, base: bool = True) -> TaskVectors:
+        """θ0 and the dense τ_i (state dicts hold no factored experts)."""
         tensors = [self.base[name], *(sd[name] for sd in self.experts)]
         labels = ["base state dict", *(f"expert state dict {i}" for i in range(len(self.experts)))]
         for t, label in zip(tensors, labels, strict=True):

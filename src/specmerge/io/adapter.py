@@ -22,6 +22,7 @@ import torch
 
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError
 from specmerge.io.checkpoint import Checkpoint
+from specmerge.lowrank import LowRank
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,24 @@ class Adapter:
                     f"{list(self.file.infos[key].shape)} does not match the base's "
                     f"{list(b.shape) if b else 'missing'}")
 
+    def factors(self, name: str, device: torch.device, dtype: torch.dtype,
+                read: Callable[[Checkpoint, str], torch.Tensor]) -> LowRank | None:
+        """τ = s · B A of a targeted weight, factored, in the base's stored layout (transposed
+        for ``fan_in_fan_out``); None when the adapter does not target ``name``."""
+        lora = self.lora.get(name)
+        if lora is None:
+            return None
+        tau = LowRank(read(self.file, lora.b).to(device, dtype),
+                      read(self.file, lora.a).to(device, dtype), lora.scale)
+        return tau.mT if lora.fan_in_fan_out else tau
+
     def task_vector(self, name: str, theta0: torch.Tensor,
                     read: Callable[[Checkpoint, str], torch.Tensor]) -> torch.Tensor:
-        """τ of ``name`` in θ0's dtype and device; ``read(checkpoint, key)`` reads a tensor."""
-        lora = self.lora.get(name)
-        if lora is not None:
-            a = read(self.file, lora.a).to(theta0.device, theta0.dtype)
-            b = read(self.file, lora.b).to(theta0.device, theta0.dtype)
-            tau = (b @ a).mul_(lora.scale)
-            return tau.mT.contiguous() if lora.fan_in_fan_out else tau
+        """τ of ``name`` in θ0's dtype and device, dense; ``read(checkpoint, key)`` reads a
+        tensor."""
+        tau = self.factors(name, theta0.device, theta0.dtype, read)
+        if tau is not None:
+            return tau.dense().contiguous()
         if name in self.saved:
             return read(self.file, self.saved[name]).to(theta0.device, theta0.dtype).sub_(theta0)
         return torch.zeros_like(theta0)

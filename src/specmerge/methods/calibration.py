@@ -13,7 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from specmerge.linalg import prepare_task_vectors, thin_svd
+from specmerge.linalg import numerical_rank, thin_svd
+from specmerge.lowrank import LowRank, TaskVector, embed
 from specmerge.methods.registry import Interval, register
 
 _EPS = 1e-12  # floor of ‖a_i^r‖² in s_i^r, as in the official code
@@ -51,6 +52,54 @@ def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Te
     return (u * (scale * sigma)) @ vh
 
 
+# Adjacent singular values within 64 eps of each other (relative) count as equal. Iso-C's flat
+# spectrum, computed, has adjacent gaps up to about 13 eps (1024 × 1024, float32 and float64).
+CLUSTER_TOL = 64
+
+
+def clusters(sigma: Tensor, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Runs [c0, c1) of two or more singular values (descending, above the numerical rank) that
+    are equal to rounding: σ_j − σ_{j+1} ≤ 64 · eps · σ_j for each adjacent pair."""
+    rank = numerical_rank(sigma, shape)
+    if rank < 2:
+        return []
+    tol = CLUSTER_TOL * torch.finfo(sigma.dtype).eps
+    close = (sigma[:rank - 1] - sigma[1:rank] <= tol * sigma[:rank - 1]).tolist()
+    runs, start = [], 0
+    for j in range(1, rank + 1):
+        if j == rank or not close[j - 1]:
+            if j - start >= 2:
+                runs.append((start, j))
+            start = j
+    return runs
+
+
+def canonical_basis(u: Tensor, sigma: Tensor, vh: Tensor, taus: Sequence[Tensor]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The SVD of W_m with a unique basis inside each cluster of equal singular values.
+
+    Where σ repeats (after Iso-C every σ is equal), the SVD of W_m is not unique and SVC's
+    responses depend on which basis LAPACK returns. Inside each cluster (U_c, V_c) this rotates
+    to the singular vectors of U_cᵀ (Σ_i τ_i) V_c = P S Qᵀ: U_c P and V_c Q, with σ'_j =
+    (Pᵀ diag(σ_c) Q)_jj. The result does not depend on the basis chosen within the cluster
+    (U_c R, V_c R give the same U_c P), and after Iso-C it is Iso-C's own basis, the singular
+    vectors of Σ_i τ_i. Without clusters the inputs are returned as they are.
+    """
+    runs = clusters(sigma, (u.shape[0], vh.shape[1]))
+    if not runs:
+        return u, sigma, vh
+    total = torch.zeros_like(taus[0])
+    for tau in taus:
+        total.add_(tau)
+    u, sigma, vh = u.clone(), sigma.clone(), vh.clone()
+    for c0, c1 in runs:
+        p, _, qh = thin_svd(u[:, c0:c1].mT @ total @ vh[c0:c1].mT)
+        sigma[c0:c1] = ((p * sigma[c0:c1, None]) * qh.mT).sum(0)
+        u[:, c0:c1] = u[:, c0:c1] @ p
+        vh[c0:c1] = qh @ vh[c0:c1]
+    return u, sigma, vh
+
+
 def _target_is_a_task(params: Mapping[str, Any], weights: Sequence[float]) -> None:
     target = params.get("target")
     if target is not None and target >= len(weights):
@@ -75,14 +124,17 @@ def _target_is_a_task(params: Mapping[str, Any], weights: Sequence[float]) -> No
     constraints={"alpha": Interval(float, 0, None, closed="neither"),
                  "target": Interval(int, 0, None, closed="left")},
     matrix_only=True,
+    factored=True,
     check=_target_is_a_task,
-    notes="After Iso-C or Iso-CTS every singular value of the merged update is equal, so the "
-          "singular basis SVC reads is arbitrary and rounding-level changes can move its output "
-          "a lot; the result still lies in the span of the merged update, has γ ∈ (0, 1/α] and "
-          "does not depend on SVD signs. The output replaces the base update at scale 1.",
+    notes="After Iso-C or Iso-CTS every singular value of the merged update is equal, so its "
+          "SVD is not unique and the official code's result depends on the basis LAPACK "
+          "returns; specmerge rotates each cluster of equal singular values to the singular "
+          "vectors of Σ τ_i inside it (after Iso-C, Iso-C's own basis), so the output is a "
+          "function of the inputs (a deviation where the official result is undefined). The "
+          "output replaces the base update at scale 1.",
 )
-def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None = None,
-        space: Literal["left", "right"] = "left", target: int | None = None) -> Tensor:
+def svc(merged: TaskVector, task_vectors: Sequence[TaskVector], *, alpha: float | None = None,
+        space: Literal["left", "right"] = "left", target: int | None = None) -> TaskVector:
     """SVC (Li et al., arXiv 2602.05536), with the official code's corrected (2026-03) rule.
 
     W_m = U diag(σ) Vᵀ (thin SVD, r = min(m, n)). For every r at once:
@@ -95,9 +147,16 @@ def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None =
     (SVC of the transposes; the paper's weaker variant). ``target`` (0-based task index) sets
     σ̃_r = σ_r / η_r with η_r = max(s_target^r, α) where s_target^r > 0 and η_r = 1 elsewhere.
 
-    Caveat: after Iso-C / Iso-CTS all σ_r are equal, so the singular basis is arbitrary and
-    tiny rounding changes move W̃ a lot; only invariants hold there (W̃ in the span of W_m,
-    γ ∈ (0, 1/α], independence from SVD signs). Computes in float32 (float64 if an input is).
+    Repeated singular values (after Iso-C / Iso-CTS every σ_r is equal) make the SVD of W_m
+    non-unique, and the official code's result then depends on the basis LAPACK returns. Here
+    each cluster of equal σ gets a canonical basis (``canonical_basis``: the singular vectors of
+    Σ τ_i inside it, which after Iso-C is Iso-C's own basis), so the output is a function of the
+    inputs: the same on every machine, and for dense and factored τ. A documented deviation that
+    changes nothing where the σ_r are distinct. Computes in float32 (float64 if an input is).
+
+    Factored input (W_m and every τ_i ``LowRank``): the same rule on the cores of
+    ``specmerge.lowrank.embed`` (the SVD of W_m and every response a_i^r = u_rᵀ τ_i live in the
+    span of the factors), returned factored; it equals the dense result.
     """
     k = len(task_vectors)
     if k == 0:
@@ -109,11 +168,14 @@ def svc(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None =
         alpha = 1.0 / k
     if target is not None and target >= k:
         raise ValueError(f"svc: target must be a task index in [0, {k}), got {target}")
-    w, *taus = prepare_task_vectors([merged, *task_vectors], "svc")
-    if w.ndim != 2:
-        raise ValueError(f"svc: expects 2-D (out, in) matrices, got shape {tuple(w.shape)}")
+    if len(merged.shape) != 2:
+        raise ValueError(f"svc: expects 2-D (out, in) matrices, got shape {tuple(merged.shape)}")
+    tensors = [merged, *task_vectors]
     if space == "right":
-        w, taus = w.mT, [t.mT for t in taus]
-    u, sigma, vh = thin_svd(w)
-    out = svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target)
-    return out.mT.contiguous() if space == "right" else out
+        tensors = [t.mT for t in tensors]
+    basis, (w, *taus) = embed(tensors, "svc")
+    u, sigma, vh = canonical_basis(*thin_svd(w), taus)
+    out = basis.lift(svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target))
+    if space == "right":
+        return out.mT if isinstance(out, LowRank) else out.mT.contiguous()
+    return out

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from specmerge.lowrank import TaskVector, all_factored, concat, dense
 from specmerge.methods.registry import Interval, register
 
 
@@ -47,16 +48,20 @@ def _nonzero_weight_sum(params: Mapping[str, Any], weights: Sequence[float]) -> 
     citation="Wortsman et al., Model soups, ICML 2022, arXiv 2203.05482",
     docs={},
     uses_weights=True,
+    factored=True,
     check=_nonzero_weight_sum,
 )
-def weight_average(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None
-                   ) -> Tensor:
-    """τ = Σ_i w_i τ_i / Σ_i w_i; with unit weights, the mean of the task vectors."""
+def weight_average(task_vectors: Sequence[TaskVector], *, weights: Sequence[float] | None = None
+                   ) -> TaskVector:
+    """τ = Σ_i w_i τ_i / Σ_i w_i; with unit weights, the mean of the task vectors. Factored
+    τ_i (all of them) give a factored τ, their factors concatenated (rank Σ r_i)."""
     ws = _weights(task_vectors, weights)
     total = sum(ws)
     if total == 0:
         raise ValueError("weight_average: the model weights sum to zero")
-    return weighted_sum(task_vectors, ws).div_(total)
+    if all_factored(task_vectors):
+        return concat(task_vectors, [w / total for w in ws])  # type: ignore[arg-type]
+    return weighted_sum([dense(t) for t in task_vectors], ws).div_(total)
 
 
 @register(
@@ -66,11 +71,16 @@ def weight_average(task_vectors: Sequence[Tensor], *, weights: Sequence[float] |
     citation="Ilharco et al., Editing models with task arithmetic, ICLR 2023, arXiv 2212.04089",
     docs={"scaling": "λ, the scaling coefficient applied to the sum of task vectors"},
     uses_weights=True,
+    factored=True,
 )
-def task_arithmetic(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None,
-                    scaling: float = 0.3) -> Tensor:
-    """τ = λ Σ_i w_i τ_i, with λ = ``scaling`` (default 0.3, Ilharco et al.)."""
-    return weighted_sum(task_vectors, weights).mul_(scaling)
+def task_arithmetic(task_vectors: Sequence[TaskVector], *, weights: Sequence[float] | None = None,
+                    scaling: float = 0.3) -> TaskVector:
+    """τ = λ Σ_i w_i τ_i, with λ = ``scaling`` (default 0.3, Ilharco et al.). Factored τ_i (all
+    of them) give a factored τ, their factors concatenated (rank Σ r_i)."""
+    ws = _weights(task_vectors, weights)
+    if all_factored(task_vectors):
+        return concat(task_vectors, [w * scaling for w in ws])  # type: ignore[arg-type]
+    return weighted_sum([dense(t) for t in task_vectors], ws).mul_(scaling)
 
 
 def trim_count(numel: int, density: float) -> int:

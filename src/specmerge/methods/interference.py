@@ -25,6 +25,13 @@ gradient descent with step η, h = 1 − exp(−t λ) is its continuous-time lim
 All functions take the K task vectors of one 2-D parameter and return the merged update τ (not
 θ) in the compute dtype: float32, or float64 if any input is float64 (bf16/fp16 are upcast). They
 run on the inputs' device. C and D are built one task at a time; no K-fold stack is ever held.
+
+Factored task vectors (LoRA, ``LowRank``): the closed form, SWUDI and SWUDI-A run on the cores of
+``specmerge.lowrank``: C lives in the row space of the stacked A_i and D, τ_0 and the update in
+the span of the factors, so one eigendecomposition of a (Σ r_i)-sized C gives the dense result
+exactly, returned factored. C's other n − q eigenvalues are 0, floored to 1e-8 as on the dense
+path, and enter the rank rules; their directions add nothing (D − τ_0 C vanishes there).
+Iterative WUDI (Adam is element-wise) densifies.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 from torch import Tensor
 
 from specmerge.linalg import prepare_task_vectors, sym_eigh, upcast
+from specmerge.lowrank import Space, TaskVector, dense, embed
 from specmerge.methods.elementwise import weight_average
 from specmerge.methods.registry import Interval, Options, register
 
@@ -57,9 +65,10 @@ Init = Literal["sum", "mean", "zero"]
 # Pieces shared by the four methods
 # ---------------------------------------------------------------------------------------------
 
-def prepare(task_vectors: Sequence[Tensor]) -> list[Tensor]:
-    """The τ_i as K ≥ 1 same-shape 2-D matrices in the compute dtype."""
-    return prepare_task_vectors(task_vectors, "interference methods", matrix=True)
+def prepare(task_vectors: Sequence[TaskVector]) -> list[Tensor]:
+    """The τ_i as K ≥ 1 same-shape dense 2-D matrices in the compute dtype."""
+    return prepare_task_vectors([dense(t) for t in task_vectors], "interference methods",
+                                matrix=True)
 
 
 def _sq_norm(t: Tensor) -> float:
@@ -106,7 +115,7 @@ def interference_stats(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return c, d
 
 
-def wudi_objective(task_vectors: Sequence[Tensor], tau: Tensor) -> Tensor:
+def wudi_objective(task_vectors: Sequence[TaskVector], tau: Tensor) -> Tensor:
     """L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖_F² (arXiv 2503.08099, eq. for the WUDI loss).
 
     Evaluated directly, one task at a time, in the compute dtype; returns a 0-d tensor.
@@ -152,20 +161,29 @@ def spectral_update(tau0: Tensor, c: Tensor, d: Tensor, q: Tensor, g: Tensor) ->
     return torch.addmm(tau0, (residual @ q).mul_(g), q.mT)
 
 
-def _filtered_solution(task_vectors: Sequence[Tensor],
+def full_spectrum(lam: Tensor, space: Space) -> Tensor:
+    """The n eigenvalues of the full C from those of its core (q of them, descending, floored):
+    C's other n − q eigenvalues are 0, floored like the rest. Dense input: ``lam`` itself."""
+    missing = space.shape[1] - lam.numel()
+    return torch.cat([lam, lam.new_full((missing,), EIG_FLOOR)]) if missing > 0 else lam
+
+
+def _filtered_solution(task_vectors: Sequence[TaskVector],
                        gain: Callable[[Tensor, tuple[int, int]], Tensor],
-                       init: str, scaling: float) -> Tensor:
+                       init: str, scaling: float) -> TaskVector:
     """scaling · (τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ), where ``gain(λ, (m, n))`` returns g = h/λ
     for the k leading eigenvalues it keeps (λ descending, floored). The mean of the τ_i when
     every ‖τ_i‖² < 1e-12."""
-    taus = prepare(task_vectors)
+    space, taus = embed(task_vectors, "interference methods")
     if negligible(taus):
-        return weight_average(taus)
+        return space.lift(weight_average(taus))
     c, d = interference_stats(taus)
     lam, q = eigen(c)
-    g = gain(lam, (taus[0].shape[0], taus[0].shape[1]))
-    g = g[:significant(lam)]  # directions below rounding keep τ_0, as in the closed form
-    return spectral_update(initial_tau(taus, init), c, d, q[:, :g.numel()], g).mul_(scaling)
+    full = full_spectrum(lam, space)
+    g = gain(full, space.shape)
+    g = g[:min(significant(full), lam.numel())]  # below rounding (or on null(C)): keep τ_0
+    update = spectral_update(initial_tau(taus, init), c, d, q[:, :g.numel()], g)
+    return space.lift(update.mul_(scaling))
 
 
 def exp_filter(lam: Tensor, exp_time: float) -> Tensor:
@@ -362,7 +380,7 @@ _INIT_DOC = "τ_0: sum of the task vectors (official code), their mean, or zero"
     matrix_only=True,
     notes="Uses the analytic gradient 2(τC − D): one m×n×n product per step, not K.",
 )
-def wudi(task_vectors: Sequence[Tensor], *, iterations: int = 300, lr: float = 1e-5,
+def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float = 1e-5,
          optimizer: Literal["adam", "sgd"] = "adam", init: Init = "sum",
          scaling: float = 1.0) -> Tensor:
     """WUDI-Merging (Cheng et al., arXiv 2503.08099): minimise L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖²
@@ -394,9 +412,10 @@ def wudi(task_vectors: Sequence[Tensor], *, iterations: int = 300, lr: float = 1
     citation=CITE_WUDI + "; closed form as in " + CITE_SWUDI,
     docs={},
     matrix_only=True,
+    factored=True,
     notes="SWUDI's paper reports it below iterative WUDI (82.33% vs 84.63% on ViT-B/32, 8 tasks).",
 )
-def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
+def wudi_closed_form(task_vectors: Sequence[TaskVector]) -> TaskVector:
     """τ* = D C⁺ = D Q_k diag(1 / λ_k) Q_kᵀ, the minimiser of the WUDI loss
     L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖² (arXiv 2503.08099; the limit of SWUDI, arXiv 2606.07289,
     as exp_time → ∞ with rank_ratio 1).
@@ -410,13 +429,13 @@ def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
     float32 a well-posed K = 1 merge of a 512 × 512 task vector was 2 % off τ_1 even with the
     cutoff. If every ‖τ_i‖² < 1e-12 the mean of the τ_i is returned.
     """
-    taus = prepare(task_vectors)
+    space, taus = embed(task_vectors, "wudi_closed_form")
     if negligible(taus):
-        return weight_average(taus)
+        return space.lift(weight_average(taus))
     c, d = interference_stats([t.double() for t in taus])
     lam, q = eigen(c)
-    k = significant(lam)
-    return ((d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT).to(taus[0].dtype)
+    k = min(significant(full_spectrum(lam, space)), lam.numel())
+    return space.lift(((d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT).to(taus[0].dtype))
 
 
 @register(
@@ -435,9 +454,10 @@ def wudi_closed_form(task_vectors: Sequence[Tensor]) -> Tensor:
     constraints={"rank_ratio": Interval(float, 0, 1, closed="right"),
                  "exp_time": Interval(float, 0, None, closed="left")},
     matrix_only=True,
+    factored=True,
 )
-def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time: float = 1300.0,
-          init: Init = "sum", scaling: float = 1.0) -> Tensor:
+def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
+          exp_time: float = 1300.0, init: Init = "sum", scaling: float = 1.0) -> TaskVector:
     """SWUDI (Wei et al., arXiv 2606.07289): with C = Q Λ Qᵀ, λ floored at 1e-8 and sorted
     descending,
 
@@ -483,11 +503,12 @@ def swudi(task_vectors: Sequence[Tensor], *, rank_ratio: float = 0.65, exp_time:
                  "max_rank_ratio": Interval(float, 0, 1, closed="right"),
                  "exp_time": Interval(float, 0, None, closed="left")},
     matrix_only=True,
+    factored=True,
 )
-def swudi_a(task_vectors: Sequence[Tensor], *, rank_rule: str = "participation_sqrt",
+def swudi_a(task_vectors: Sequence[TaskVector], *, rank_rule: str = "participation_sqrt",
             min_rank: int = 1, max_rank_ratio: float = 1.0,
             filter: Literal["none", "exponential"] = "none", exp_time: float = 1300.0,
-            init: Init = "sum", scaling: float = 1.0) -> Tensor:
+            init: Init = "sum", scaling: float = 1.0) -> TaskVector:
     """SWUDI-A (Wei et al., arXiv 2606.07289): the SWUDI estimator
 
         τ̂ = scaling · (τ_0 + (D − τ_0 C) Q diag(h/λ) Qᵀ),   h_j = 1[j < k_ℓ] · f(λ_j),

@@ -15,6 +15,9 @@ Calling conventions (see DESIGN.md):
   ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert); a method with
   a ``statistic`` takes its value under ``statistic.kwarg`` when the statistic is wanted.
 - calibrations: ``fn(merged, task_vectors, *, <params>) -> Tensor``.
+- a ``factored`` method also takes factored task vectors (``specmerge.lowrank.LowRank``, LoRA)
+  and then returns a factored τ equal to its dense result; any other method receives them
+  densified (the decorator does it for direct calls, the engine per tensor).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from torch import Tensor
+
+from specmerge.lowrank import LowRank
 
 Family = Literal["elementwise", "subspace", "interference", "calibration"]
 # keyword arguments supplied by the engine, never by the user
@@ -230,6 +235,7 @@ class Method:
     uses_weights: bool = False
     uses_densities: bool = False
     uses_rng: bool = False
+    factored: bool = False  # accepts factored task vectors (LowRank) and may return one
     statistic: Statistic | None = None
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
     notes: str = ""
@@ -304,6 +310,7 @@ def register(
     uses_weights: bool = False,
     uses_densities: bool = False,
     uses_rng: bool = False,
+    factored: bool = False,
     statistic: Statistic | None = None,
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
     notes: str = "",
@@ -341,17 +348,27 @@ def register(
             for key, value in kwargs.items():
                 if key in by_name:
                     by_name[key].validate(value, name)
+            if not factored:  # element-wise maths: factored task vectors are densified
+                args = tuple(_densified(a) for a in args)
             return fn(*args, **kwargs)
 
         _REGISTRY[name] = Method(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
             uses_densities=uses_densities,
-            uses_rng=uses_rng, statistic=statistic, check=check, notes=notes,
+            uses_rng=uses_rng, factored=factored, statistic=statistic, check=check, notes=notes,
         )
         return validated
 
     return deco
+
+
+def _densified(arg: Any) -> Any:
+    if isinstance(arg, LowRank):
+        return arg.dense()
+    if isinstance(arg, (list, tuple)) and any(isinstance(a, LowRank) for a in arg):
+        return [a.dense() if isinstance(a, LowRank) else a for a in arg]
+    return arg
 
 
 def get_method(name: str) -> Method:

@@ -7,6 +7,10 @@ engine applies it, not these functions. r = min(m, n) is the rank of a thin SVD.
 
 Compute dtype: float32, or float64 when an input is float64; bf16/fp16 inputs are upcast before
 any SVD, and the result stays in the compute dtype. Tensors stay on their device.
+
+Factored task vectors (``LowRank``, LoRA) take the exact reduced path of ``specmerge.lowrank``:
+the method runs on small cores in the span of the stacked factors, with the cutoffs of the full
+shape, and returns a factored τ equal to the dense path's result.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specmerge.linalg import numerical_rank, polar, prepare_task_vectors, thin_svd
+from specmerge.linalg import numerical_rank, polar, thin_svd
+from specmerge.lowrank import TaskVector, embed
 from specmerge.methods.elementwise import weighted_sum
 from specmerge.methods.registry import Interval, register
 
@@ -44,12 +49,13 @@ def tsv_from_triplets(triplets: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tens
              "Merging, CVPR 2025, arXiv 2412.00081",
     docs={"scaling": "multiplier of the merged update (official code: 1.0)"},
     matrix_only=True,
+    factored=True,
     notes="Per-task rank k = ⌊min(m, n)/K⌋ as in the official code; when K > min(m, n) each task "
           "still keeps k = 1 triplet (the official code would keep none and return 0). A task "
           "keeps no triplet below its numerical rank (a deviation: the official code takes "
           "arbitrary null-space directions of an exactly low-rank τ_i, e.g. a LoRA update).",
 )
-def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
+def tsv_m(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0) -> TaskVector:
     """TSV-M (Gargiulo et al., arXiv 2412.00081), as in the official code.
 
     1. τ_i = U_i diag(σ_i) V_iᵀ (thin SVD); keep the top k = ⌊r / K⌋ triplets of each task.
@@ -63,17 +69,17 @@ def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     the official code would also take arbitrary null-space directions (with σ ≈ 0), which
     rounding moves freely. The result does not depend on the sign convention of any SVD.
     """
-    taus = prepare_task_vectors(task_vectors, "tsv_m", matrix=True)
-    k = tsv_rank(min(taus[0].shape), len(taus))
+    space, taus = embed(task_vectors, "tsv_m")
+    k = tsv_rank(min(space.shape), len(taus))
     triplets = []
     for tau in taus:
         u, s, vh = thin_svd(tau)
-        k_i = min(k, numerical_rank(s, tau.shape))
+        k_i = min(k, numerical_rank(s, space.shape))
         if k_i:
             triplets.append((u[:, :k_i], s[:k_i], vh[:k_i]))
     if not triplets:
-        return torch.zeros_like(taus[0])
-    return tsv_from_triplets(triplets).mul_(scaling)
+        return space.lift(torch.zeros_like(taus[0]))
+    return space.lift(tsv_from_triplets(triplets).mul_(scaling))
 
 
 @register(
@@ -84,8 +90,9 @@ def tsv_m(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
              "Task-Specific Subspaces, ICML 2025, arXiv 2502.04959",
     docs={"scaling": "multiplier of the merged update (the paper tunes it; FusionBench uses 1.5)"},
     matrix_only=True,
+    factored=True,
 )
-def iso_c(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
+def iso_c(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0) -> TaskVector:
     """Iso-C (Marczak et al., arXiv 2502.04959).
 
     M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD), kept up to its numerical rank ρ, σ̄ = mean(σ_1..ρ);
@@ -94,13 +101,13 @@ def iso_c(task_vectors: Sequence[Tensor], *, scaling: float = 1.0) -> Tensor:
     exactly low-rank M (LoRA updates) the official code also flattens the zero singular values,
     giving weight σ̄ to arbitrary null-space directions: here they are dropped (a deviation).
     """
-    taus = prepare_task_vectors(task_vectors, "iso_c", matrix=True)
+    space, taus = embed(task_vectors, "iso_c")
     m = weighted_sum(taus)
     u, s, vh = thin_svd(m)
-    rho = numerical_rank(s, m.shape)
+    rho = numerical_rank(s, space.shape)
     if rho == 0:
-        return torch.zeros_like(m)
-    return (u[:, :rho] @ vh[:rho]).mul_(s[:rho].mean() * scaling)
+        return space.lift(torch.zeros_like(m))
+    return space.lift((u[:, :rho] @ vh[:rho]).mul_(s[:rho].mean() * scaling))
 
 
 def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -130,11 +137,12 @@ def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, 
     },
     constraints={"common_fraction": Interval(float, 0, 1)},
     matrix_only=True,
+    factored=True,
     notes="The rank split follows the official code: c = ⌊fraction·r⌋, "
           "t = round((r − c)/K)·K (half to even), k_c = r − t, s = t/K per task.",
 )
-def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
-            scaling: float = 1.0) -> Tensor:
+def iso_cts(task_vectors: Sequence[TaskVector], *, common_fraction: float = 0.8,
+            scaling: float = 1.0) -> TaskVector:
     """Iso-CTS (Marczak et al., arXiv 2502.04959), as in the official code.
 
     1. (k_c, s) = ``iso_cts_split(r, K, common_fraction)``.
@@ -149,26 +157,26 @@ def iso_cts(task_vectors: Sequence[Tensor], *, common_fraction: float = 0.8,
     full-rank input, the official rule; on exactly low-rank input a deviation that drops
     arbitrary null-space directions).
     """
-    taus = prepare_task_vectors(task_vectors, "iso_cts", matrix=True)
-    k_c, s = iso_cts_split(min(taus[0].shape), len(taus), common_fraction)
+    space, taus = embed(task_vectors, "iso_cts")
+    k_c, s = iso_cts_split(min(space.shape), len(taus), common_fraction)
     total = weighted_sum(taus)
     u, sig, vh = thin_svd(total)
-    k_c = min(k_c, numerical_rank(sig, total.shape))
+    k_c = min(k_c, numerical_rank(sig, space.shape))
     u_c, sig_c, vh_c = u[:, :k_c], sig[:k_c], vh[:k_c]
     triplets = []
     if s > 0:
         for tau in taus:
             residual = tau - u_c @ (u_c.mT @ tau)
             ut, st, vht = thin_svd(residual)
-            s_i = min(s, numerical_rank(st, residual.shape, float(torch.linalg.norm(tau))))
+            s_i = min(s, numerical_rank(st, space.shape, float(torch.linalg.norm(tau))))
             triplets.append((ut[:, :s_i], st[:s_i], vht[:s_i]))
     triplets.append((u_c, sig_c, vh_c))
     if sum(t[1].numel() for t in triplets) == 0:
-        return torch.zeros_like(total)
+        return space.lift(torch.zeros_like(total))
     u_cat = torch.cat([t[0] for t in triplets], dim=1)
     s_mean = torch.cat([t[1] for t in triplets]).mean()
     vh_cat = torch.cat([t[2] for t in triplets], dim=0)
-    return (polar(u_cat) @ polar(vh_cat)).mul_(s_mean * scaling)
+    return space.lift((polar(u_cat) @ polar(vh_cat)).mul_(s_mean * scaling))
 
 
 def star_rank(sigma: Tensor, eta: float) -> int:
@@ -188,8 +196,9 @@ def star_rank(sigma: Tensor, eta: float) -> int:
     docs={"eta": "percentage of each task's nuclear norm kept by the truncation (paper: 40)"},
     constraints={"eta": Interval(float, 0, 100, closed="right")},
     matrix_only=True,
+    factored=True,
 )
-def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
+def star(task_vectors: Sequence[TaskVector], *, eta: float = 40.0) -> TaskVector:
     """STAR (Lee et al., arXiv 2502.10339); default ``eta`` 40 as in the paper.
 
     For each task: τ_i = U diag(σ) Vᵀ, ρ = min{ρ : Σ_{j≤ρ} σ_j ≥ (eta/100) Σ_j σ_j},
@@ -197,7 +206,7 @@ def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
     Tensors with more than 2 dims are reshaped to (shape[0], −1) and back. A zero τ_i
     contributes zero. With eta 100 the result is the mean of the τ_i.
     """
-    taus = prepare_task_vectors(task_vectors, "star")
+    space, taus = embed(task_vectors, "star", matrix=False)
     shape = taus[0].shape
     if len(shape) < 2:
         raise ValueError(f"star: expects a tensor with at least 2 dims, got shape {tuple(shape)}")
@@ -210,4 +219,4 @@ def star(task_vectors: Sequence[Tensor], *, eta: float = 40.0) -> Tensor:
         rho = star_rank(s, eta)
         kept = s[:rho] * (total / s[:rho].sum())
         out.add_((u[:, :rho] * kept) @ vh[:rho])
-    return out.div_(len(taus)).reshape(shape)
+    return space.lift(out.div_(len(taus)).reshape(shape))

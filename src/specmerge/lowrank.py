@@ -1,0 +1,177 @@
+"""Factored task vectors τ = s · B A (LoRA) and the exact reduction that lets the spectral methods
+run on small matrices.
+
+For K factored τ_i = s_i B_i A_i of shape (m, n) with ranks r_i (R = Σ r_i), let
+Q_L (m × p) and Q_R (n × q) be orthonormal bases of the column spaces of [B_1 … B_K] and of
+[A_1; …; A_K]ᵀ (reduced QR, p = min(m, R), q = min(n, R)). Every τ_i is Q_L c_i Q_Rᵀ with the
+small core c_i = (Q_Lᵀ s_i B_i)(A_i Q_R) (p × q). Each spectral method commutes with this
+embedding: the SVD of Q_L c Q_Rᵀ is (Q_L U) Σ (Q_R V)ᵀ, polar factors, Frobenius norms, the
+WUDI Gram C = Q_R (Σ w_i c_iᵀ c_i) Q_Rᵀ and D = Q_L (Σ w_i c_i c_iᵀ c_i) Q_Rᵀ all map across.
+So a method runs on the cores (O(R³) instead of O(m n min(m, n))) and its result is lifted back
+as a factored τ. Only what depends on the full shape (rank rules, numerical-rank cutoffs, the
+eigenvalues of C on its null space) needs the logical shape (m, n), which ``Space`` carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specmerge.linalg import numerical_rank, prepare_task_vectors, thin_svd, upcast
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """τ = scale · b @ a, with b (m × r) and a (r × n). r may be 0 (τ = 0)."""
+
+    b: Tensor
+    a: Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.b.ndim != 2 or self.a.ndim != 2 or self.b.shape[1] != self.a.shape[0]:
+            raise ValueError(f"LowRank: factors of shapes {tuple(self.b.shape)} and "
+                             f"{tuple(self.a.shape)} do not multiply")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.b.shape[0], self.a.shape[1]))
+
+    @property
+    def rank(self) -> int:
+        return self.b.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.b.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.b.device
+
+    def dense(self) -> Tensor:
+        """The m × n matrix s · B A."""
+        if self.rank == 0:
+            return self.b.new_zeros(self.shape)
+        return (self.b @ self.a).mul_(self.scale)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> LowRank:
+        return LowRank(self.b.to(device, dtype), self.a.to(device, dtype), self.scale)
+
+    @property
+    def mT(self) -> LowRank:  # noqa: N802 (mirrors Tensor.mT)
+        return LowRank(self.a.mT, self.b.mT, self.scale)
+
+    def scaled(self, factor: float) -> LowRank:
+        return LowRank(self.b, self.a, self.scale * factor)
+
+
+TaskVector = Tensor | LowRank
+
+
+def dense(t: TaskVector) -> Tensor:
+    """A dense tensor for either kind of task vector."""
+    return t.dense() if isinstance(t, LowRank) else t
+
+
+def all_factored(tensors: Sequence[TaskVector]) -> bool:
+    return len(tensors) > 0 and all(isinstance(t, LowRank) for t in tensors)
+
+
+def is_zero(t: TaskVector) -> bool:
+    """True for a rank-0 factored τ (an adapter that does not touch the weight)."""
+    return isinstance(t, LowRank) and (t.rank == 0 or t.scale == 0.0)
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a method's cores live: the identity (dense τ) or Q_L · core · Q_Rᵀ.
+
+    ``shape`` is the logical (m, n) of the task vectors, which rank rules and cutoffs use.
+    """
+
+    shape: tuple[int, int]
+    left: Tensor | None = None  # (m, p), orthonormal columns
+    right: Tensor | None = None  # (n, q), orthonormal columns
+
+    @property
+    def factored(self) -> bool:
+        return self.left is not None
+
+    def lift(self, core: Tensor) -> TaskVector:
+        """The m × n result Q_L core Q_Rᵀ, factored (or ``core`` itself for dense input)."""
+        if self.left is None or self.right is None:
+            return core
+        return LowRank(self.left @ core, self.right.mT.contiguous())
+
+
+def concat(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
+    """Σ_i w_i τ_i as one factored τ: the factors concatenated (rank Σ r_i)."""
+    b = torch.cat([t.b * (w * t.scale) for t, w in zip(terms, weights, strict=True)], dim=1)
+    return LowRank(b, torch.cat([t.a for t in terms], dim=0))
+
+
+def _orthonormal_basis(x: Tensor) -> Tensor:
+    """Q of the reduced QR of x (columns span x's column space)."""
+    q, _ = torch.linalg.qr(x, mode="reduced")
+    return q
+
+
+def embed(task_vectors: Sequence[TaskVector], method: str, *, matrix: bool = True
+          ) -> tuple[Space, list[Tensor]]:
+    """The task vectors as cores of a common ``Space``.
+
+    Dense input (or a mix of dense and factored, densified) gives the identity space and the
+    prepared dense tensors (``prepare_task_vectors``). All-factored input of total rank R ≥ 1
+    gives the cores c_i (p × q) of the module docstring, in the compute dtype (float64 if any
+    factor is, else float32).
+    """
+    if not all_factored(task_vectors) or sum(t.rank for t in task_vectors) == 0:  # type: ignore[union-attr]
+        taus = prepare_task_vectors([dense(t) for t in task_vectors], method, matrix=matrix)
+        shape = taus[0].shape
+        return Space((shape[0], shape[1:].numel()) if len(shape) else (1, 1)), taus
+    terms: list[LowRank] = list(task_vectors)  # type: ignore[arg-type]
+    shape = terms[0].shape
+    for i, t in enumerate(terms):
+        if t.shape != shape:
+            raise ValueError(f"{method}: task vector {i} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(shape)} like task vector 0")
+        if t.device != terms[0].device:
+            raise ValueError(f"{method}: task vector {i} is on {t.device}, expected "
+                             f"{terms[0].device}")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+    bs = [upcast(t.b, dtype) * t.scale for t in terms]
+    as_ = [upcast(t.a, dtype) for t in terms]
+    left = _orthonormal_basis(torch.cat(bs, dim=1))
+    right = _orthonormal_basis(torch.cat(as_, dim=0).mT)
+    cores = [(left.mT @ b) @ (a @ right) for b, a in zip(bs, as_, strict=True)]
+    return Space((shape[0], shape[1]), left, right), cores
+
+
+def factored_svd(t: TaskVector) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of τ (U, σ, Vᵀ), σ descending. For a factored τ it is exact and cheap: QR of
+    each factor, then the SVD of the small r × r core; it returns r ≤ min(m, n) triplets."""
+    if not isinstance(t, LowRank):
+        return thin_svd(t)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    qb, rb = torch.linalg.qr(upcast(t.b, dtype), mode="reduced")
+    qa, ra = torch.linalg.qr(upcast(t.a, dtype).mT, mode="reduced")
+    u, s, vh = thin_svd((rb * t.scale) @ ra.mT)
+    return qb @ u, s, vh @ qa.mT
+
+
+def truncate(t: TaskVector, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Factors (B, A) of the best rank-k approximation of τ, k = min(numerical rank, ``rank``),
+    balanced as B = U_k √σ_k, A = √σ_k V_kᵀ, and the relative truncation error
+    ‖τ − B A‖_F / ‖τ‖_F (0 for τ = 0)."""
+    u, s, vh = factored_svd(t)
+    k = min(rank, numerical_rank(s, tuple(t.shape)))
+    total = float(s.square().sum())
+    dropped = float(s[k:].square().sum())
+    root = s[:k].sqrt()
+    error = (dropped / total) ** 0.5 if total > 0 else 0.0
+    return (u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous(), error
