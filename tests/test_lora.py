@@ -186,3 +186,105 @@ def test_adapters_merge_like_their_densified_experts(tmp_path, three_adapters, m
             continue
         err = float((got[key] - t).norm() / update.norm())
         assert err < 1e-5, (key, err)
+
+
+def _update(model_sd: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor], key: str
+            ) -> torch.Tensor:
+    return model_sd[key].double() - base_sd[key].double()
+
+
+@pytest.mark.parametrize("method,rank,exact", [
+    ({"merge_method": "swudi", "calibrate": {"method": "svc"}}, None, False),
+    ({"merge_method": "task_arithmetic", "parameters": {"scaling": 0.5}}, 64, True),
+    ({"merge_method": "ties"}, 3, False)])  # element-wise: a truncated dense SVD
+def test_peft_output_loads_and_reproduces_the_merged_update(tmp_path, three_adapters, method,
+                                                            rank, exact) -> None:
+    base, ads, _ = three_adapters
+    recipe = {"base_model": str(base), "models": [str(a) for a in ads], **method}
+    full = _tensors(specmerge.merge(recipe, tmp_path / "full", progress=False).out_dir)
+    out = specmerge.merge({**recipe, "output": {"format": "peft", "rank": rank}},
+                          tmp_path / "ad", progress=False).out_dir
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] <= (rank or 8) and cfg["lora_alpha"] == cfg["r"]
+    assert set(cfg["rank_pattern"]) == set(cfg["alpha_pattern"])
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "relative error" in card
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float64), out)
+    merged = model.merge_and_unload().state_dict()
+    b = _tensors(base)
+    errors = {}
+    for line in card.splitlines():  # | `name` | rank | error |
+        if line.startswith("| `"):
+            cells = [c.strip(" `") for c in line.strip("|").split("|")]
+            errors[cells[0]] = float(cells[2])
+    assert errors, card
+    for key in full:
+        if key not in errors:  # not targeted: the base, in both outputs
+            torch.testing.assert_close(merged[key], b[key])
+            continue
+        want_update = _update(full, b, key)
+        err = float((_update(merged, b, key) - want_update).norm() / want_update.norm())
+        assert err == pytest.approx(errors[key], rel=5e-3, abs=1e-6), key  # as the card says
+        if exact:  # the factors are stored in the adapters' float32
+            assert err < 2e-6, key
+    if exact:  # rank 64 fits every task arithmetic update (rank <= 4 + 6 + 8)
+        assert max(errors.values()) < 1e-9
+    else:
+        assert max(errors.values()) > 1e-3  # truncated
+
+
+def test_peft_output_reads_no_base_weight(tmp_path, three_adapters, monkeypatch) -> None:
+    from specmerge.io.checkpoint import Checkpoint
+
+    base, ads, _ = three_adapters
+    real, reads = Checkpoint.read, []
+
+    def spy(self, name: str):
+        if self.path == base.resolve() or base.resolve() in self.path.parents:
+            reads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    out = specmerge.merge({"base_model": str(base), "models": [str(a) for a in ads],
+                           "merge_method": "swudi_a", "calibrate": {"method": "svc"}},
+                          tmp_path / "ad", output_format="peft", progress=False).out_dir
+    assert (out / "adapter_model.safetensors").is_file()
+    assert reads == []
+
+
+def test_peft_output_refusals(tmp_path, three_adapters) -> None:
+    base, ads, dense = three_adapters
+    recipe = {"base_model": str(base), "models": [str(ads[0]), str(dense[1])],
+              "merge_method": "task_arithmetic", "output": {"format": "peft"}}
+    with pytest.raises(specmerge.SpecmergeError, match=r"models\[1\].*full checkpoint"):
+        specmerge.merge(recipe, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(specmerge.SpecmergeError, match="output rank"):
+        specmerge.merge({**recipe, "output": {"format": "peft", "rank": 0}}, tmp_path / "x",
+                        progress=False)
+    with pytest.raises(specmerge.SpecmergeError, match="format"):
+        specmerge.merge({**recipe, "output": {"format": "gguf"}}, tmp_path / "x",
+                        progress=False)
+
+
+def test_peft_output_of_gpt2_conv1d_adapters(tmp_path) -> None:
+    """fan_in_fan_out adapters (GPT-2's Conv1D, stored (in, out)) give a fan_in_fan_out output
+    whose update equals the full merge's."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    ads = [adapter(base, tmp_path / f"ad{i}", 20 + i, r=2, lora_alpha=4, fan_in_fan_out=True,
+                   target_modules=["c_attn", "c_fc"]) for i in range(2)]
+    recipe = {"base_model": str(base), "models": [str(a) for a in ads],
+              "merge_method": "task_arithmetic", "parameters": {"scaling": 1.0}}
+    full = _tensors(specmerge.merge(recipe, tmp_path / "full", progress=False).out_dir)
+    out = specmerge.merge(recipe, tmp_path / "ad", output_format="peft", rank=4,
+                          progress=False).out_dir
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"]
+    model = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), out)
+    merged = model.merge_and_unload().state_dict()
+    for key, t in full.items():
+        if key in merged:
+            torch.testing.assert_close(merged[key], t, rtol=1e-5, atol=1e-6)

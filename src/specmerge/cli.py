@@ -46,7 +46,8 @@ def _root(
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    out: Annotated[Path, typer.Argument(help="Output directory (HF format).")],
+    out: Annotated[Path, typer.Argument(help="Output directory (HF format, or a PEFT adapter "
+                                                   "with --output-format peft).")],
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer needs Optional)
         help="Compute dtype override: float32 or float64.")] = None,
@@ -58,6 +59,12 @@ def merge(
     seed: Annotated[Optional[int], typer.Option(help="Seed override.")] = None,  # noqa: UP045
     allow_nonfinite: Annotated[bool, typer.Option(
         help="Merge even if a tensor holds NaN/Inf.")] = False,
+    output_format: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="hf (a full checkpoint) or peft (a LoRA adapter; every expert must be one). "
+             "Overrides the recipe's output.format.")] = None,
+    rank: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=1, help="Largest rank per weight of a peft output (default: the largest rank "
+                    "among the experts' adapters). Overrides output.rank.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the experts of RECIPE into OUT."""
@@ -67,11 +74,13 @@ def merge(
     try:
         res = run_merge(recipe, out, device=device, dtype=dtype, shard_size=shard_size,
                         workers=workers, force=force, seed=seed, allow_nonfinite=allow_nonfinite,
-                        progress=not quiet)
+                        output_format=output_format, rank=rank, progress=not quiet)
     except (SpecmergeError, ValueError) as err:
         _fail(err)
     else:
-        typer.echo(f"wrote merged model to {res.out_dir} ({res.num_tensors} tensors, "
+        what = ("LoRA adapter" if res.recipe.output is not None
+                and res.recipe.output.format == "peft" else "merged model")
+        typer.echo(f"wrote {what} to {res.out_dir} ({res.num_tensors} tensors, "
                    f"{res.num_params:,} parameters, {res.seconds:.1f} s, "
                    f"peak RSS {res.peak_rss_mb:.0f} MB)")
 

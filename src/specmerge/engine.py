@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 from specmerge.backends import Backend, LocalBackend, Step
 from specmerge.errors import Interrupted, MergeError, SpecmergeError
+from specmerge.io.adapter import Adapter
 from specmerge.io.hf_files import check_auto_map
+from specmerge.io.peft_out import Factors, PeftDirSink
 from specmerge.io.sinks import HFDirSink, StateDictSink
 from specmerge.io.writer import check_output_path, parse_size
-from specmerge.lowrank import LowRank, TaskVector, dense, is_zero
+from specmerge.lowrank import LowRank, TaskVector, dense, is_zero, truncate
 from specmerge.methods.registry import Statistic, get_method
 from specmerge.plan import Plan, PlanEntry, build_plan
 from specmerge.recipe import Recipe, load_recipe
@@ -278,20 +280,27 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
           device: str | torch.device = "cpu", dtype: str | None = None,
           shard_size: str | int = "5GB", workers: int = 1, force: bool = False,
           seed: int | None = None, allow_nonfinite: bool = False,
+          output_format: str | None = None, rank: int | None = None,
           progress: bool = True) -> MergeResult:
-    """Merge the recipe's experts into one HF-format checkpoint at ``out_dir``.
+    """Merge the recipe's experts into one HF-format checkpoint at ``out_dir`` (or, with the
+    recipe's ``output: {format: peft}`` or ``output_format="peft"``, into a PEFT LoRA adapter of
+    at most ``rank`` per weight).
 
-    ``dtype`` and ``seed`` override the recipe's. The output is written to a temporary sibling
-    and renamed into place at the end; inputs are only ever read.
+    ``dtype``, ``seed``, ``output_format`` and ``rank`` override the recipe's. The output is
+    written to a temporary sibling and renamed into place at the end; inputs are only ever read.
     """
     start = time.perf_counter()
-    rec = load_recipe(recipe, dtype=dtype, seed=seed)
+    rec = load_recipe(recipe, dtype=dtype, seed=seed, output=output_override(
+        recipe, output_format, rank))
     backend = make_backend(workers)
     max_shard = parse_size(shard_size)
     out = Path(out_dir).expanduser().resolve()
     dev = resolve_device(device)
 
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
+    if rec.output is not None and rec.output.format == "peft":
+        return merge_to_adapter(rec, source, out, backend, dev, force, allow_nonfinite,
+                                progress, start)
     claim = check_output_path(out, source.paths, force)
     check_auto_map(source.config_dir)
     plan = plan_of(rec, source)
@@ -308,6 +317,93 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak)
     return MergeResult(out, seconds, len(plan.entries), sum(e.numel for e in plan.entries),
                        peak, rec, counts)
+
+
+def output_override(recipe: Recipe | dict[str, Any] | str | Path, output_format: str | None,
+                    rank: int | None) -> dict[str, Any] | None:
+    """The recipe's ``output`` with the caller's format and rank laid over it (None: as is)."""
+    if output_format is None and rank is None:
+        return None
+    current = load_recipe(recipe).output
+    spec = current.model_dump() if current is not None else {}
+    if output_format is not None:
+        spec["format"] = output_format
+    if rank is not None:
+        spec["rank"] = rank
+    return spec
+
+
+@dataclass(frozen=True)
+class AdapterStep:
+    """One weight of a PEFT-adapter output: the factors of a targeted weight's merged update
+    (None when it is zero), or a saved module's merged tensor. Targeted weights read no base
+    weight: their τ_i are the adapters' factors."""
+
+    merge: MergeStep
+    rank: int
+    factor_dtype: torch.dtype
+    fan_in_fan_out: bool
+
+    def __call__(self, entry: PlanEntry, source: Source) -> Factors | Tensor | None:
+        if source.needs_base(entry.name):  # a saved module: the full merged tensor
+            return self.merge(entry, source)
+        tv = source.task_vectors(entry.name, torch.device(self.merge.device),
+                                 self.merge.compute_dtype, factored=True, base=False)
+        if all(is_zero(t) for t in tv.taus):
+            return None
+        update = run_method(entry, tv.taus, self.merge.calibration, self.merge.statistics)
+        if self.fan_in_fan_out:  # stored (in, out): PEFT's factors are of the (out, in) matrix
+            update = update.mT
+        b, a, error = truncate(update, self.rank)
+        check_finite(b, f"the merged update of {entry.name!r} (from finite inputs)",
+                     self.merge.allow_nonfinite)
+        check_finite(a, f"the merged update of {entry.name!r} (from finite inputs)",
+                     self.merge.allow_nonfinite)
+        return Factors(b.to("cpu", self.factor_dtype), a.to("cpu", self.factor_dtype), error)
+
+
+def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: Backend,
+                     dev: str, force: bool, allow_nonfinite: bool, progress: bool,
+                     start: float) -> MergeResult:
+    """``merge`` into a PEFT LoRA adapter: every expert must be an adapter; only the weights
+    they target (factors) and save (whole tensors) are computed and written."""
+    adapters = [e for e in source.experts if isinstance(e, Adapter)]
+    for i, e in enumerate(source.experts):
+        if not isinstance(e, Adapter):
+            raise SpecmergeError(f"output format peft needs every expert to be a LoRA adapter; "
+                                 f"models[{i}] ({e.path}) is a full checkpoint. Write a full "
+                                 f"model (output format hf) instead")
+    if source.union is not None:
+        raise SpecmergeError("output format peft keeps the base's vocabulary; remove "
+                             "'tokenizer: {source: union}'")
+    layouts = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+    if len(layouts) > 1:
+        raise SpecmergeError("the adapters disagree on fan_in_fan_out (the weights' layout); "
+                             "merge them to a full model (output format hf) instead")
+    assert rec.output is not None
+    rank = rec.output.rank or max(a.file.infos[lo.a].shape[0] for a in adapters
+                                  for lo in a.lora.values())
+    targets = {n for a in adapters for n in a.lora} | {n for a in adapters for n in a.saved}
+    claim = check_output_path(out, source.paths, force)
+    plan = plan_of(rec, source)
+    entries = [e for e in plan.entries if e.name in targets]
+    factor_dtype = (plan.entries[0].out_dtype if rec.out_dtype else
+                    next(a.file.infos[lo.a].dtype for a in adapters for lo in a.lora.values()))
+    log.info("merging %d adapters into a LoRA adapter of rank <= %d: %d targeted weights, "
+             "%d saved tensors, with %s on %s", len(adapters), rank,
+             sum(e.name not in source.saved_names for e in entries),
+             sum(e.name in source.saved_names for e in entries), rec.merge_method, dev)
+    stats = run_statistics(plan, source, backend, dev, progress)
+    step = AdapterStep(MergeStep(plan.calibration, stats, dev, plan.compute_dtype,
+                                 allow_nonfinite), rank, factor_dtype, layouts.pop())
+    sink = PeftDirSink(out, plan, rank=rank, base_path=source.base.path,
+                       config_dir=source.config_dir, fan_in_fan_out=step.fan_in_fan_out,
+                       replace=claim)
+    execute(step, entries, source, backend, sink, desc="merging (LoRA)", progress=progress)
+    seconds = time.perf_counter() - start
+    log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak_rss_mb())
+    return MergeResult(out, seconds, len(entries), sum(e.numel for e in entries), peak_rss_mb(),
+                       rec, plan.counts())
 
 
 def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:

@@ -148,6 +148,24 @@ class TokenizerSpec(_Strict):
         return v
 
 
+class OutputSpec(_Strict):
+    """What the merge writes. ``hf``: a full Hugging Face checkpoint (the default). ``peft``: a
+    PEFT LoRA adapter of the merged update, every expert being a LoRA adapter; each targeted
+    weight's update is written at rank min(its rank, ``rank``) by an exact (factored) or a
+    truncated SVD. ``rank`` null: the largest rank among the experts' adapters."""
+
+    _where: ClassVar[str] = "'output'"
+    format: Literal["hf", "peft"] = "hf"
+    rank: int | None = None
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and (isinstance(v, bool) or v < 1):
+            raise ValueError(f"output rank must be a positive integer or null, got {v!r}")
+        return v
+
+
 class Recipe(_Strict):
     """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
 
@@ -161,6 +179,7 @@ class Recipe(_Strict):
     out_dtype: str | None = None
     seed: int = 0
     tokenizer: TokenizerSpec | None = None
+    output: OutputSpec | None = None
 
     @field_validator("models")
     @classmethod
@@ -243,8 +262,9 @@ class Recipe(_Strict):
         """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records (a model's
         ``density`` only where it is set: only some methods take one)."""
         data = self.model_dump(mode="json")
-        if data.get("tokenizer") is None:
-            data.pop("tokenizer", None)
+        for key in ("tokenizer", "output"):
+            if data.get(key) is None:
+                data.pop(key, None)
         for m in data["models"]:
             if m.get("density") is None:
                 m.pop("density", None)

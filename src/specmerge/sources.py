@@ -60,6 +60,8 @@ class Source(Protocol):
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
                      factored: bool = False, base: bool = True) -> TaskVectors: ...
 
+    def needs_base(self, name: str) -> bool: ...
+
 
 def check_finite(t: Tensor, what: str, allow: bool) -> None:
     """Raise NonFiniteError naming ``what`` if ``t`` holds NaN/Inf (unless ``allow``)."""
@@ -157,6 +159,11 @@ class CheckpointSource:
             ids.append(uid)
             rows.append(torch.stack(picks).mean(0))
         return torch.tensor(ids, device=device), torch.stack(rows)
+
+    @property
+    def saved_names(self) -> set[str]:
+        """Tensors that some adapter stores whole (``modules_to_save``)."""
+        return {n for e in self.experts if isinstance(e, Adapter) for n in e.saved}
 
     def needs_base(self, name: str) -> bool:
         """Whether some τ_i of ``name`` needs θ0: a full expert, or an adapter's saved module."""
@@ -327,6 +334,9 @@ class StateDictSource:
 
     def base_tensor(self, name: str) -> Tensor:
         return self.base[name].clone()
+
+    def needs_base(self, name: str) -> bool:
+        return True
 
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
                      factored: bool = False, base: bool = True) -> TaskVectors:
