@@ -20,19 +20,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specmerge.linalg import numerical_rank, prepare_task_vectors, thin_svd, upcast
+from specmerge.linalg import numerical_rank, prepare_task_vectors, thin_svd
 
 
 @dataclass(frozen=True)
 class LowRank:
-    """τ = scale · b @ a, with b (m × r) and a (r × n). r may be 0 (τ = 0)."""
+    """τ = scale · b @ a, with b (m × r) and a (r × n); r may be 0 (τ = 0).
+
+    With a ``core`` (p × q), τ = scale · b @ core @ a, where b (m × p) has orthonormal columns
+    and a (q × n) orthonormal rows: the form a factored method returns (``Space.lift``), whose
+    SVD needs no QR and whose bases the next step (SVC) reuses.
+    """
 
     b: Tensor
     a: Tensor
     scale: float = 1.0
+    core: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.b.ndim != 2 or self.a.ndim != 2 or self.b.shape[1] != self.a.shape[0]:
+        inner = (self.a.shape[0],) if self.core is None else tuple(self.core.shape)
+        if (self.b.ndim != 2 or self.a.ndim != 2 or self.b.shape[1] != inner[0]
+                or self.a.shape[0] != inner[-1]):
             raise ValueError(f"LowRank: factors of shapes {tuple(self.b.shape)} and "
                              f"{tuple(self.a.shape)} do not multiply")
 
@@ -42,7 +50,8 @@ class LowRank:
 
     @property
     def rank(self) -> int:
-        return self.b.shape[1]
+        """An upper bound of the rank: the inner dimension."""
+        return self.b.shape[1] if self.core is None else min(self.core.shape)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,22 +61,31 @@ class LowRank:
     def device(self) -> torch.device:
         return self.b.device
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B', A) with τ = B' A: the scale (and core) folded into the left factor."""
+        b = self.b if self.core is None else self.b @ self.core
+        return b * self.scale, self.a
+
     def dense(self) -> Tensor:
-        """The m × n matrix s · B A."""
+        """The m × n matrix τ."""
         if self.rank == 0:
             return self.b.new_zeros(self.shape)
-        return (self.b @ self.a).mul_(self.scale)
+        if self.core is None:
+            return (self.b @ self.a).mul_(self.scale)
+        return (self.b @ self.core @ self.a).mul_(self.scale)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> LowRank:
-        return LowRank(self.b.to(device, dtype), self.a.to(device, dtype), self.scale)
+        core = None if self.core is None else self.core.to(device, dtype)
+        return LowRank(self.b.to(device, dtype), self.a.to(device, dtype), self.scale, core)
 
     @property
     def mT(self) -> LowRank:  # noqa: N802 (mirrors Tensor.mT)
-        return LowRank(self.a.mT, self.b.mT, self.scale)
+        return LowRank(self.a.mT, self.b.mT, self.scale,
+                       None if self.core is None else self.core.mT)
 
     def scaled(self, factor: float) -> LowRank:
-        return LowRank(self.b, self.a, self.scale * factor)
+        return LowRank(self.b, self.a, self.scale * factor, self.core)
 
 
 TaskVector = Tensor | LowRank
@@ -106,19 +124,40 @@ class Space:
         """The m × n result Q_L core Q_Rᵀ, factored (or ``core`` itself for dense input)."""
         if self.left is None or self.right is None:
             return core
-        return LowRank(self.left @ core, self.right.mT.contiguous())
+        return LowRank(self.left, self.right.mT, 1.0, core)
 
 
 def concat(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
     """Σ_i w_i τ_i as one factored τ: the factors concatenated (rank Σ r_i)."""
-    b = torch.cat([t.b * (w * t.scale) for t, w in zip(terms, weights, strict=True)], dim=1)
-    return LowRank(b, torch.cat([t.a for t in terms], dim=0))
+    parts = [t.factors() for t in terms]
+    b = torch.cat([b * w for (b, _), w in zip(parts, weights, strict=True)], dim=1)
+    return LowRank(b, torch.cat([a for _, a in parts], dim=0))
 
 
-def _orthonormal_basis(x: Tensor) -> Tensor:
-    """Q of the reduced QR of x (columns span x's column space)."""
-    q, _ = torch.linalg.qr(x, mode="reduced")
-    return q
+def span_basis(orthonormal: Sequence[Tensor], others: Sequence[Tensor]) -> Tensor:
+    """Orthonormal columns spanning (a superset of) the columns of every matrix given.
+
+    ``orthonormal`` matrices already have orthonormal columns: the first is kept as it is and
+    the rest, with ``others``, extend it by two passes of block Gram–Schmidt then a QR of what
+    is left (columns already in the span to 100 eps are not added). Without an orthonormal
+    matrix it is the reduced QR of all columns.
+    """
+    parts = list(orthonormal[1:]) + list(others)
+    if not orthonormal:
+        return torch.linalg.qr(torch.cat(parts, dim=1), mode="reduced")[0]
+    q = orthonormal[0]
+    if not parts:
+        return q
+    x = torch.cat(parts, dim=1)
+    norms = torch.linalg.vector_norm(x, dim=0)
+    for _ in range(2):
+        x = x - q @ (q.mT @ x)
+    x = x[:, torch.linalg.vector_norm(x, dim=0) > 100 * torch.finfo(x.dtype).eps * norms]
+    if x.shape[1] == 0:
+        return q
+    extra = torch.linalg.qr(x, mode="reduced")[0]
+    extra = torch.linalg.qr(extra - q @ (q.mT @ extra), mode="reduced")[0]
+    return torch.cat([q, extra], dim=1)
 
 
 def embed(task_vectors: Sequence[TaskVector], method: str, *, matrix: bool = True
@@ -144,11 +183,14 @@ def embed(task_vectors: Sequence[TaskVector], method: str, *, matrix: bool = Tru
             raise ValueError(f"{method}: task vector {i} is on {t.device}, expected "
                              f"{terms[0].device}")
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-    bs = [upcast(t.b, dtype) * t.scale for t in terms]
-    as_ = [upcast(t.a, dtype) for t in terms]
-    left = _orthonormal_basis(torch.cat(bs, dim=1))
-    right = _orthonormal_basis(torch.cat(as_, dim=0).mT)
-    cores = [(left.mT @ b) @ (a @ right) for b, a in zip(bs, as_, strict=True)]
+    terms = [t.to(dtype=dtype) for t in terms]
+    cored = [t for t in terms if t.core is not None]  # bases of an earlier factored result
+    left = span_basis([t.b for t in cored], [t.b for t in terms if t.core is None])
+    right = span_basis([t.a.mT for t in cored], [t.a.mT for t in terms if t.core is None])
+    cores = []
+    for t in terms:
+        lb = left.mT @ t.b if t.core is None else (left.mT @ t.b) @ t.core
+        cores.append((lb * t.scale) @ (t.a @ right))
     return Space((shape[0], shape[1]), left, right), cores
 
 
@@ -158,8 +200,12 @@ def factored_svd(t: TaskVector) -> tuple[Tensor, Tensor, Tensor]:
     if not isinstance(t, LowRank):
         return thin_svd(t)
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    qb, rb = torch.linalg.qr(upcast(t.b, dtype), mode="reduced")
-    qa, ra = torch.linalg.qr(upcast(t.a, dtype).mT, mode="reduced")
+    t = t.to(dtype=dtype)
+    if t.core is not None:  # orthonormal bases already: the SVD of the core
+        u, s, vh = thin_svd(t.core * t.scale)
+        return t.b @ u, s, vh @ t.a
+    qb, rb = torch.linalg.qr(t.b, mode="reduced")
+    qa, ra = torch.linalg.qr(t.a.mT, mode="reduced")
     u, s, vh = thin_svd((rb * t.scale) @ ra.mT)
     return qb @ u, s, vh @ qa.mT
 
