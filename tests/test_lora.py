@@ -288,3 +288,24 @@ def test_peft_output_of_gpt2_conv1d_adapters(tmp_path) -> None:
     for key, t in full.items():
         if key in merged:
             torch.testing.assert_close(merged[key], t, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_writes_a_peft_adapter(tmp_path, three_adapters) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from specmerge.cli import app
+
+    base, ads, _ = three_adapters
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base_model": str(base), "models": [str(a) for a in ads],
+                                      "merge_method": "tsv_m"}))
+    res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "o"), "-q",
+                                   "--output-format", "peft", "--rank", "4"])
+    assert res.exit_code == 0, res.output
+    assert "wrote LoRA adapter" in res.output
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 4
+    bad = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "p"), "-q",
+                                   "--output-format", "gguf"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert "format" in bad.output and not (tmp_path / "p").exists()

@@ -132,7 +132,7 @@ def methods(
     if as_json:
         typer.echo(json.dumps([{
             "name": m.name, "family": m.family, "summary": m.summary, "citation": m.citation,
-            "matrix_only": m.matrix_only,
+            "matrix_only": m.matrix_only, "factored": m.factored,
             "parameters": {p.name: {"default": p.default, "type": p.type_name, "doc": p.doc,
                                     "choices": p.choices, "range": p.range,
                                     "allowed": p.describe()} for p in m.params},
@@ -148,7 +148,8 @@ def methods(
         scope = "matrix params; others take the scope fallback" if m.matrix_only and \
             not m.is_calibration else ("matrix params only" if m.is_calibration else
                                        "every floating param")
-        typer.echo(f"\n{m.name}  [{scope}]\n  {m.summary}\n  ref: {m.citation}")
+        lora = "LoRA: factored" if m.factored else "LoRA: densified per tensor"
+        typer.echo(f"\n{m.name}  [{scope}; {lora}]\n  {m.summary}\n  ref: {m.citation}")
         for p in m.params:
             allowed = f": {p.describe()}" if p.constraints else ""
             typer.echo(f"    {p.name} = {p.default!r}  ({p.type_name}{allowed}): {p.doc}")
