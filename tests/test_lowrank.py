@@ -140,3 +140,24 @@ def test_zero_rank_and_mixed_inputs() -> None:
     assert isinstance(get_method("tsv_m").fn(mixed), torch.Tensor)
     with pytest.raises(ValueError, match="do not multiply"):
         LowRank(torch.zeros(3, 2), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_svd_is_taken_on_the_transpose(dtype, monkeypatch) -> None:
+    """thin_svd decomposes a wide matrix as its transpose (LAPACK is slower on the wide layout)
+    and returns the same thin SVD: reconstruction, singular values, orthonormal factors."""
+    from specmerge import linalg
+
+    a = torch.randn(30, 70, dtype=dtype)
+    calls = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, **kw: calls.append(tuple(x.shape))
+                        or real(x, **kw))
+    u, s, vh = linalg.thin_svd(a)
+    assert calls == [(70, 30)]  # never the wide layout
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert u.shape == (30, 30) and vh.shape == (30, 70)
+    assert torch.allclose((u * s) @ vh, a, atol=tol * 10)
+    assert torch.allclose(s, real(a, full_matrices=False)[1], atol=tol * 10)
+    assert torch.allclose(u.mT @ u, torch.eye(30, dtype=dtype), atol=tol)
+    assert torch.allclose(vh @ vh.mT, torch.eye(30, dtype=dtype), atol=tol)
