@@ -110,7 +110,7 @@ step "(c) end to end: $PARAMS bf16 synthetic Llama, 4 experts, SWUDI + SVC on $D
 
 # (d) the projection, and the report
 log "(d) projection to 7B and the report -> $RESULT"
-report=("$PY" benchmarks/gpu_timings.py report --out "$RESULT" "${DRY[@]}")
+report=("$PY" benchmarks/gpu_timings.py report --out "$RESULT" ${DRY[@]+"${DRY[@]}"})
 [[ -s "$WORK/tests.txt" ]] && report+=(--tests "$WORK/tests.txt")
 [[ -s "$WORK/e2e.json" ]] && report+=(--e2e "$WORK/e2e.json")
 if [[ -s "$WORK/matrices.json" ]]; then

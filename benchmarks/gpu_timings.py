@@ -121,7 +121,7 @@ def cmd_matrices(args: argparse.Namespace) -> dict[str, Any]:
     shapes = {label: (m // args.scale, n // args.scale)
               for label, (m, n) in LLAMA7B_SHAPES.items()}
     table = methods()
-    allowance = args.budget / (len(shapes) * len(table)) - 0.0
+    allowance = args.budget / (len(shapes) * len(table))
     rows = []
     for label, shape in shapes.items():
         taus = task_vectors(shape, args.tasks, device)
