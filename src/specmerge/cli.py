@@ -82,7 +82,9 @@ def merge(
                 and res.recipe.output.format == "peft" else "merged model")
         typer.echo(f"wrote {what} to {res.out_dir} ({res.num_tensors} tensors, "
                    f"{res.num_params:,} parameters, {res.seconds:.1f} s, "
-                   f"peak RSS {res.peak_rss_mb:.0f} MB)")
+                   f"peak RSS {res.peak_rss_mb:.0f} MB"
+                   + ("" if res.peak_gpu_mb is None else f", GPU peak {res.peak_gpu_mb:.0f} MB")
+                   + ")")
 
 
 @app.command()

@@ -53,6 +53,7 @@ class MergeResult:
     peak_rss_mb: float
     recipe: Recipe
     counts: dict[str, int] = field(default_factory=dict)
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated (MiB); None on CPU
 
 
 class Sink(Protocol):
@@ -296,6 +297,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     max_shard = parse_size(shard_size)
     out = Path(out_dir).expanduser().resolve()
     dev = resolve_device(device)
+    reset_gpu_peak(dev)
 
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
     if rec.output is not None and rec.output.format == "peft":
@@ -314,9 +316,11 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     execute(step, plan.entries, source, backend, sink, desc="merging", progress=progress)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak)
+    gpu = gpu_peak_mb(dev)
+    log.info("wrote %s in %.1f s (peak RSS %.0f MB%s)", out, seconds, peak,
+             "" if gpu is None else f", GPU peak {gpu:.0f} MB")
     return MergeResult(out, seconds, len(plan.entries), sum(e.numel for e in plan.entries),
-                       peak, rec, counts)
+                       peak, rec, counts, gpu)
 
 
 def output_override(recipe: Recipe | dict[str, Any] | str | Path, output_format: str | None,
@@ -403,7 +407,7 @@ def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: 
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak_rss_mb())
     return MergeResult(out, seconds, len(entries), sum(e.numel for e in entries), peak_rss_mb(),
-                       rec, plan.counts())
+                       rec, plan.counts(), gpu_peak_mb(dev))
 
 
 def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
@@ -416,6 +420,20 @@ def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
 def peak_rss_mb() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / (1024 * 1024) if sys.platform == "darwin" else ru / 1024
+
+
+def reset_gpu_peak(device: str) -> None:
+    """Start ``gpu_peak_mb``'s count afresh (a no-op off CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mb(device: str) -> float | None:
+    """The most GPU memory torch's allocator held since ``reset_gpu_peak`` (MiB), or None off
+    CUDA. Memory the CUDA context and other processes hold is not counted."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def merge_state_dicts(recipe: Recipe | dict[str, Any], base: Mapping[str, Tensor],
