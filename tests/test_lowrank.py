@@ -104,6 +104,18 @@ def test_svc_after_iso_c_is_a_function_of_its_inputs() -> None:
     assert rel(svc(merged, taus), svc(merged.clone(), taus)) == 0.0
 
 
+@pytest.mark.parametrize("base", ["iso_c", "iso_cts"])
+def test_svc_canonical_basis_keeps_the_merged_update(base: str) -> None:
+    """With α huge every γ_r = 1/α: SVC must return W_m / α, whatever basis it picked inside
+    the flat spectrum (a rotation of only one side would change W_m)."""
+    taus = [t.dense() for t in adapters(20, 30, 20, 3, torch.float64, seed=7)]
+    merged = get_method(base).fn(taus)
+    out = svc(merged, taus, alpha=1e6) * 1e6
+    assert rel(out, merged) < 1e-12
+    factored = adapters(20, 30, 20, 3, torch.float64, seed=7)
+    assert rel(svc(get_method(base).fn(factored), factored, alpha=1e6), merged / 1e6) < 1e-10
+
+
 def test_distinct_singular_values_form_no_cluster() -> None:
     s = torch.tensor([3.0, 2.0, 2.0 * (1 - 1e-6), 1.0], dtype=torch.float64)
     assert clusters(s, (4, 4)) == []

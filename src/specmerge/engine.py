@@ -29,12 +29,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from specmerge.backends import Backend, LocalBackend, Step
-from specmerge.errors import Interrupted, MergeError, SpecmergeError
+from specmerge.errors import Interrupted, MergeError, NonFiniteError, SpecmergeError
 from specmerge.io.adapter import Adapter
 from specmerge.io.hf_files import check_auto_map
 from specmerge.io.peft_out import Factors, PeftDirSink
 from specmerge.io.sinks import HFDirSink, StateDictSink
 from specmerge.io.writer import check_output_path, parse_size
+from specmerge.linalg import is_finite, parse_dtype
 from specmerge.lowrank import LowRank, TaskVector, dense, is_zero, truncate
 from specmerge.methods.registry import Statistic, get_method
 from specmerge.plan import Plan, PlanEntry, build_plan
@@ -189,8 +190,9 @@ class StatisticStep:
     compute_dtype: torch.dtype
 
     def __call__(self, entry: PlanEntry, source: Source) -> Any:
-        tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype)
-        return self.statistic.map(self.state, tv.taus)
+        tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype,
+                                 factored=True, base=False)  # θ0 only where a τ_i needs it
+        return self.statistic.map(self.state, [dense(t) for t in tv.taus])
 
 
 def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
@@ -358,12 +360,18 @@ class AdapterStep:
         update = run_method(entry, tv.taus, self.merge.calibration, self.merge.statistics)
         if self.fan_in_fan_out:  # stored (in, out): PEFT's factors are of the (out, in) matrix
             update = update.mT
-        b, a, error = truncate(update, self.rank)
-        check_finite(b, f"the merged update of {entry.name!r} (from finite inputs)",
-                     self.merge.allow_nonfinite)
-        check_finite(a, f"the merged update of {entry.name!r} (from finite inputs)",
-                     self.merge.allow_nonfinite)
-        return Factors(b.to("cpu", self.factor_dtype), a.to("cpu", self.factor_dtype), error)
+        parts = (update.core, update.b, update.a) if isinstance(update, LowRank) else (update,)
+        for part in parts:
+            if part is not None and not is_finite(part):
+                raise NonFiniteError(f"the merged update of {entry.name!r} holds NaN/Inf; a "
+                                     f"LoRA adapter of it cannot be written (write a full "
+                                     f"model, output format hf, to keep it)")
+        try:
+            b, a, error = truncate(update, self.rank, self.factor_dtype)
+        except Exception as err:
+            raise MergeError(f"the SVD of the merged update of {entry.name!r} (shape "
+                             f"{list(entry.shape)}) failed: {err}") from err
+        return Factors(b.to("cpu"), a.to("cpu"), error)
 
 
 def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: Backend,
@@ -385,13 +393,16 @@ def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: 
         raise SpecmergeError("the adapters disagree on fan_in_fan_out (the weights' layout); "
                              "merge them to a full model (output format hf) instead")
     assert rec.output is not None
-    rank = rec.output.rank or max(a.file.infos[lo.a].shape[0] for a in adapters
-                                  for lo in a.lora.values())
+    ranks = [a.file.infos[lo.a].shape[0] for a in adapters for lo in a.lora.values()]
+    if not ranks:
+        raise SpecmergeError("output format peft: the adapters have no LoRA factors (only "
+                             "modules_to_save); write a full model (output format hf) instead")
+    rank = rec.output.rank or max(ranks)
     targets = {n for a in adapters for n in a.lora} | {n for a in adapters for n in a.saved}
     claim = check_output_path(out, source.paths, force)
     plan = plan_of(rec, source)
     entries = [e for e in plan.entries if e.name in targets]
-    factor_dtype = (plan.entries[0].out_dtype if rec.out_dtype else
+    factor_dtype = (parse_dtype(rec.out_dtype) if rec.out_dtype else
                     next(a.file.infos[lo.a].dtype for a in adapters for lo in a.lora.values()))
     log.info("merging %d adapters into a LoRA adapter of rank <= %d: %d targeted weights, "
              "%d saved tensors, with %s on %s", len(adapters), rank,

@@ -210,14 +210,28 @@ def factored_svd(t: TaskVector) -> tuple[Tensor, Tensor, Tensor]:
     return qb @ u, s, vh @ qa.mT
 
 
-def truncate(t: TaskVector, rank: int) -> tuple[Tensor, Tensor, float]:
+def truncate(t: TaskVector, rank: int, dtype: torch.dtype | None = None
+             ) -> tuple[Tensor, Tensor, float]:
     """Factors (B, A) of the best rank-k approximation of τ, k = min(numerical rank, ``rank``),
-    balanced as B = U_k √σ_k, A = √σ_k V_kᵀ, and the relative truncation error
-    ‖τ − B A‖_F / ‖τ‖_F (0 for τ = 0)."""
+    balanced as B = U_k √σ_k, A = √σ_k V_kᵀ and cast to ``dtype`` (default: kept), and the
+    relative error ‖τ − B A‖_F / ‖τ‖_F of the stored factors (0 for τ = 0).
+
+    The error is √(t² + e²): t² = Σ_{j>k} σ_j² / Σ σ_j², the truncation, exact; e = ‖B'A' − BA‖
+    / ‖τ‖, the rounding of the cast factors B' = B + ΔB, A' = A + ΔA, from the Gram matrices of
+    [ΔB, B] and [A'; ΔA] in float64 (B'A' − BA = ΔB A' + B ΔA; its cross term with the
+    truncation residual is of second order)."""
     u, s, vh = factored_svd(t)
     k = min(rank, numerical_rank(s, tuple(t.shape)))
-    total = float(s.square().sum())
-    dropped = float(s[k:].square().sum())
     root = s[:k].sqrt()
-    error = (dropped / total) ** 0.5 if total > 0 else 0.0
-    return (u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous(), error
+    b, a = (u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous()
+    total = float(s.double().square().sum())
+    if total == 0.0:
+        return b.to(dtype or b.dtype), a.to(dtype or a.dtype), 0.0
+    error2 = float(s[k:].double().square().sum()) / total
+    if dtype is not None and dtype != b.dtype:
+        bc, ac = b.to(dtype), a.to(dtype)
+        x = torch.cat([bc.double() - b.double(), b.double()], dim=1)
+        y = torch.cat([ac.double(), ac.double() - a.double()], dim=0)
+        error2 += max(float(((x.mT @ x) * (y @ y.mT)).sum()), 0.0) / total
+        b, a = bc, ac
+    return b, a, error2 ** 0.5

@@ -165,6 +165,13 @@ class OutputSpec(_Strict):
             raise ValueError(f"output rank must be a positive integer or null, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _rank_needs_peft(self) -> OutputSpec:
+        if self.rank is not None and self.format != "peft":
+            raise ValueError(f"output rank {self.rank} applies to format peft (a LoRA adapter) "
+                             f"only; a full model (format hf) has no rank")
+        return self
+
 
 class Recipe(_Strict):
     """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""

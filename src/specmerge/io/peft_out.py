@@ -20,14 +20,13 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-from safetensors.torch import save_file
 from torch import Tensor
 
 from specmerge import __version__
 from specmerge.errors import OutputError
 from specmerge.io.adapter import PREFIX
 from specmerge.io.hf_files import base_model_id
-from specmerge.io.writer import Identity, atomic_output_dir, write_text
+from specmerge.io.writer import Identity, atomic_output_dir, write_safetensors, write_text
 from specmerge.methods.registry import get_method
 from specmerge.plan import Plan, PlanEntry
 
@@ -88,12 +87,9 @@ class PeftDirSink:
         if not kept:
             raise OutputError("the merged update is zero on every weight the adapters target: "
                               "there is no adapter to write")
-        try:
-            save_file(tensors, str(self.tmp / WEIGHTS),
-                      metadata={"format": "pt", "specmerge_version": __version__,
-                                "merge_method": self.plan.recipe.merge_method})
-        except OSError as err:
-            raise OutputError(f"{self.tmp / WEIGHTS}: {err}") from err
+        write_safetensors(self.tmp / WEIGHTS, dict(sorted(tensors.items())),
+                          {"specmerge_version": __version__,
+                           "merge_method": self.plan.recipe.merge_method})
         write_text(self.tmp / "adapter_config.json",
                    json.dumps(self.config(kept), indent=2, sort_keys=True) + "\n")
         header = f"# Resolved by specmerge {__version__}: every default filled in.\n"
@@ -140,7 +136,8 @@ class PeftDirSink:
               for i, m in enumerate(recipe.models)],
             "", "## Truncation error per weight", "",
             "‖ΔW − B A‖_F / ‖ΔW‖_F, where ΔW is the merged update the full-model output would "
-            "add to the base (0 when the update's rank fits).", "",
+            "add to the base and B, A the stored factors: the truncation, plus the rounding of "
+            "the factors' dtype when the update's rank fits.", "",
             "| weight | rank | relative error |", "|---|---:|---:|",
             *[f"| `{n}` | {k} | {e:.3g} |" for e, n, k in errors], "",
         ]

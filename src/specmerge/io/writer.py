@@ -105,6 +105,23 @@ def _header_bytes(tensors: Sequence[OutTensor], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(raw)) + raw
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file with a deterministic header (tensors in the order given, metadata
+    in insertion order: the same inputs give the same bytes), created exclusively and fsynced."""
+    specs = [OutTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    try:
+        with open(path, "xb") as f:
+            f.write(_header_bytes(specs, {"format": "pt", **(metadata or {})}))
+            for t in tensors.values():
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                        .numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _disk_error(err, path) from err
+
+
 class ShardedWriter:
     """Writes a fixed set of tensors into preallocated safetensors shards in ``directory``."""
 

@@ -74,29 +74,29 @@ def clusters(sigma: Tensor, shape: tuple[int, int]) -> list[tuple[int, int]]:
     return runs
 
 
-def canonical_basis(u: Tensor, sigma: Tensor, vh: Tensor, taus: Sequence[Tensor]
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def canonical_basis(u: Tensor, sigma: Tensor, vh: Tensor, taus: Sequence[Tensor],
+                    shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The SVD of W_m with a unique basis inside each cluster of equal singular values.
 
-    Where σ repeats (after Iso-C every σ is equal), the SVD of W_m is not unique and SVC's
-    responses depend on which basis LAPACK returns. Inside each cluster (U_c, V_c) this rotates
-    to the singular vectors of U_cᵀ (Σ_i τ_i) V_c = P S Qᵀ: U_c P and V_c Q, with σ'_j =
-    (Pᵀ diag(σ_c) Q)_jj. The result does not depend on the basis chosen within the cluster
-    (U_c R, V_c R give the same U_c P), and after Iso-C it is Iso-C's own basis, the singular
-    vectors of Σ_i τ_i. Without clusters the inputs are returned as they are.
+    Where σ repeats (after Iso-C every σ is equal), the SVD of W_m is not unique: inside a
+    cluster, (U_c G, V_c G) is an SVD for every orthogonal G, and SVC's responses depend on which
+    one LAPACK returns. This picks G = P, the left singular vectors of U_cᵀ (Σ_i τ_i) V_c, on both
+    sides, so W_m is unchanged and the choice does not depend on the basis given (U_c R, V_c R
+    give the same U_c P and V_c P). After Iso-C it is Iso-C's own basis, the singular vectors of
+    Σ_i τ_i. ``shape`` is the logical (m, n) for the rank cutoff (default: from u and vh).
+    Without clusters the inputs are returned as they are.
     """
-    runs = clusters(sigma, (u.shape[0], vh.shape[1]))
+    runs = clusters(sigma, shape or (u.shape[0], vh.shape[1]))
     if not runs:
         return u, sigma, vh
     total = torch.zeros_like(taus[0])
     for tau in taus:
         total.add_(tau)
-    u, sigma, vh = u.clone(), sigma.clone(), vh.clone()
+    u, vh = u.clone(), vh.clone()
     for c0, c1 in runs:
-        p, _, qh = thin_svd(u[:, c0:c1].mT @ total @ vh[c0:c1].mT)
-        sigma[c0:c1] = ((p * sigma[c0:c1, None]) * qh.mT).sum(0)
+        p = thin_svd(u[:, c0:c1].mT @ total @ vh[c0:c1].mT)[0]
         u[:, c0:c1] = u[:, c0:c1] @ p
-        vh[c0:c1] = qh @ vh[c0:c1]
+        vh[c0:c1] = p.mT @ vh[c0:c1]
     return u, sigma, vh
 
 
@@ -174,7 +174,7 @@ def svc(merged: TaskVector, task_vectors: Sequence[TaskVector], *, alpha: float 
     if space == "right":
         tensors = [t.mT for t in tensors]
     basis, (w, *taus) = embed(tensors, "svc")
-    u, sigma, vh = canonical_basis(*thin_svd(w), taus)
+    u, sigma, vh = canonical_basis(*thin_svd(w), taus, basis.shape)
     out = basis.lift(svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target))
     if space == "right":
         return out.mT if isinstance(out, LowRank) else out.mT.contiguous()
