@@ -371,3 +371,17 @@ def test_quick_lora_run_end_to_end(tmp_path):
     cat, _ = merger.merged_deltas(P.merge_kwargs("cat", 1.0, 2))
     one, two = merger.deltas("e0"), merger.deltas("e1")
     torch.testing.assert_close(cat[name], one[name] + two[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_reference_row_missing_for_one_seed_keeps_the_other(tmp_path):
+    """The full fine-tunes' reference row exists for the seeds whose experts are cached."""
+    task = T.Task("a", tmp_path, ["x", "y"], [("t", 0)], [("t", 0)], None, ["{}"])
+    acc = {"acc": {"a": 80.0}, "compute_s": 1.0}
+    per_seed = {R.ZERO_SHOT: [acc, acc], R.EXPERTS: [{"acc": {"a": 90.0}}] * 2,
+                R.FULL_EXPERTS: [{"acc": {"a": 94.5}}, None]}
+    res = R.assemble(R.RunConfig(data=None, seeds=2, lora=T.LoraSpec()), [task], "sha",
+                     list(per_seed), per_seed, [], {}, {}, timings={})
+    full = next(r for r in res["rows"] if r["name"] == R.FULL_EXPERTS)
+    assert full["seeds"] == [0] and full["norm"] == pytest.approx(105.0)
+    assert res["timings"]["rows_compute_s"] == 2.0
+    assert "(seed 0 only)" in report.markdown_table(res)

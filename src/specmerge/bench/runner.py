@@ -590,7 +590,7 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
 
     names = [t.name for t in tasks]
     timings = {**timings, "rows_compute_s": sum(x.get("compute_s", 0.0) for r in row_names
-                                                for x in per_seed[r])}
+                                                for x in per_seed[r] if x is not None)}
     expert_acc = [r["acc"] for r in per_seed[EXPERTS]]
     rows = []
     for r in row_names:
