@@ -307,3 +307,81 @@ def test_prebuilt_experts_are_found_in_the_shared_directory_first(tmp_path):
     incomplete = tmp_path / "cache" / "experts" / T.expert_dirname("trec", 0, "cd" * 32)
     incomplete.mkdir(parents=True)
     assert R.find_expert(cfg, "trec", 0, "cd" * 32) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# --experts lora
+# ---------------------------------------------------------------------------------------------
+
+def test_lora_experts_hash_apart_from_full_experts_which_keep_their_hash():
+    cfg, lora = T.TrainConfig(), T.LoraSpec()
+    full = T.protocol_hash("sha", "task", cfg, 0)
+    assert T.protocol_hash("sha", "task", cfg, 0, None) == full
+    keyed = T.protocol_hash("sha", "task", cfg, 0, lora)
+    assert keyed != full and keyed != T.protocol_hash("sha", "task", cfg, 0, replace(lora, r=4))
+    assert T.expert_dirname("sst2", 1, keyed, lora) == f"sst2-seed1-lora8-{keyed[:16]}"
+    assert T.lora_train_config(5).max_steps == 5
+
+
+def test_peft_rows_need_lora_experts_and_a_known_combination():
+    recipes = R.default_recipes_dir()
+    assert R.validate_methods(R.PEFT_ROWS, recipes, lora=True) == list(R.PEFT_ROWS)
+    with pytest.raises(T.BenchError, match="needs --experts lora"):
+        R.validate_methods(["peft_svd"], recipes)
+    with pytest.raises(T.BenchError, match="unknown PEFT row"):
+        R.validate_methods(["peft_magic"], recipes, lora=True)
+
+
+def test_quick_lora_run_end_to_end(tmp_path):
+    """LoRA experts trained two steps and saved as adapters; a method row with SVC and a PEFT
+    peer row merge them; the adapters' merged weights are PEFT's merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    from specmerge.bench import peft_rows as P
+
+    cfg = R.RunConfig(data=DATA, tasks=["trec", "subj"],
+                      methods=["task_arithmetic+svc", "peft_ties"], cache=tmp_path / "cache",
+                      test_cap=20, train=T.lora_train_config(max_steps=2), lora=T.LoraSpec(),
+                      threads=1, progress=False)
+    res = R.run(cfg)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == [R.ZERO_SHOT, R.EXPERTS, "task_arithmetic+svc", "peft_ties"]
+    assert all(math.isfinite(r["avg"]) and not r.get("errors") for r in rows.values())
+    assert rows["peft_ties"]["per_seed"][0]["peft"] == {
+        "weights": [1.0, 1.0], "combination_type": "ties", "density": 0.2}
+    assert res["protocol"]["experts"] == "lora" and res["protocol"]["lora"]["r"] == 8
+    assert len(list((cfg.cache / "rows").glob("*.json"))) == 4  # a re-run resumes from these
+    paths = [Path(e["path"]) for e in res["experts"]]
+    for e, d in zip(res["experts"], paths, strict=True):
+        assert d.name.startswith(f"{e['task']}-seed0-lora8-")
+        assert (d / "adapter_model.safetensors").is_file()
+        config = json.loads((d / "adapter_config.json").read_text())
+        assert config["r"] == 8 and set(config["target_modules"]) == set(T.LORA_TARGETS)
+    # an adapter expert is evaluated with the weights of PEFT's merge_and_unload
+    ev = R.Evaluator(next(cfg.cache.glob("base-*")), "cpu")
+    ev.load(paths[0])
+    fresh, _ = T.load_encoder(ev.base)
+    ref = peft.PeftModel.from_pretrained(fresh, str(paths[0])).merge_and_unload().state_dict()
+    name = "encoder.layer.2.intermediate.dense.weight"
+    assert not torch.equal(ref[name], ev.base_state[name])
+    got = ev.model.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+    # PEFT's cat at weight 1 is exactly the sum of the experts' updates
+    merger = P.PeftMerger(ev.base, paths)
+    cat, _ = merger.merged_deltas(P.merge_kwargs("cat", 1.0, 2))
+    one, two = merger.deltas("e0"), merger.deltas("e1")
+    torch.testing.assert_close(cat[name], one[name] + two[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_reference_row_missing_for_one_seed_keeps_the_other(tmp_path):
+    """The full fine-tunes' reference row exists for the seeds whose experts are cached."""
+    task = T.Task("a", tmp_path, ["x", "y"], [("t", 0)], [("t", 0)], None, ["{}"])
+    acc = {"acc": {"a": 80.0}, "compute_s": 1.0}
+    per_seed = {R.ZERO_SHOT: [acc, acc], R.EXPERTS: [{"acc": {"a": 90.0}}] * 2,
+                R.FULL_EXPERTS: [{"acc": {"a": 94.5}}, None]}
+    res = R.assemble(R.RunConfig(data=None, seeds=2, lora=T.LoraSpec()), [task], "sha",
+                     list(per_seed), per_seed, [], {}, {}, timings={})
+    full = next(r for r in res["rows"] if r["name"] == R.FULL_EXPERTS)
+    assert full["seeds"] == [0] and full["norm"] == pytest.approx(105.0)
+    assert res["timings"]["rows_compute_s"] == 2.0
+    assert "(seed 0 only)" in report.markdown_table(res)

@@ -39,6 +39,10 @@ def text8(
         help="Read-only directory of prebuilt experts, used when their protocol hash "
              "matches.")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Experts per task, one seed each.")] = 1,
+    experts: Annotated[str, typer.Option(
+        help="full: fine-tune the encoder layers; lora: PEFT LoRA adapters (r = 8 on the "
+             "attention and FFN linears), merged as adapters, with PEFT's own merges as peer "
+             "rows.")] = "full",
     test_cap: Annotated[Optional[int], typer.Option(  # noqa: UP045
         min=1, help="Seeded subsample of at most N test examples per task (default: all).")] = None,
     val_cap: Annotated[int, typer.Option(
@@ -81,18 +85,24 @@ def text8(
         data = data if data is not None else R.default_data_dir()
         if preset not in R.PRESETS:
             raise T.BenchError(f"--preset must be one of {list(R.PRESETS)}, got {preset!r}")
+        if experts not in ("full", "lora"):
+            raise T.BenchError(f"--experts must be 'full' or 'lora', got {experts!r}")
+        lora = T.LoraSpec() if experts == "lora" else None
         task_list = _split(tasks)
         row_list = _split(methods)
-        train = T.TrainConfig(max_steps=max_steps)
         if quick:
+            preset = "quick"
             task_list = task_list or list(R.QUICK_TASKS)
-            row_list = row_list or list(R.PRESETS["quick"])
-            train = T.TrainConfig(max_steps=max_steps or 20)
+            max_steps = max_steps or 20
             test_cap = test_cap or 100
             val_cap = min(val_cap, 100)
+        train = (T.TrainConfig(max_steps=max_steps) if lora is None
+                 else T.lora_train_config(max_steps))
+        if row_list is None:
+            row_list = list(R.PRESETS[preset]) + (list(R.LORA_EXTRAS[preset]) if lora else [])
         cfg = R.RunConfig(
             data=data, tasks=task_list or list(T.TASKS),
-            methods=row_list or list(R.PRESETS[preset]), seeds=seeds, cache=cache,
+            methods=row_list, seeds=seeds, cache=cache, lora=lora,
             shared=shared_experts, recipes=recipes, test_cap=test_cap, val_cap=val_cap,
             train=train, device=device, workers=workers, threads=threads, model_dir=model_dir,
             progress=not quiet, reuse_rows=reuse)

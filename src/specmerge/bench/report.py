@@ -11,7 +11,7 @@ from pathlib import Path
 
 from specmerge.io.writer import atomic_write_text
 
-from .runner import EXPERTS, ZERO_SHOT
+from .runner import EXPERTS, FULL_EXPERTS, ZERO_SHOT
 
 LABELS = {
     ZERO_SHOT: "zero-shot", EXPERTS: "individual experts",
@@ -22,6 +22,9 @@ LABELS = {
     "task_arithmetic@val": "task arithmetic, λ on validation",
     "ties@val": "TIES, λ on validation",
     "tsv_m+svc_a1": "TSV-M + SVC (α=1, official for TSV-M)",
+    FULL_EXPERTS: "full fine-tuned experts (reference)",
+    "peft_svd": "PEFT svd (rank 8)", "peft_linear": "PEFT linear", "peft_cat": "PEFT cat",
+    "peft_ties": "PEFT ties (density 0.2)", "peft_dare_ties": "PEFT dare_ties (density 0.2)",
 }
 TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_irony": "tw_iro",
              "banking77": "bank77"}
@@ -30,6 +33,8 @@ TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_iron
 def label(row: str) -> str:
     if row.endswith("+svc"):
         return f"{LABELS.get(row[:-4], row[:-4])} + SVC"
+    if row.startswith("peft_") and row.endswith("@val"):
+        return f"{LABELS.get(row[:-4], row[:-4])}, weight λ on validation"
     return LABELS.get(row, row)
 
 
@@ -59,6 +64,8 @@ def markdown_table(results: dict) -> str:
         name = label(r["name"])
         if "lambda" in r:
             name += f" (λ={', '.join(_fmt(v) for v in r['lambda'])})"
+        if r.get("seeds") is not None:
+            name += f" (seed {', '.join(str(x) for x in r['seeds'])} only)"
         if r.get("errors"):
             name += " (failed: see results.json)"
         cells = [name] + [_fmt(r["acc"][t]) for t in tasks]
@@ -100,7 +107,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     plt = _plt()
     by = {r["name"]: r for r in results["rows"]}
     bases = [r["name"] for r in results["rows"]
-             if r["name"] not in (ZERO_SHOT, EXPERTS) and "+svc" not in r["name"]]
+             if r["name"] not in (ZERO_SHOT, EXPERTS, FULL_EXPERTS) and "+svc" not in r["name"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(bases) + 2), 4.2))
     xs = range(len(bases))
     w = 0.38
@@ -117,7 +124,8 @@ def plot_bars(results: dict, path: Path) -> Path:
     vals = [v for v in plain + cal if not math.isnan(v)]
     lo = min(vals + [by[ZERO_SHOT]["norm"]] if ZERO_SHOT in by else vals)
     ax.set_ylim(max(0, lo - 5), 102)
-    ax.set_title(f"text8: normalised accuracy ({len(results['tasks'])} tasks, "
+    kind = ", LoRA experts" if results["protocol"].get("lora") else ""
+    ax.set_title(f"text8{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
                  f"{results['protocol']['seeds']} seed(s))")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -196,14 +204,21 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
     cap = (f"a seeded subsample of at most {p['test_cap']} test examples per task"
            if p.get("test_cap") else "the full test sets")
     tr = p["train"]
+    lora = p.get("lora")
+    trained = ("encoder layers trained, embeddings frozen" if not lora else
+               f"PEFT LoRA adapters, r = {lora['r']}, α = {lora['alpha']} (scale α/r = "
+               f"{lora['alpha'] / lora['r']:g}), dropout {lora['dropout']:g}, on "
+               f"{', '.join(lora['targets'])} of every encoder layer, everything else frozen")
     lines = [
-        f"# text8: {p['model']} × {len(tasks)} text tasks",
+        f"# text8: {p['model']} × {len(tasks)} text tasks"
+        + (", LoRA experts" if lora else ""),
         "",
         f"Experts fine-tuned from {p['model']} (sha256 `{p['model_sha256'][:16]}…`) with frozen "
         f"CLIP-style prompt heads (logits = {p['head_scale']:g} · cos), merged by each method "
-        "through `specmerge.merge` with the recipes in `examples/text8/`.",
+        "through `specmerge.merge` with the recipes in `examples/text8/`"
+        + (" (the adapter directories are the recipes' `models`)." if lora else "."),
         "",
-        f"- Experts: encoder layers trained, embeddings frozen; AdamW lr {tr['lr']:g}, "
+        f"- Experts: {trained}; AdamW lr {tr['lr']:g}, "
         f"weight decay {tr['weight_decay']:g}, batch {tr['batch_size']}, {tr['warmup']:.0%} "
         f"warm-up then linear decay, {tr['epochs']} epochs over ≤ {tr['max_train']} examples"
         + (f" (capped at {tr['max_steps']} steps)" if tr.get("max_steps") else "")

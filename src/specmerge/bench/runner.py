@@ -6,6 +6,7 @@ Cache layout (``--cache``, default ``~/.cache/specmerge/text8``)::
     base-<sha12>/                 the base re-saved by transformers (same weights, same keys
                                   as the experts), used as ``base_model`` of every merge
     experts/<task>-seed<s>-<key>/ one expert per task and seed, key = protocol hash
+    experts/<task>-seed<s>-lora8-<key>/  a LoRA expert (PEFT adapter), with ``--experts lora``
     tokens/<hash>.pt              tokenised evaluation sets
     rows/<hash>.json              evaluated rows, keyed by experts, recipe and test set
     merges/                       merged checkpoints while they are evaluated (then deleted)
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from specmerge.io.writer import atomic_output_dir, atomic_write_text, output_identity
 
+from . import peft_rows as P
 from . import text8 as T
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 # Row names: "<method>" or "<method>+svc" are recipes in examples/text8 (or the packaged copy);
 # "<method>@val" sweeps the method's ``scaling`` λ on validation.
 ZERO_SHOT, EXPERTS = "zero_shot", "experts"
+# With LoRA experts: the full fine-tunes of the same tasks and seeds, for reference, when they
+# are in the cache or the shared directory (never trained for this row).
+FULL_EXPERTS = "experts_full"
 BASE_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts",
                 "star", "wudi", "wudi_closed_form", "swudi", "swudi_a")
 SWEEPS = ("task_arithmetic@val", "ties@val")
@@ -54,6 +59,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "quick": ("task_arithmetic", "task_arithmetic+svc", "ties"),
 }
 QUICK_TASKS = ("subj", "trec")
+# With --experts lora, PEFT's own merges join the preset as peer rows.
+PEFT_ROWS = tuple(f"{P.PREFIX}{c}" for c in P.COMBINATIONS) + tuple(
+    f"{P.PREFIX}{c}@val" for c in P.COMBINATIONS)
+LORA_EXTRAS: dict[str, tuple[str, ...]] = {
+    "full": PEFT_ROWS, "headline": ("peft_svd", "peft_cat@val"), "quick": ("peft_ties",)}
 # Figure 2 of the SVC paper: one attention and one MLP matrix.
 SPECTRUM_PARAMS = ("encoder.layer.3.attention.self.query.weight",
                    "encoder.layer.3.intermediate.dense.weight")
@@ -78,6 +88,7 @@ class RunConfig:
     model_sha256: str = T.MODEL_SHA256
     progress: bool = True
     reuse_rows: bool = True
+    lora: T.LoraSpec | None = None  # LoRA experts (PEFT adapters) instead of full fine-tunes
 
 
 def default_data_dir() -> Path | None:
@@ -105,15 +116,22 @@ def recipe_path(recipes: Path, row: str) -> Path:
     return recipes / f"{name}.yaml"
 
 
-def validate_methods(methods: Sequence[str], recipes: Path) -> list[str]:
-    """Check row names early: each needs a recipe, and its method must be registered."""
+def validate_methods(methods: Sequence[str], recipes: Path, lora: bool = False) -> list[str]:
+    """Check row names early: each needs a recipe, and its method must be registered; a PEFT
+    row needs LoRA experts."""
     import yaml
 
     from specmerge.methods.registry import get_method
 
     out = []
     for m in methods:
-        if m in (ZERO_SHOT, EXPERTS):
+        if m in (ZERO_SHOT, EXPERTS, FULL_EXPERTS):
+            continue
+        if P.is_peft_row(m):
+            P.combination(m)
+            if not lora:
+                raise T.BenchError(f"row {m!r} merges PEFT adapters: it needs --experts lora")
+            out.append(m)
             continue
         p = recipe_path(recipes, m)
         if not p.is_file():
@@ -157,13 +175,16 @@ class Expert:
     info: dict
 
 
-def expert_plan(cfg: RunConfig, tasks: list[T.Task], sha: str) -> list[tuple[T.Task, int, str]]:
-    return [(t, s, T.protocol_hash(sha, t.files_digest(), cfg.train, s))
+def expert_plan(cfg: RunConfig, tasks: list[T.Task], sha: str, train: T.TrainConfig | None = None,
+                lora: T.LoraSpec | None = None) -> list[tuple[T.Task, int, str]]:
+    train = cfg.train if train is None else train
+    return [(t, s, T.protocol_hash(sha, t.files_digest(), train, s, lora))
             for s in range(cfg.seeds) for t in tasks]
 
 
-def find_expert(cfg: RunConfig, task: str, seed: int, key: str) -> Path | None:
-    name = T.expert_dirname(task, seed, key)
+def find_expert(cfg: RunConfig, task: str, seed: int, key: str,
+                lora: T.LoraSpec | None = None) -> Path | None:
+    name = T.expert_dirname(task, seed, key, lora)
     roots = [cfg.cache / "experts"]
     if cfg.shared is not None:  # a shared directory may hold experts/ or the expert dirs
         roots = [Path(cfg.shared), Path(cfg.shared) / "experts", *roots]
@@ -176,25 +197,40 @@ def find_expert(cfg: RunConfig, task: str, seed: int, key: str) -> Path | None:
 def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
                    model_dir: Path) -> list[Expert]:
     """Find every (task, seed) expert in the shared directory or the cache; train the rest."""
-    plan = expert_plan(cfg, tasks, sha)
-    todo = [(t, s, k) for t, s, k in plan if find_expert(cfg, t.name, s, k) is None]
+    plan = expert_plan(cfg, tasks, sha, lora=cfg.lora)
+    todo = [(t, s, k) for t, s, k in plan if find_expert(cfg, t.name, s, k, cfg.lora) is None]
     if todo:
         log.info("training %d of %d experts (%d cached)", len(todo), len(plan),
                  len(plan) - len(todo))
     for t, s, k in tqdm(todo, desc="experts", disable=not cfg.progress or not todo):
-        if find_expert(cfg, t.name, s, k) is not None:  # built meanwhile by another run
+        if find_expert(cfg, t.name, s, k, cfg.lora) is not None:  # built meanwhile elsewhere
             continue
-        out = cfg.cache / "experts" / T.expert_dirname(t.name, s, k)
+        out = cfg.cache / "experts" / T.expert_dirname(t.name, s, k, cfg.lora)
         out.parent.mkdir(parents=True, exist_ok=True)
         T.train_expert(model_dir, t, heads[t.name], cfg.train, s, out, cfg.device,
                        meta={"protocol_hash": k, "model_sha256": sha},
-                       progress=cfg.progress)
+                       progress=cfg.progress, lora=cfg.lora)
     experts = []
     for t, s, k in plan:
-        p = find_expert(cfg, t.name, s, k)
+        p = find_expert(cfg, t.name, s, k, cfg.lora)
         assert p is not None
         experts.append(Expert(t.name, s, k, p, json.loads((p / "expert.json").read_text())))
     return experts
+
+
+def find_full_experts(cfg: RunConfig, tasks: list[T.Task], sha: str) -> dict[int, list[Expert]]:
+    """The full fine-tunes matching this run's protocol (same steps cap), per seed where every
+    task has one; they are looked up, never trained."""
+    train = T.TrainConfig(max_steps=cfg.train.max_steps)
+    out: dict[int, list[Expert]] = {}
+    for t, s, k in expert_plan(cfg, tasks, sha, train=train):
+        p = find_expert(cfg, t.name, s, k)
+        if p is None:
+            out.setdefault(s, []).append(None)  # type: ignore[arg-type]
+            continue
+        out.setdefault(s, []).append(Expert(t.name, s, k, p,
+                                            json.loads((p / "expert.json").read_text())))
+    return {s: ex for s, ex in out.items() if all(e is not None for e in ex)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,14 +262,28 @@ class Evaluator:
 
     def __init__(self, base: Path, device: str):
         self.model, self.tok = T.load_encoder(base, device)
-        self.device = device
+        self.base, self.device = base, device
+        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def load(self, ckpt: Path) -> None:
-        T.load_weights(self.model, ckpt)
+        """A full checkpoint's weights; a PEFT adapter directory is merged into the base."""
+        if (Path(ckpt) / "adapter_config.json").is_file():
+            self.load_deltas(adapter_deltas(self.base, ckpt))
+        else:
+            T.load_weights(self.model, ckpt)
+
+    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """θ0 + Δ on the weights of ``deltas``, θ0 elsewhere."""
+        P.apply_deltas(self.model, self.base_state, deltas)
 
     def scores(self, sets: dict[str, T.EvalSet], heads: dict) -> dict[str, float]:
         return {t: T.accuracy(self.model, es, heads[t], self.device,
                               pad_id=self.tok.pad_token_id or 0) for t, es in sets.items()}
+
+
+def adapter_deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """Δ = s B A of every weight a PEFT adapter targets, as PEFT computes it."""
+    return P.PeftMerger(base, [Path(adapter)]).deltas("e0")
 
 
 def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str]) -> dict:
@@ -247,11 +297,16 @@ def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str]) -> dict:
                     return fh.get_tensor(name).double()
         raise KeyError(f"{name} not in {d}")
 
-    out: dict[str, dict[str, list[float]]] = {}
-    for n in names:
-        th0 = read(base, n)
-        out[n] = {label: torch.linalg.svdvals(read(d, n) - th0).tolist()
-                  for label, d in ckpts.items()}
+    def deltas(d: Path) -> dict[str, torch.Tensor]:
+        if (Path(d) / "adapter_config.json").is_file():  # a LoRA expert: τ = s B A
+            ad = adapter_deltas(base, d)
+            return {n: ad[n].double() for n in names}
+        return {n: read(d, n) - read(base, n) for n in names}
+
+    out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for label, d in ckpts.items():
+        for n, tau in deltas(d).items():
+            out[n][label] = torch.linalg.svdvals(tau).tolist()
     return out
 
 
@@ -298,6 +353,7 @@ class Bench:
     test_sets: dict[str, T.EvalSet] = field(default_factory=dict)
     val_sets: dict[str, T.EvalSet] = field(default_factory=dict)
     sets_key: str = ""
+    peft: tuple[int, P.PeftMerger] | None = None  # the current seed's adapters, loaded once
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> Bench:
@@ -312,7 +368,7 @@ class Bench:
         if len({t.name for t in tasks}) != len(tasks):
             raise T.BenchError(f"duplicate task names in {list(cfg.tasks)}")
         recipes = Path(cfg.recipes) if cfg.recipes else default_recipes_dir()
-        methods = validate_methods(cfg.methods, recipes)
+        methods = validate_methods(cfg.methods, recipes, lora=cfg.lora is not None)
         base = ensure_base(model_dir, sha, cfg.cache)
         ev = Evaluator(base, cfg.device)
         embed_fn = T.make_embed_fn(ev.model, ev.tok, cfg.device, cfg.train.max_length)
@@ -327,7 +383,7 @@ class Bench:
         ml, tok_cache = cfg.train.max_length, cfg.cache / "tokens"
         self.test_sets = {t.name: T.tokenize_set(tok, T.subsample(t.test, cfg.test_cap, 0), ml,
                                                  tok_cache) for t in self.tasks}
-        if any(m.endswith("@val") for m in self.methods):
+        if any(m.endswith("@val") for m in self.methods):  # PEFT's sweeps included
             self.val_sets = {t.name: T.tokenize_set(
                 tok, T.subsample(T.split_train_val(t, cfg.train.val_fraction)[1], cfg.val_cap,
                                  0), ml, tok_cache) for t in self.tasks}
@@ -383,6 +439,8 @@ class Bench:
 
     def method_row(self, row: str, seed: int, experts: list[Expert]) -> dict:
         """A method row for one seed, from the row cache or computed; a failure is recorded."""
+        if P.is_peft_row(row):
+            return self.peft_row(row, seed, experts)
         recipe = load_recipe(self.recipes, row, self.base, [e.path for e in experts])
         out = self.work / f"{row.replace('+', '_').replace('@', '_')}-s{seed}"
         sweep = row.endswith("@val")
@@ -396,6 +454,52 @@ class Bench:
         except Exception as err:  # one failing method must not sink the whole run
             log.error("row %s (seed %d) failed: %s", row, seed, err)
             shutil.rmtree(out, ignore_errors=True)
+            return {"acc": {t.name: math.nan for t in self.tasks},
+                    "error": f"{type(err).__name__}: {err}"}
+
+    def peft_merger(self, seed: int, experts: list[Expert]) -> P.PeftMerger:
+        if self.peft is None or self.peft[0] != seed:
+            self.peft = None  # free the previous seed's adapters first
+            self.peft = (seed, P.PeftMerger(self.base, [e.path for e in experts]))
+        return self.peft[1]
+
+    def peft_row(self, row: str, seed: int, experts: list[Expert]) -> dict:
+        """A PEFT peer row: add_weighted_adapter at PEFT's defaults, or its common weight λ
+        chosen on validation; scored by the same evaluator as every other row."""
+        comb, k = P.combination(row), len(experts)
+        sweep = row.endswith("@val")
+        recipe = {"peft": P.merge_kwargs(comb, P.DEFAULT_WEIGHT, k),
+                  "peft_version": T.import_peft().__version__}
+        key = _row_key(row, recipe, experts, self.sets_key,
+                       {"val": self.cfg.val_cap, "lambdas": LAMBDAS} if sweep else None)
+
+        def compute() -> dict:
+            merger = self.peft_merger(seed, experts)
+            if not sweep:
+                deltas, secs = merger.merged_deltas(P.merge_kwargs(comb, P.DEFAULT_WEIGHT, k))
+                self.evaluator.load_deltas(deltas)
+                return {"acc": self.evaluator.scores(self.test_sets, self.heads),
+                        "merge_s": secs, "peft": recipe["peft"]}
+            curve, total, best = [], 0.0, None
+            for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not self.cfg.progress):
+                deltas, secs = merger.merged_deltas(P.merge_kwargs(comb, lam, k))
+                total += secs
+                self.evaluator.load_deltas(deltas)
+                va = self.evaluator.scores(self.val_sets, self.heads)
+                mean = sum(va.values()) / len(va)
+                curve.append({"lambda": lam, "val_acc": va, "val_avg": mean, "merge_s": secs})
+                if best is None or mean > best[0]:
+                    best = (mean, lam, deltas, secs)
+            assert best is not None
+            self.evaluator.load_deltas(best[2])
+            return {"acc": self.evaluator.scores(self.test_sets, self.heads), "merge_s": best[3],
+                    "sweep_s": total, "lambda": best[1], "curve": curve,
+                    "peft": P.merge_kwargs(comb, best[1], k)}
+
+        try:
+            return self.cache.get(key, compute)
+        except Exception as err:  # one failing row must not sink the whole run
+            log.error("row %s (seed %d) failed: %s", row, seed, err)
             return {"acc": {t.name: math.nan for t in self.tasks},
                     "error": f"{type(err).__name__}: {err}"}
 
@@ -434,9 +538,13 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     experts = ensure_experts(cfg, bench.tasks, bench.heads, bench.sha, bench.model_dir)
     t_experts = time.perf_counter() - t0
+    full = find_full_experts(cfg, bench.tasks, bench.sha) if cfg.lora is not None else {}
+    if cfg.lora is not None:
+        log.info("full fine-tuned experts for reference: seeds %s of %d found", sorted(full),
+                 cfg.seeds)
     bench.tokenize()
 
-    row_names = [ZERO_SHOT, EXPERTS, *bench.methods]
+    row_names = [ZERO_SHOT, EXPERTS, *([FULL_EXPERTS] if full else []), *bench.methods]
     per_seed: dict[str, list[dict]] = {r: [] for r in row_names}
     sweeps: dict[str, list[dict]] = {}
     spec: dict = {}
@@ -457,7 +565,10 @@ def run(cfg: RunConfig) -> dict:
         bar.set_postfix_str(f"seed {s} zero-shot, experts")
         per_seed[ZERO_SHOT].append(bench.zero_shot_row())
         per_seed[EXPERTS].append(bench.experts_row(ex))
-        bar.update(2)
+        if full:  # a seed without every full expert has no reference value (None)
+            per_seed[FULL_EXPERTS].append(bench.experts_row(full[s]) if s in full else None)
+        bar.update(2 + bool(full))
+        bench.peft = None
     bar.close()
     shutil.rmtree(bench.work, ignore_errors=True)
     trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
@@ -479,19 +590,22 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
 
     names = [t.name for t in tasks]
     timings = {**timings, "rows_compute_s": sum(x.get("compute_s", 0.0) for r in row_names
-                                                for x in per_seed[r])}
+                                                for x in per_seed[r] if x is not None)}
     expert_acc = [r["acc"] for r in per_seed[EXPERTS]]
     rows = []
     for r in row_names:
-        seeds = per_seed[r]
+        kept = [(i, x) for i, x in enumerate(per_seed[r]) if x is not None]
+        seeds = [x for _, x in kept]
         avg = [sum(x["acc"][t] for t in names) / len(names) for x in seeds]
         norm = [T.normalized_accuracy({t: x["acc"][t] for t in names}, expert_acc[i])
-                for i, x in enumerate(seeds)]
+                for i, x in kept]
         mean_acc = {t: sum(x["acc"][t] for x in seeds) / len(seeds) for t in names}
         row = {"name": r, "acc": mean_acc, "avg": sum(avg) / len(avg),
                "norm": sum(norm) / len(norm), "avg_per_seed": avg, "norm_per_seed": norm,
                "per_seed": [{k: v for k, v in x.items() if k not in ("spectra", "curve")}
                             for x in seeds]}
+        if len(kept) < len(per_seed[r]):
+            row["seeds"] = [i for i, _ in kept]
         errors = [x["error"] for x in seeds if "error" in x]
         if errors:
             row["errors"] = errors
@@ -512,6 +626,8 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
             "train": asdict(cfg.train), "protocol_version": T.PROTOCOL_VERSION,
             "test_cap": cfg.test_cap, "val_cap": cfg.val_cap, "lambdas": list(LAMBDAS),
             "seeds": cfg.seeds,
+            "experts": "full" if cfg.lora is None else "lora",
+            "lora": asdict(cfg.lora) if cfg.lora is not None else None,
         },
         "config": cfg_d,
         "tasks": [{"name": t.name, "classes": t.num_classes, "n_test": len(t.test)
@@ -520,7 +636,8 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
                    "prompts": t.prompts()} for t in tasks],
         "experts": [{"task": e.task, "seed": e.seed, "hash": e.key, "path": str(e.path),
                      **{k: e.info.get(k) for k in ("steps", "n_train", "train_seconds",
-                                                   "first_loss", "final_loss")}}
+                                                   "first_loss", "final_loss",
+                                                   "trainable_params")}}
                     for e in experts],
         "rows": rows,
         "sweeps": sweeps,
