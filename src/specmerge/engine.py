@@ -280,9 +280,12 @@ def tensor_statistics(method: Method, params: Mapping[str, Any], entry: PlanEntr
             continue
         state = stat.start(known, source.num_experts, entry.numel, dtype)
         while not stat.done(state):
-            partials = [stat.map(state, source.task_vector_rows(
-                entry.name, lo, hi, device, dtype, check=False).taus) for lo, hi in spans]
-            state = stat.reduce(state, partials)
+            partial = None
+            for lo, hi in spans:
+                part = stat.map(state, source.task_vector_rows(
+                    entry.name, lo, hi, device, dtype, check=False).taus)
+                partial = part if partial is None else stat.combine([partial, part])
+            state = stat.reduce(state, [partial])
         values[stat.kwarg] = stat.value(state)
     return values
 
@@ -302,8 +305,9 @@ def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
 
 @dataclass(frozen=True)
 class StatisticStep:
-    """One parameter's share of a statistic's current round (``Statistic.map``): one partial,
-    or one per row block of at most ``block_size`` bytes where the inputs are read by rows."""
+    """One parameter's share of a statistic's current round (``Statistic.map``), read whole or,
+    where the inputs are read by rows, in row blocks of at most ``block_size`` bytes whose
+    partials are combined into one (``Statistic.combine``)."""
 
     statistic: Statistic
     state: Any
@@ -311,17 +315,21 @@ class StatisticStep:
     compute_dtype: torch.dtype
     block_size: int = parse_size(DEFAULT_BLOCK_SIZE)
 
-    def __call__(self, entry: PlanEntry, source: Source) -> list[Any]:
+    def __call__(self, entry: PlanEntry, source: Source) -> Any:
         device = torch.device(self.device)
         rows = entry.shape[0] if entry.shape else 1
         per_row = max(1, entry.numel // max(1, rows)) * self.compute_dtype.itemsize
         block = max(1, self.block_size // per_row)
-        if entry.shape and block < rows and source.reads_rows(entry.name):
-            return [self.statistic.map(self.state, source.task_vector_rows(
+        if not (entry.shape and block < rows and source.reads_rows(entry.name)):
+            tv = source.task_vectors(entry.name, device, self.compute_dtype)
+            return self.statistic.map(self.state, tv.taus)
+        partial = None
+        for lo in range(0, rows, block):
+            part = self.statistic.map(self.state, source.task_vector_rows(
                 entry.name, lo, min(lo + block, rows), device, self.compute_dtype,
-                check=False).taus) for lo in range(0, rows, block)]
-        tv = source.task_vectors(entry.name, device, self.compute_dtype)
-        return [self.statistic.map(self.state, tv.taus)]
+                check=False).taus)
+            partial = part if partial is None else self.statistic.combine([partial, part])
+        return partial
 
 
 def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
@@ -341,8 +349,8 @@ def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
             bar = tqdm(total=len(entries), desc=f"{stat.kwarg}, pass {rounds}", unit="tensor",
                        disable=not progress, leave=False)
             partials = []
-            for _, parts in backend.map(step, entries, source):
-                partials.extend(parts)
+            for _, part in backend.map(step, entries, source):
+                partials.append(part)
                 bar.update(1)
             bar.close()
             state = stat.reduce(state, partials)

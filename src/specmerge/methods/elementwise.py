@@ -204,6 +204,9 @@ class TrimThresholds:
         assert state.selectors is not None
         return [sel.histogram(t) for sel, t in zip(state.selectors, task_vectors, strict=True)]
 
+    def combine(self, partials: Sequence[list[Tensor]]) -> list[Tensor]:
+        return [torch.stack(hists).sum(0) for hists in zip(*partials, strict=True)]
+
     def reduce(self, state: TrimState, partials: Sequence[list[Tensor]]) -> TrimState:
         assert state.selectors is not None
         for i, sel in enumerate(state.selectors):
@@ -259,6 +262,9 @@ class SignMajority:
 
     def map(self, state: tuple[list[float], int | None], task_vectors: Sequence[Tensor]) -> int:
         return sign_balance(trimmed_sum([t.reshape(-1) for t in task_vectors], state[0]))
+
+    def combine(self, partials: Sequence[int]) -> int:
+        return sum(partials)
 
     def reduce(self, state: tuple[list[float], int | None], partials: Sequence[int]
                ) -> tuple[list[float], int | None]:

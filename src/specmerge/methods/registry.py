@@ -137,7 +137,9 @@ class Statistic(Protocol):
     The engine runs it over every entry the method computes, before the merge, as rounds of
     map and reduce: ``map`` sees one parameter's task vectors and returns a partial result;
     ``reduce`` combines the partials of a round exactly (whatever their order or grouping) into
-    the next state. When ``done``, ``value`` is passed to the method as ``kwarg``.
+    the next state; ``combine`` adds partials into one partial (exactly), so that a parameter read
+    in row blocks gives one partial. A method's ``tensor_statistics`` run the same way over the
+    row blocks of one parameter. When ``done``, ``value`` is passed to the method as ``kwarg``.
     """
 
     kwarg: str
@@ -150,6 +152,8 @@ class Statistic(Protocol):
     def done(self, state: Any) -> bool: ...
 
     def map(self, state: Any, task_vectors: Sequence[Tensor]) -> Any: ...
+
+    def combine(self, partials: Sequence[Any]) -> Any: ...
 
     def reduce(self, state: Any, partials: Sequence[Any]) -> Any: ...
 
