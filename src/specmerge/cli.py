@@ -56,7 +56,7 @@ def merge(
     block_size: Annotated[str, typer.Option(
         help="Largest tensor block held per input, in the compute dtype, where a parameter is "
              "merged in row blocks (element-wise methods and fallbacks on safetensors "
-             "inputs), e.g. 64MiB; never changes the output.")] = "64MiB",
+             "inputs), e.g. 16MiB; never changes the output.")] = "16MiB",
     force: Annotated[bool, typer.Option(
         help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
              "(only the one that was there at the start).")] = False,

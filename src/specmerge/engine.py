@@ -64,7 +64,7 @@ from specmerge.sources import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = "64MiB"  # per tensor block, in the compute dtype
+DEFAULT_BLOCK_SIZE = "16MiB"  # per tensor block, in the compute dtype
 
 
 @dataclass
@@ -262,6 +262,7 @@ class MergeStep:
                     source.check_inputs(entry.name, block)
                 bad += found
             region.write_rows(lo, out.to("cpu", entry.out_dtype))
+            del update, out, tv  # before the next block is read
         if bad:
             raise nonfinite_error(f"the merged tensor {entry.name!r} (from finite inputs)", bad)
         return Written(entry.name)
@@ -431,7 +432,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
 
     ``dtype``, ``seed``, ``output_format`` and ``rank`` override the recipe's. The output is
     written to a temporary sibling and renamed into place at the end; inputs are only ever read.
-    ``block_size`` (bytes, or e.g. "64MiB") bounds each tensor block of the parameters merged in
+    ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
     row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
     output's bytes.
     """

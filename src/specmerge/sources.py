@@ -182,17 +182,16 @@ class CheckpointSource:
         """Rows ``start:stop`` of θ0 and of the dense τ_i of ``name`` (``reads_rows``), each
         read with a positioned read of those rows' bytes. ``check``: NaN/Inf in them is an
         error naming the file (the caller may instead check the output, ``check_inputs``)."""
-        inputs = [self.base, *self.experts]
-        blocks = []
-        for ckpt in inputs:
+        def read(ckpt: Checkpoint | Adapter) -> Tensor:
             assert isinstance(ckpt, Checkpoint)
             t = ckpt.read_rows(name, start, stop)
             if check:
                 check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}",
                              self.allow_nonfinite)
-            blocks.append(t)
-        theta0 = blocks[0].to(device, dtype)
-        return TaskVectors(theta0, [t.to(device, dtype).sub_(theta0) for t in blocks[1:]])
+            return t.to(device, dtype)  # the raw block is dropped once converted
+
+        theta0 = read(self.base)
+        return TaskVectors(theta0, [read(ckpt).sub_(theta0) for ckpt in self.experts])
 
     def check_inputs(self, name: str, block_rows: int) -> None:
         """Raise the NonFiniteError of the first input of ``name`` (base, then experts) that
