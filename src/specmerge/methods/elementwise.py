@@ -94,7 +94,7 @@ def trim_count(numel: int, density: float) -> int:
     return numel - int(numel * density)
 
 
-CHUNK = 1 << 22  # entries per slice in chunked loops: bounds temporaries to 16 MB (float32)
+CHUNK = 1 << 20  # entries per slice in chunked loops: bounds temporaries to 4 MB (float32)
 
 
 class AbsKthSelector:
