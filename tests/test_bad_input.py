@@ -136,11 +136,11 @@ def test_interrupted_merge_leaves_nothing_and_inputs_untouched(toy_models, tmp_p
     calls = {"n": 0}
     real = engine.merged_update
 
-    def explode(entry, taus, calibration, statistics):
+    def explode(entry, taus, calibration, statistics, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # Ctrl-C mid-way
-        return real(entry, taus, calibration, statistics)
+        return real(entry, taus, calibration, statistics, *rest)
 
     monkeypatch.setattr(engine, "merged_update", explode)
     out = tmp_path / "merged"

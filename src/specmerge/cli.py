@@ -53,6 +53,10 @@ def merge(
         help="Compute dtype override: float32 or float64.")] = None,
     shard_size: Annotated[str, typer.Option(help="Max shard size, e.g. 5GB, 500MB.")] = "5GB",
     workers: Annotated[int, typer.Option(min=1, help="Parameters merged at once (threads).")] = 1,
+    block_size: Annotated[str, typer.Option(
+        help="Largest tensor block held per input, in the compute dtype, where a parameter is "
+             "merged in row blocks (element-wise methods and fallbacks on safetensors "
+             "inputs), e.g. 16MiB; never changes the output.")] = "16MiB",
     force: Annotated[bool, typer.Option(
         help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
              "(only the one that was there at the start).")] = False,
@@ -74,7 +78,8 @@ def merge(
     try:
         res = run_merge(recipe, out, device=device, dtype=dtype, shard_size=shard_size,
                         workers=workers, force=force, seed=seed, allow_nonfinite=allow_nonfinite,
-                        output_format=output_format, rank=rank, progress=not quiet)
+                        output_format=output_format, rank=rank, block_size=block_size,
+                        progress=not quiet)
     except (SpecmergeError, ValueError) as err:
         _fail(err)
     else:

@@ -4,15 +4,28 @@
                                  ──► Backend.map(step, entries, source) ──► Sink.put(entry, tensor)
 
 Per parameter, the merge step loads θ0 and the τ_i (compute dtype) → the entry's method or
-fallback → [calibration] → θ0 + τ → output dtype. Only the tensors of the parameters in flight
-are in memory: about (K + 3) × the parameter's size per worker, whatever the model size. The
-engine knows no method by name: each entry names its function, and the plan lists the
-whole-model statistics the recipe's method declares.
+fallback → [calibration] → θ0 + τ → output dtype. The engine knows no method by name: each
+entry names its function, and the plan lists the whole-model statistics the recipe's method
+declares.
+
+Memory. A parameter whose method is ``rowwise`` (the element-wise methods, and the fallbacks of
+the matrix methods) and whose inputs are safetensors files is merged in row blocks of at most
+``block_size`` bytes of the compute dtype per tensor: θ0's and each θ_i's rows are read with
+positioned reads, merged and written at their offset in the output shard, so memory is about
+(K + 3) × the block size per worker, whatever the largest tensor. The method's per-tensor
+statistics (TIES's thresholds and sign majority) take extra passes over the blocks. Matrix
+methods, calibrations, adapters' task vectors, ``.bin`` inputs and a union vocabulary's tensors
+need whole tensors: about (K + 3) × the largest such parameter per worker.
+
+NaN/Inf. A method that ``propagates_nonfinite`` is checked on its output only (one pass); when
+that finds a NaN/Inf, the inputs are scanned to name the file that holds it. Other methods'
+inputs are checked as they are read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import resource
 import signal
@@ -33,16 +46,26 @@ from specmerge.errors import Interrupted, MergeError, NonFiniteError, SpecmergeE
 from specmerge.io.adapter import Adapter
 from specmerge.io.hf_files import check_auto_map
 from specmerge.io.peft_out import Factors, PeftDirSink
-from specmerge.io.sinks import HFDirSink, StateDictSink
-from specmerge.io.writer import check_output_path, parse_size
+from specmerge.io.sinks import HFDirSink, StateDictSink, Written
+from specmerge.io.writer import Region, check_output_path, parse_size
 from specmerge.linalg import is_finite, parse_dtype
 from specmerge.lowrank import LowRank, TaskVector, dense, is_zero, truncate
-from specmerge.methods.registry import Statistic, get_method
+from specmerge.methods.registry import Method, Statistic, get_method
+from specmerge.methods.rng import CounterRNG
 from specmerge.plan import Plan, PlanEntry, build_plan
 from specmerge.recipe import Recipe, load_recipe
-from specmerge.sources import CheckpointSource, Source, StateDictSource, check_finite
+from specmerge.sources import (
+    CheckpointSource,
+    Source,
+    StateDictSource,
+    check_finite,
+    count_nonfinite,
+    nonfinite_error,
+)
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = "16MiB"  # per tensor block, in the compute dtype
 
 
 @dataclass
@@ -60,6 +83,8 @@ class MergeResult:
 class Sink(Protocol):
     def __enter__(self) -> Any: ...
 
+    def regions(self) -> Mapping[str, Region]: ...
+
     def put(self, entry: PlanEntry, result: Any) -> None: ...
 
     def finish(self) -> Any: ...
@@ -69,22 +94,24 @@ class Sink(Protocol):
 
 def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                   calibration: tuple[str, Mapping[str, Any]] | None,
-                  statistics: Mapping[str, Any]) -> TaskVector:
+                  statistics: Mapping[str, Any], offset: int = 0) -> TaskVector:
     """The merged update τ of one parameter: its method or fallback, then its calibration.
 
     Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation
     (transposed before, and back after) and a fused projection block by block (``matrix_apply``).
     Factored τ_i (LoRA) reach the methods that take them (``factored`` in the registry) as they
     are, and the result may be factored; the other methods get them densified, one tensor at a
-    time.
+    time. ``offset``: the flat index of the first entry of ``task_vectors`` in the parameter (a
+    row block), where a counter-based generator starts.
     """
     if entry.method is None:
-        return torch.zeros(entry.shape, dtype=task_vectors[0].dtype,
+        return torch.zeros(task_vectors[0].shape, dtype=task_vectors[0].dtype,
                            device=task_vectors[0].device)
     method = get_method(entry.method)
     kwargs = dict(entry.kwargs)
     if entry.seeds:
-        kwargs["generators"] = [torch.Generator().manual_seed(s) for s in entry.seeds]
+        kwargs["generators"] = ([CounterRNG(s, offset) for s in entry.seeds] if method.counter_rng
+                                else [torch.Generator().manual_seed(s) for s in entry.seeds])
     if entry.action == "method":
         kwargs.update(statistics)
     taus = list(task_vectors) if method.factored else [dense(t) for t in task_vectors]
@@ -135,19 +162,29 @@ def matrix_apply(entry: PlanEntry, fn: Callable[[list[TaskVector]], TaskVector],
 @dataclass(frozen=True)
 class MergeStep:
     """One parameter of a merge: θ0 + merged update, in the entry's output dtype, on the CPU.
-    Picklable: it holds the plan's shared settings, never a file or a lock."""
+    Picklable: it holds the plan's shared settings, never a file or a lock.
+
+    With ``regions`` (the sink's, bound by ``execute``), a parameter that can be merged in row
+    blocks (``block_rows``) is written block by block into its region, and the step returns
+    ``Written``; any other is returned whole."""
 
     calibration: tuple[str, Mapping[str, Any]] | None
     statistics: Mapping[str, Any]
     device: str
     compute_dtype: torch.dtype
     allow_nonfinite: bool = False
+    block_size: int = parse_size(DEFAULT_BLOCK_SIZE)
+    regions: Mapping[str, Region] = field(default_factory=dict)
 
-    def __call__(self, entry: PlanEntry, source: Source) -> Tensor:
+    def __call__(self, entry: PlanEntry, source: Source) -> Tensor | Written:
         if entry.action == "copy":
             return source.base_tensor(entry.name)
+        block = self.block_rows(entry, source)
+        if block is not None:
+            return self.merge_rows(entry, source, block)
+        lazy = self.checks_output_only(entry)
         tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype,
-                                 factored=True)
+                                 factored=True, check=not lazy)
         assert tv.theta0 is not None
         if all(is_zero(t) for t in tv.taus):  # no adapter touches it: every method gives 0
             out = tv.theta0
@@ -162,17 +199,106 @@ class MergeStep:
                                            self.compute_dtype)
             full[ids] = rows
             out = full
+        if lazy and count_nonfinite(out):
+            source.check_inputs(entry.name, self.rows_per_block(entry))
         check_finite(out, f"the merged tensor {entry.name!r} (from finite inputs)",
                      self.allow_nonfinite)
         return out.to("cpu", entry.out_dtype)
 
+    def method_of(self, entry: PlanEntry) -> Method | None:
+        return get_method(entry.method) if entry.method is not None else None
+
+    def checks_output_only(self, entry: PlanEntry) -> bool:
+        """Whether NaN/Inf is looked for in the output only: the entry's method propagates
+        every non-finite input to the output, and no calibration follows it."""
+        method = self.method_of(entry)
+        return (not self.allow_nonfinite and method is not None and method.propagates_nonfinite
+                and not (entry.calibrate and self.calibration is not None))
+
+    def rows_per_block(self, entry: PlanEntry) -> int:
+        """Rows of ``entry`` per block: at most ``block_size`` bytes of the compute dtype."""
+        rows = entry.shape[0] if entry.shape else 1
+        per_row = max(1, entry.numel // max(1, rows)) * self.compute_dtype.itemsize
+        return max(1, self.block_size // per_row)
+
+    def block_rows(self, entry: PlanEntry, source: Source) -> int | None:
+        """Rows per block when ``entry`` is merged in row blocks, else None: its sink region is
+        bound, its method (or fallback) is ``rowwise`` and not calibrated, it keeps the base's
+        rows, its inputs are read by rows (safetensors, no adapter), and it spans 2+ blocks."""
+        if entry.name not in self.regions or entry.out_rows is not None or not entry.shape:
+            return None
+        method = self.method_of(entry)
+        if (method is not None and not method.rowwise) or (
+                entry.calibrate and self.calibration is not None):
+            return None
+        block = self.rows_per_block(entry)
+        if block >= entry.shape[0] or not source.reads_rows(entry.name):
+            return None
+        return block
+
+    def merge_rows(self, entry: PlanEntry, source: Source, block: int) -> Written:
+        """Merge ``entry`` ``block`` rows at a time into its region: per block, read θ0's and
+        each θ_i's rows, compute, check, write. Byte-identical to the whole-tensor merge."""
+        rows = entry.shape[0]
+        spans = [(lo, min(lo + block, rows)) for lo in range(0, rows, block)]
+        device = torch.device(self.device)
+        method = self.method_of(entry)
+        values = dict(self.statistics) if entry.action == "method" else {}
+        if method is not None and entry.action == "method":
+            values.update(tensor_statistics(method, {**entry.kwargs, **values}, entry, source,
+                                            spans, device, self.compute_dtype))
+        lazy = self.checks_output_only(entry)
+        region = self.regions[entry.name]
+        per_row = entry.numel // rows
+        bad = 0
+        for lo, hi in spans:
+            tv = source.task_vector_rows(entry.name, lo, hi, device, self.compute_dtype,
+                                         check=not lazy)
+            assert tv.theta0 is not None
+            update = run_method(entry, tv.taus, None, values, offset=lo * per_row)
+            del tv.taus
+            out = tv.theta0.add_(dense(update))
+            if not self.allow_nonfinite:
+                found = count_nonfinite(out)
+                if found and lazy:
+                    source.check_inputs(entry.name, block)
+                bad += found
+            region.write_rows(lo, out.to("cpu", entry.out_dtype))
+            del update, out, tv  # before the next block is read
+        if bad:
+            raise nonfinite_error(f"the merged tensor {entry.name!r} (from finite inputs)", bad)
+        return Written(entry.name)
+
+
+def tensor_statistics(method: Method, params: Mapping[str, Any], entry: PlanEntry,
+                      source: Source, spans: Sequence[tuple[int, int]], device: torch.device,
+                      dtype: torch.dtype) -> dict[str, Any]:
+    """The values of ``method.tensor_statistics`` over one parameter read in row blocks
+    (``spans``), each run as rounds of map over the blocks and an exact reduce; a statistic
+    sees the values of the ones before it in ``params``."""
+    values: dict[str, Any] = {}
+    for stat in method.tensor_statistics:
+        known = {**params, **values}
+        if not stat.wanted(known):
+            continue
+        state = stat.start(known, source.num_experts, entry.numel, dtype)
+        while not stat.done(state):
+            partial = None
+            for lo, hi in spans:
+                part = stat.map(state, source.task_vector_rows(
+                    entry.name, lo, hi, device, dtype, check=False).taus)
+                partial = part if partial is None else stat.combine([partial, part])
+            state = stat.reduce(state, [partial])
+        values[stat.kwarg] = stat.value(state)
+    return values
+
 
 def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                calibration: tuple[str, Mapping[str, Any]] | None,
-               statistics: Mapping[str, Any]) -> TaskVector:
+               statistics: Mapping[str, Any], offset: int = 0) -> TaskVector:
     """``merged_update`` with any failure of the maths reported against the tensor."""
     try:
-        return merged_update(entry, task_vectors, calibration, statistics)
+        return merged_update(entry, task_vectors, calibration, statistics, offset)
     except SpecmergeError:
         raise
     except Exception as err:
@@ -182,21 +308,37 @@ def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
 
 @dataclass(frozen=True)
 class StatisticStep:
-    """One parameter's share of a statistic's current round (``Statistic.map``)."""
+    """One parameter's share of a statistic's current round (``Statistic.map``), read whole or,
+    where the inputs are read by rows, in row blocks of at most ``block_size`` bytes whose
+    partials are combined into one (``Statistic.combine``)."""
 
     statistic: Statistic
     state: Any
     device: str
     compute_dtype: torch.dtype
+    block_size: int = parse_size(DEFAULT_BLOCK_SIZE)
 
     def __call__(self, entry: PlanEntry, source: Source) -> Any:
-        tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype,
-                                 factored=True, base=False)  # θ0 only where a τ_i needs it
-        return self.statistic.map(self.state, [dense(t) for t in tv.taus])
+        device = torch.device(self.device)
+        rows = entry.shape[0] if entry.shape else 1
+        per_row = max(1, entry.numel // max(1, rows)) * self.compute_dtype.itemsize
+        block = max(1, self.block_size // per_row)
+        if not (entry.shape and block < rows and source.reads_rows(entry.name)):
+            tv = source.task_vectors(entry.name, device, self.compute_dtype, factored=True,
+                                     base=False)  # θ0 only where a τ_i needs it
+            return self.statistic.map(self.state, [dense(t) for t in tv.taus])
+        partial = None
+        for lo in range(0, rows, block):
+            part = self.statistic.map(self.state, source.task_vector_rows(
+                entry.name, lo, min(lo + block, rows), device, self.compute_dtype,
+                check=False).taus)
+            partial = part if partial is None else self.statistic.combine([partial, part])
+        return partial
 
 
 def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, block_size: int = parse_size(DEFAULT_BLOCK_SIZE)
+                   ) -> dict[str, Any]:
     """Run every whole-model statistic the plan declares; return the method keyword values."""
     values: dict[str, Any] = {}
     entries = [e for e in plan.entries if e.action == "method"]
@@ -207,7 +349,7 @@ def run_statistics(plan: Plan, source: Source, backend: Backend, device: str,
         rounds = 0
         while not stat.done(state):
             rounds += 1
-            step = StatisticStep(stat, state, device, plan.compute_dtype)
+            step = StatisticStep(stat, state, device, plan.compute_dtype, block_size)
             bar = tqdm(total=len(entries), desc=f"{stat.kwarg}, pass {rounds}", unit="tensor",
                        disable=not progress, leave=False)
             partials = []
@@ -247,6 +389,8 @@ def execute(step: Step[Any], entries: Sequence[PlanEntry], source: Source, backe
     While a sink ``writes_files``, SIGTERM and SIGHUP clean up as Ctrl-C does."""
     guard = termination_as_error() if writes_files else contextlib.nullcontext()
     with guard, sink:
+        if isinstance(step, MergeStep):  # parameters merged in row blocks write themselves
+            step = dataclasses.replace(step, regions=sink.regions())
         bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress,
                    dynamic_ncols=True)
         for entry, result in backend.map(step, entries, source):
@@ -284,19 +428,23 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
           shard_size: str | int = "5GB", workers: int = 1, force: bool = False,
           seed: int | None = None, allow_nonfinite: bool = False,
           output_format: str | None = None, rank: int | None = None,
-          progress: bool = True) -> MergeResult:
+          block_size: str | int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> MergeResult:
     """Merge the recipe's experts into one HF-format checkpoint at ``out_dir`` (or, with the
     recipe's ``output: {format: peft}`` or ``output_format="peft"``, into a PEFT LoRA adapter of
     at most ``rank`` per weight).
 
     ``dtype``, ``seed``, ``output_format`` and ``rank`` override the recipe's. The output is
     written to a temporary sibling and renamed into place at the end; inputs are only ever read.
+    ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
+    row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
+    output's bytes.
     """
     start = time.perf_counter()
     rec = load_recipe(recipe, dtype=dtype, seed=seed, output=output_override(
         recipe, output_format, rank))
     backend = make_backend(workers)
     max_shard = parse_size(shard_size)
+    block = parse_size(block_size)
     out = Path(out_dir).expanduser().resolve()
     dev = resolve_device(device)
     reset_gpu_peak(dev)
@@ -311,8 +459,8 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
              rec.merge_method, dev)
-    stats = run_statistics(plan, source, backend, dev, progress)
-    step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite)
+    stats = run_statistics(plan, source, backend, dev, progress, block)
+    step = MergeStep(plan.calibration, stats, dev, plan.compute_dtype, allow_nonfinite, block)
     sink = HFDirSink(out, plan, base_path=source.base.path, config_dir=source.config_dir,
                      max_shard_bytes=max_shard, replace=claim, vocabulary=source.union)
     execute(step, plan.entries, source, backend, sink, desc="merging", progress=progress)

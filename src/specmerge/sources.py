@@ -48,6 +48,9 @@ class TaskVectors:
 class Source(Protocol):
     vocab_rows: dict[str, int]  # output rows of vocabulary-sized tensors (union vocabulary)
 
+    @property
+    def num_experts(self) -> int: ...
+
     def index(self) -> dict[str, ParamInfo]: ...
 
     def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
@@ -58,17 +61,37 @@ class Source(Protocol):
     def base_tensor(self, name: str) -> Tensor: ...
 
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
-                     factored: bool = False, base: bool = True) -> TaskVectors: ...
+                     factored: bool = False, base: bool = True, check: bool = True
+                     ) -> TaskVectors: ...
+
+    def reads_rows(self, name: str) -> bool: ...
+
+    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
+                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors: ...
+
+    def check_inputs(self, name: str, block_rows: int) -> None: ...
 
     def needs_base(self, name: str) -> bool: ...
 
 
+def count_nonfinite(t: Tensor) -> int:
+    """How many NaN/Inf entries ``t`` holds (0 for a non-floating tensor)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def nonfinite_error(what: str, bad: int) -> NonFiniteError:
+    return NonFiniteError(f"{what} holds {bad} NaN/Inf value(s); pass --allow-nonfinite "
+                          f"(allow_nonfinite=True) to merge anyway")
+
+
 def check_finite(t: Tensor, what: str, allow: bool) -> None:
     """Raise NonFiniteError naming ``what`` if ``t`` holds NaN/Inf (unless ``allow``)."""
-    if not allow and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s); pass --allow-nonfinite "
-                             f"(allow_nonfinite=True) to merge anyway")
+    if not allow:
+        bad = count_nonfinite(t)
+        if bad:
+            raise nonfinite_error(what, bad)
 
 
 class CheckpointSource:
@@ -113,6 +136,10 @@ class CheckpointSource:
                    vocabulary)
 
     @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
     def paths(self) -> list[Path]:
         return [self.base.path, *(e.path for e in self.experts)]
 
@@ -140,6 +167,51 @@ class CheckpointSource:
         t = ckpt.read(name)
         check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}", self.allow_nonfinite)
         return t
+
+    def _read_unchecked(self, ckpt: Checkpoint, name: str) -> Tensor:
+        return ckpt.read(name)
+
+    def reads_rows(self, name: str) -> bool:
+        """Whether ``task_vector_rows`` reads only the rows asked for: the base and every
+        expert are dense safetensors checkpoints (an adapter's τ is read whole)."""
+        return all(isinstance(c, Checkpoint) and c.can_read_rows(name)
+                   for c in (self.base, *self.experts))
+
+    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
+                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
+        """Rows ``start:stop`` of θ0 and of the dense τ_i of ``name`` (``reads_rows``), each
+        read with a positioned read of those rows' bytes. ``check``: NaN/Inf in them is an
+        error naming the file (the caller may instead check the output, ``check_inputs``)."""
+        def read(ckpt: Checkpoint | Adapter) -> Tensor:
+            assert isinstance(ckpt, Checkpoint)
+            t = ckpt.read_rows(name, start, stop)
+            if check:
+                check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}",
+                             self.allow_nonfinite)
+            return t.to(device, dtype)  # the raw block is dropped once converted
+
+        theta0 = read(self.base)
+        return TaskVectors(theta0, [read(ckpt).sub_(theta0) for ckpt in self.experts])
+
+    def check_inputs(self, name: str, block_rows: int) -> None:
+        """Raise the NonFiniteError of the first input of ``name`` (base, then experts) that
+        holds NaN/Inf, counting over all its rows, read ``block_rows`` at a time where the file
+        allows it. Called when an output that the method makes non-finite from any non-finite
+        input is not finite, so that the error names the file."""
+        if self.allow_nonfinite:
+            return
+        for ckpt in (self.base, *self.experts):
+            if isinstance(ckpt, Adapter):
+                continue  # adapters' tensors are checked as they are read
+            info = ckpt.infos[name]
+            rows = info.shape[0] if info.shape else 1
+            if ckpt.can_read_rows(name):
+                bad = sum(count_nonfinite(ckpt.read_rows(name, lo, min(lo + block_rows, rows)))
+                          for lo in range(0, rows, max(1, block_rows)))
+            else:
+                bad = count_nonfinite(ckpt.read(name))
+            if bad:
+                raise nonfinite_error(f"{info.file}: tensor {name!r}", bad)
 
     def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor]:
@@ -170,13 +242,17 @@ class CheckpointSource:
         return any(not isinstance(e, Adapter) or name in e.saved for e in self.experts)
 
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
-                     factored: bool = False, base: bool = True) -> TaskVectors:
+                     factored: bool = False, base: bool = True, check: bool = True
+                     ) -> TaskVectors:
         """θ0 and the τ_i of ``name``. ``factored``: adapters give ``LowRank`` τ_i (rank 0 where
         they do not touch the weight) instead of dense ones. ``base`` False: θ0 is read only if
-        some τ_i needs it (a factored merge of adapters reads no base weight)."""
+        some τ_i needs it (a factored merge of adapters reads no base weight). ``check`` False:
+        the dense checkpoints' tensors are not checked for NaN/Inf (the caller checks the
+        output, ``check_inputs``); adapters' always are."""
+        read = self._read if check else self._read_unchecked
         theta0 = None
         if base or not factored or self.needs_base(name):
-            theta0 = self._read(self.base, name).to(device, dtype)
+            theta0 = read(self.base, name).to(device, dtype)
         info = self.base.infos[name]
         taus: list[TaskVector] = []
         for ckpt, rows in zip(self.experts, self.rows, strict=True):
@@ -192,7 +268,7 @@ class CheckpointSource:
                     taus.append(ckpt.task_vector(name, theta0, self._read))
                 continue
             assert theta0 is not None
-            t = self._read(ckpt, name)
+            t = read(ckpt, name)
             if name in rows:
                 t = t[:rows[name]]
             taus.append(t.to(device, dtype).sub_(theta0))
@@ -338,13 +414,30 @@ class StateDictSource:
     def needs_base(self, name: str) -> bool:
         return True
 
-    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
-                     factored: bool = False, base: bool = True) -> TaskVectors:
-        """θ0 and the dense τ_i (state dicts hold no factored experts)."""
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def reads_rows(self, name: str) -> bool:
+        return False  # the tensors are in memory already
+
+    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
+                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
+        raise NotImplementedError("state dicts are merged whole")
+
+    def check_inputs(self, name: str, block_rows: int) -> None:
         tensors = [self.base[name], *(sd[name] for sd in self.experts)]
         labels = ["base state dict", *(f"expert state dict {i}" for i in range(len(self.experts)))]
         for t, label in zip(tensors, labels, strict=True):
             check_finite(t, f"{label}: tensor {name!r}", self.allow_nonfinite)
+
+    def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
+                     factored: bool = False, base: bool = True, check: bool = True
+                     ) -> TaskVectors:
+        """θ0 and the dense τ_i (state dicts hold no factored experts)."""
+        tensors = [self.base[name], *(sd[name] for sd in self.experts)]
+        if check:
+            self.check_inputs(name, 0)
         theta0 = tensors[0].to(device, dtype, copy=True)
         return TaskVectors(theta0, [t.to(device, dtype, copy=True).sub_(theta0)
                                     for t in tensors[1:]])

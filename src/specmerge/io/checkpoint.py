@@ -160,11 +160,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, meta
 
 
-def read_tensor_bytes(info: TensorInfo) -> torch.Tensor:
-    """Read exactly one safetensors tensor with a positioned read (no mmap)."""
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    buf = bytearray(info.nbytes)
+def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None
+                      ) -> torch.Tensor:
+    """Read one safetensors tensor, or its rows ``start:stop`` (the first dimension), with a
+    positioned read of exactly those bytes (no mmap): a row block of a row-major tensor is one
+    contiguous byte range."""
+    rows = info.shape[0] if info.shape else 1
+    stop = rows if stop is None else stop
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows {start}:{stop} out of range for tensor {info.name!r} "
+                         f"({rows} rows)")
+    row_bytes = info.nbytes // rows if rows else 0
+    shape = (stop - start, *info.shape[1:]) if info.shape else info.shape
+    nbytes = (stop - start) * row_bytes
+    if nbytes == 0:
+        return torch.empty(shape, dtype=info.dtype)
+    offset = info.offset + start * row_bytes
+    buf = bytearray(nbytes)
     view = memoryview(buf)
     try:
         fd = os.open(info.file, os.O_RDONLY)
@@ -172,19 +184,19 @@ def read_tensor_bytes(info: TensorInfo) -> torch.Tensor:
         raise CheckpointError(f"{info.file}: cannot open: {err.strerror or err}") from err
     try:
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
                 raise CheckpointError(
                     f"{info.file}: truncated while reading tensor {info.name!r} "
-                    f"({done} of {info.nbytes} bytes)")
+                    f"({start * row_bytes + done} of {info.nbytes} bytes)")
             done += n
     except OSError as err:
         raise CheckpointError(
             f"{info.file}: read error on tensor {info.name!r}: {err.strerror or err}") from err
     finally:
         os.close(fd)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
 
 def _torch_load(path: Path) -> Mapping[str, torch.Tensor]:
@@ -335,6 +347,21 @@ class Checkpoint:
         if info.offset >= 0:
             return read_tensor_bytes(info)
         return self._torch_shard(info.file)[info.name].clone()
+
+    def can_read_rows(self, name: str) -> bool:
+        """Whether ``read_rows`` reads only the rows asked for (safetensors, at least 1-D)."""
+        info = self.infos.get(name)
+        return info is not None and info.offset >= 0 and len(info.shape) >= 1
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (its first dimension), a private copy. Reads only
+        those bytes from a safetensors file; a ``.bin`` tensor is sliced after loading."""
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        if info.offset >= 0:
+            return read_tensor_bytes(info, start, stop)
+        return self._torch_shard(info.file)[info.name][start:stop].clone()
 
     def alias(self, name: str, target: str) -> None:
         """Read ``name`` as ``target`` (a tied weight that this checkpoint does not store)."""

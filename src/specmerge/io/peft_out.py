@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +27,7 @@ from specmerge import __version__
 from specmerge.errors import OutputError
 from specmerge.io.adapter import PREFIX
 from specmerge.io.hf_files import base_model_id
-from specmerge.io.writer import Identity, atomic_output_dir, write_safetensors, write_text
+from specmerge.io.writer import Identity, Region, atomic_output_dir, write_safetensors, write_text
 from specmerge.methods.registry import get_method
 from specmerge.plan import Plan, PlanEntry
 
@@ -69,6 +70,9 @@ class PeftDirSink:
             self.tmp = stack.enter_context(atomic_output_dir(self.out, self.replace))
             self._stack = stack.pop_all()
         return self
+
+    def regions(self) -> Mapping[str, Region]:
+        return {}  # saved modules are written whole, with the factors, by ``finish``
 
     def put(self, entry: PlanEntry, result: Factors | Tensor | None) -> None:
         if isinstance(result, Tensor):

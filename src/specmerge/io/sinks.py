@@ -8,6 +8,8 @@ entry, ``finish`` completes the output once every entry is in, and leaving witho
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,11 +23,20 @@ from specmerge.io.tokenizer import VocabularyUnion, write_union_tokenizer
 from specmerge.io.writer import (
     Identity,
     OutTensor,
+    Region,
     ShardedWriter,
     atomic_output_dir,
     write_text,
 )
 from specmerge.plan import Plan, PlanEntry
+
+
+@dataclass(frozen=True)
+class Written:
+    """A step's result when the step wrote the entry's rows itself, through the sink's
+    ``regions()`` (a parameter merged in row blocks)."""
+
+    name: str
 
 
 class HFDirSink:
@@ -55,8 +66,16 @@ class HFDirSink:
             self._stack = stack.pop_all()
         return self
 
-    def put(self, entry: PlanEntry, tensor: Tensor) -> None:
-        self.writer.write(entry.name, tensor)
+    def regions(self) -> Mapping[str, Region]:
+        """Where each tensor's bytes go: a step may write a parameter's row blocks there itself
+        and return ``Written``. Valid once the sink is entered."""
+        return {name: self.writer.region(name) for name in self.writer.slots}
+
+    def put(self, entry: PlanEntry, tensor: Tensor | Written) -> None:
+        if isinstance(tensor, Written):
+            self.writer.mark_written(entry.name)
+        else:
+            self.writer.write(entry.name, tensor)
 
     def finish(self) -> Path:
         weight_map = self.writer.finish()
@@ -91,6 +110,9 @@ class CollectingSink:
 
     def __enter__(self) -> Any:
         return self
+
+    def regions(self) -> Mapping[str, Region]:
+        return {}  # results are kept whole
 
     def put(self, entry: PlanEntry, result: Any) -> None:
         self.results[entry.name] = result

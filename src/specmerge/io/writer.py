@@ -122,6 +122,43 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
         raise _disk_error(err, path) from err
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where one planned tensor's bytes lie in its shard, so that row blocks of it can be written
+    separately, from any thread (or process on the same file system): each ``write_rows`` opens
+    the shard, writes the rows' bytes at their offset and closes it. Picklable."""
+
+    name: str
+    file: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` (rows ``start:start + len(rows)`` of the tensor, in its dtype)."""
+        if (rows.dtype != self.dtype or tuple(rows.shape[1:]) != self.shape[1:]
+                or not 0 <= start <= start + rows.shape[0] <= self.shape[0]):
+            raise ValueError(f"writer: rows {start}:{start + rows.shape[0]} of {self.name!r} "
+                             f"are {list(rows.shape)} {rows.dtype}, planned {list(self.shape)} "
+                             f"{self.dtype}")
+        if rows.numel() == 0:
+            return
+        data = rows.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        try:
+            fd = os.open(self.file, os.O_WRONLY)
+        except OSError as err:
+            raise _disk_error(err, self.file) from err
+        try:
+            _pwrite_all(fd, memoryview(data.numpy()), self.offset + start * self.row_bytes,
+                        self.file)
+        finally:
+            os.close(fd)
+
+
 class ShardedWriter:
     """Writes a fixed set of tensors into preallocated safetensors shards in ``directory``."""
 
@@ -160,6 +197,18 @@ class ShardedWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset,
                         self.files[slot.shard])
+        self._written.add(name)
+
+    def region(self, name: str) -> Region:
+        """Where ``name``'s bytes go, for writing it by row blocks (then ``mark_written``)."""
+        slot = self.slots[name]
+        return Region(name, self.files[slot.shard], slot.offset, slot.spec.shape,
+                      slot.spec.dtype)
+
+    def mark_written(self, name: str) -> None:
+        """Record that every row of ``name`` was written through its ``region``."""
+        if name not in self.slots:
+            raise KeyError(name)
         self._written.add(name)
 
     def finish(self) -> dict[str, str]:

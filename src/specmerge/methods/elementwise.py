@@ -16,6 +16,8 @@ from torch import Tensor
 
 from specmerge.lowrank import TaskVector, all_factored, concat, dense
 from specmerge.methods.registry import Interval, register
+from specmerge.methods.rng import CHUNK as RNG_CHUNK
+from specmerge.methods.rng import CounterRNG
 
 
 def _weights(task_vectors: Sequence[Tensor], weights: Sequence[float] | None) -> list[float]:
@@ -49,6 +51,8 @@ def _nonzero_weight_sum(params: Mapping[str, Any], weights: Sequence[float]) -> 
     docs={},
     uses_weights=True,
     factored=True,
+    rowwise=True,
+    propagates_nonfinite=True,
     check=_nonzero_weight_sum,
 )
 def weight_average(task_vectors: Sequence[TaskVector], *, weights: Sequence[float] | None = None
@@ -72,6 +76,8 @@ def weight_average(task_vectors: Sequence[TaskVector], *, weights: Sequence[floa
     docs={"scaling": "λ, the scaling coefficient applied to the sum of task vectors"},
     uses_weights=True,
     factored=True,
+    rowwise=True,
+    propagates_nonfinite=True,
 )
 def task_arithmetic(task_vectors: Sequence[TaskVector], *, weights: Sequence[float] | None = None,
                     scaling: float = 0.3) -> TaskVector:
@@ -88,7 +94,7 @@ def trim_count(numel: int, density: float) -> int:
     return numel - int(numel * density)
 
 
-CHUNK = 1 << 22  # entries per slice in chunked loops: bounds temporaries to 16 MB (float32)
+CHUNK = 1 << 20  # entries per slice in chunked loops: bounds temporaries to 4 MB (float32)
 
 
 class AbsKthSelector:
@@ -167,19 +173,22 @@ class TrimState:
 
 
 @dataclass(frozen=True)
-class GlobalTrimThresholds:
-    """TIES's whole-model thresholds t_i for ``trim_scope: global``: the (d − ⌊d·density⌋)-th
-    smallest |τ_i| over every parameter TIES merges (d entries in all).
+class TrimThresholds:
+    """TIES's thresholds t_i: the (d − ⌊d·density⌋)-th smallest |τ_i| over d entries, where the
+    entries are every parameter TIES merges (``scope`` "global", for ``trim_scope: global``) or
+    one parameter read in row blocks (``scope`` "tensor", the default ``trim_scope``).
 
-    Exact, without holding the model: each round streams every parameter once and histograms
+    Exact, without holding the data: each round streams every part once and histograms
     16 bits of |τ_i| (``AbsKthSelector``; 2 rounds in float32, 4 in float64). Histograms are
-    integer counts, so their sum, and the thresholds, do not depend on how the work is split.
+    integer counts, so their sum, and the thresholds, do not depend on how the work is split:
+    they equal ``kth_smallest_abs`` of the whole.
     """
 
+    scope: Literal["global", "tensor"] = "global"
     kwarg: str = "thresholds"
 
     def wanted(self, params: Mapping[str, Any]) -> bool:
-        return params.get("trim_scope") == "global"
+        return params.get("trim_scope", "tensor") == self.scope
 
     def start(self, params: Mapping[str, Any], num_experts: int, numel: int,
               dtype: torch.dtype) -> TrimState:
@@ -195,6 +204,9 @@ class GlobalTrimThresholds:
         assert state.selectors is not None
         return [sel.histogram(t) for sel, t in zip(state.selectors, task_vectors, strict=True)]
 
+    def combine(self, partials: Sequence[list[Tensor]]) -> list[Tensor]:
+        return [torch.stack(hists).sum(0) for hists in zip(*partials, strict=True)]
+
     def reduce(self, state: TrimState, partials: Sequence[list[Tensor]]) -> TrimState:
         assert state.selectors is not None
         for i, sel in enumerate(state.selectors):
@@ -207,6 +219,60 @@ class GlobalTrimThresholds:
         if state.selectors is None:
             return [-math.inf] * state.num_experts
         return [sel.value() for sel in state.selectors]
+
+
+def trimmed_sum(flats: Sequence[Tensor], thresholds: Sequence[float]) -> Tensor:
+    """Σ_i trim(τ_i) over flat task vectors, trim(τ_i) = τ_i where |τ_i| ≥ t_i, else 0
+    (TIES's election vote), accumulated in slices of ``CHUNK`` entries."""
+    zero = torch.zeros((), dtype=flats[0].dtype, device=flats[0].device)
+    total = torch.zeros_like(flats[0])
+    for start in range(0, total.numel(), CHUNK):
+        acc = total[start:start + CHUNK]
+        for f, t in zip(flats, thresholds, strict=True):
+            c = f[start:start + CHUNK]
+            acc.add_(torch.where(c.abs() >= t, c, zero))
+    return total
+
+
+def sign_balance(total: Tensor) -> int:
+    """#{Σ trim > 0} − #{Σ trim < 0}: its sign elects the sign of TIES's zero votes."""
+    return int((total > 0).sum()) - int((total < 0).sum())
+
+
+@dataclass(frozen=True)
+class SignMajority:
+    """TIES's tie-break over one parameter read in row blocks: ``sign_balance`` of the trimmed
+    sum, over the whole tensor (one round; integer counts add up exactly over blocks). Needs
+    the thresholds first (``params["thresholds"]``, or none: density 1 keeps every entry)."""
+
+    kwarg: str = "majority"
+
+    def wanted(self, params: Mapping[str, Any]) -> bool:
+        return True
+
+    def start(self, params: Mapping[str, Any], num_experts: int, numel: int,
+              dtype: torch.dtype) -> tuple[list[float], int | None]:
+        thresholds = params.get("thresholds")
+        if thresholds is None:
+            thresholds = [-math.inf] * num_experts
+        return list(thresholds), None
+
+    def done(self, state: tuple[list[float], int | None]) -> bool:
+        return state[1] is not None
+
+    def map(self, state: tuple[list[float], int | None], task_vectors: Sequence[Tensor]) -> int:
+        return sign_balance(trimmed_sum([t.reshape(-1) for t in task_vectors], state[0]))
+
+    def combine(self, partials: Sequence[int]) -> int:
+        return sum(partials)
+
+    def reduce(self, state: tuple[list[float], int | None], partials: Sequence[int]
+               ) -> tuple[list[float], int | None]:
+        return state[0], sum(partials)
+
+    def value(self, state: tuple[list[float], int | None]) -> int:
+        assert state[1] is not None
+        return state[1]
 
 
 @register(
@@ -222,19 +288,22 @@ class GlobalTrimThresholds:
         "trim_scope": "tensor: top-k per tensor; global: top-k over the whole model (2 extra passes)",
     },
     constraints={"density": Interval(float, 0, 1, closed="right")},
-    statistic=GlobalTrimThresholds(),
+    statistic=TrimThresholds("global"),
+    tensor_statistics=(TrimThresholds("tensor"), SignMajority()),
+    rowwise=True,
     notes="Defaults (density 0.2, mean, λ=1.0) are the SVC paper's TIES setting; the TIES paper "
           "and FusionBench use aggregate=sum with scaling=0.3.",
 )
 def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
          aggregate: Literal["mean", "sum"] = "mean", scaling: float = 1.0,
          trim_scope: Literal["tensor", "global"] = "tensor",
-         thresholds: Sequence[float] | None = None) -> Tensor:
+         thresholds: Sequence[float] | None = None, majority: int | None = None) -> Tensor:
     """TIES-Merging as in the official code (Yadav et al., arXiv 2306.01708).
 
     1. Trim: keep |τ_i| ≥ t_i, t_i the (d − ⌊d·density⌋)-th smallest |τ_i|. ``thresholds``
        overrides t_i (the engine passes whole-model thresholds for ``trim_scope: global``).
-    2. Elect: s = sign(Σ_i trim(τ_i)); zeros of s take sign(Σ s).
+    2. Elect: s = sign(Σ_i trim(τ_i)); zeros of s take sign(Σ s). ``majority`` overrides Σ s
+       (the engine passes the whole tensor's when it merges the parameter in row blocks).
     3. Disjoint aggregate: keep trim(τ_i) where it is > 0 and s > 0, or < 0 and s ≤ 0; then
        sum, or divide by the count of nonzero kept entries (at least 1) for ``mean``.
     4. Multiply by ``scaling``.
@@ -255,15 +324,11 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
     shape = task_vectors[0].shape
     flats = [t.reshape(-1) for t in task_vectors]
     zero = torch.zeros((), dtype=flats[0].dtype, device=flats[0].device)
-    total = torch.zeros_like(flats[0])
-    for start in range(0, total.numel(), CHUNK):
-        acc = total[start:start + CHUNK]
-        for f, t in zip(flats, thresholds, strict=True):
-            c = f[start:start + CHUNK]
-            acc.add_(torch.where(c.abs() >= t, c, zero))
+    total = trimmed_sum(flats, thresholds)
     # elected sign > 0; zeros take sign(Σ signs), and a zero majority stays "not > 0"
     positive = total > 0
-    majority = int(positive.sum()) - int((total < 0).sum())
+    if majority is None:
+        majority = sign_balance(total)
     if majority > 0:
         positive |= total == 0
 
@@ -297,26 +362,39 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
     constraints={"drop_rate": Interval(float, 0, 1, closed="left")},
     uses_weights=True,
     uses_rng=True,
+    counter_rng=True,
+    rowwise=True,
+    propagates_nonfinite=True,
+    notes="The masks come from a counter-based generator keyed by (seed, parameter, expert, "
+          "element index) (splitmix64, specmerge.methods.rng): they do not depend on the block "
+          "size, the device or the workers. Since specmerge 0.x (issue #13) DARE's masks, and so "
+          "its bytes, differ from earlier releases' (torch.Generator streams); same "
+          "distribution.",
 )
 def dare(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None,
-         generators: Sequence[torch.Generator] | None = None, drop_rate: float = 0.5,
+         generators: Sequence[CounterRNG] | None = None, drop_rate: float = 0.5,
          scaling: float = 0.3) -> Tensor:
     """DARE (arXiv 2311.03099): τ = λ Σ_i w_i (m_i ⊙ τ_i) / (1 − p), m_i ~ Bernoulli(1 − p).
 
-    The masks are drawn on the CPU from ``generators[i]`` (one per expert, seeded by the
-    engine from the recipe seed, the parameter name and i), so the result does not depend on
-    the device, the processing order or the number of workers.
+    Element j of m_i is [u_i(j) ≥ p], u_i(j) ∈ [0, 1) the j-th number (flat, row-major) of the
+    counter-based stream ``generators[i]`` (``CounterRNG``: a hash of the engine's key for the
+    recipe seed, the parameter name and i, and of j). The result does not depend on the device,
+    the processing order, the number of workers or the row blocks the engine reads.
     """
     ws = _weights(task_vectors, weights)
     if generators is None:
-        generators = [torch.Generator().manual_seed(i) for i in range(len(task_vectors))]
+        generators = [CounterRNG(i) for i in range(len(task_vectors))]
     out = torch.zeros_like(task_vectors[0])
+    flat_out = out.reshape(-1)
     for w, tau, gen in zip(ws, task_vectors, generators, strict=True):
         if drop_rate == 0.0:
             out.add_(tau, alpha=w)
             continue
-        keep = torch.rand(tau.shape, generator=gen, dtype=torch.float32) >= drop_rate
-        out.add_(tau * keep.to(tau.device), alpha=w / (1.0 - drop_rate))
+        flat = tau.reshape(-1)
+        for lo in range(0, flat.numel(), RNG_CHUNK):
+            c = flat[lo:lo + RNG_CHUNK]
+            keep = gen.uniform(lo, c.numel(), c.device) >= drop_rate
+            flat_out[lo:lo + RNG_CHUNK].add_(c * keep, alpha=w / (1.0 - drop_rate))
     return out.mul_(scaling)
 
 

@@ -12,7 +12,8 @@ Calling conventions (see DESIGN.md):
 - merge methods: ``fn(task_vectors, *, <params>) -> Tensor`` (the merged update τ, not θ).
   Methods with ``uses_weights`` also take ``weights`` (one float per expert), with
   ``uses_densities`` ``densities`` (each model's ``density``, default 1); methods with
-  ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert); a method with
+  ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert, or with
+  ``counter_rng`` one ``CounterRNG`` positioned at the block's first element); a method with
   a ``statistic`` takes its value under ``statistic.kwarg`` when the statistic is wanted.
 - calibrations: ``fn(merged, task_vectors, *, <params>) -> Tensor``.
 - a ``factored`` method also takes factored task vectors (``specmerge.lowrank.LowRank``, LoRA)
@@ -136,7 +137,9 @@ class Statistic(Protocol):
     The engine runs it over every entry the method computes, before the merge, as rounds of
     map and reduce: ``map`` sees one parameter's task vectors and returns a partial result;
     ``reduce`` combines the partials of a round exactly (whatever their order or grouping) into
-    the next state. When ``done``, ``value`` is passed to the method as ``kwarg``.
+    the next state; ``combine`` adds partials into one partial (exactly), so that a parameter read
+    in row blocks gives one partial. A method's ``tensor_statistics`` run the same way over the
+    row blocks of one parameter. When ``done``, ``value`` is passed to the method as ``kwarg``.
     """
 
     kwarg: str
@@ -149,6 +152,8 @@ class Statistic(Protocol):
     def done(self, state: Any) -> bool: ...
 
     def map(self, state: Any, task_vectors: Sequence[Tensor]) -> Any: ...
+
+    def combine(self, partials: Sequence[Any]) -> Any: ...
 
     def reduce(self, state: Any, partials: Sequence[Any]) -> Any: ...
 
@@ -237,6 +242,14 @@ class Method:
     uses_rng: bool = False
     factored: bool = False  # accepts factored task vectors (LowRank) and may return one
     statistic: Statistic | None = None
+    # row blocks: the result on rows r of every τ_i is rows r of the result on the whole, given
+    # the values of ``tensor_statistics`` (run over the blocks of the one parameter first)
+    rowwise: bool = False
+    tensor_statistics: tuple[Statistic, ...] = ()
+    counter_rng: bool = False  # ``generators`` are ``CounterRNG``s, positioned at the block
+    # a NaN/Inf in any θ_i or θ0 entry makes that entry of θ0 + τ NaN/Inf (checked by a test), so
+    # checking the output finds every non-finite input the output depends on
+    propagates_nonfinite: bool = False
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -312,6 +325,10 @@ def register(
     uses_rng: bool = False,
     factored: bool = False,
     statistic: Statistic | None = None,
+    tensor_statistics: tuple[Statistic, ...] = (),
+    rowwise: bool = False,
+    counter_rng: bool = False,
+    propagates_nonfinite: bool = False,
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
     notes: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -327,7 +344,8 @@ def register(
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         hints = typing.get_type_hints(fn)
-        engine_args = ENGINE_ARGS | ({statistic.kwarg} if statistic is not None else set())
+        engine_args = (ENGINE_ARGS | ({statistic.kwarg} if statistic is not None else set())
+                       | {s.kwarg for s in tensor_statistics})
         params = []
         for p in inspect.signature(fn).parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in engine_args:
@@ -356,7 +374,9 @@ def register(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
             uses_densities=uses_densities,
-            uses_rng=uses_rng, factored=factored, statistic=statistic, check=check, notes=notes,
+            uses_rng=uses_rng, factored=factored, statistic=statistic, rowwise=rowwise,
+            tensor_statistics=tensor_statistics, counter_rng=counter_rng,
+            propagates_nonfinite=propagates_nonfinite, check=check, notes=notes,
         )
         return validated
 
