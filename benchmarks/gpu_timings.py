@@ -296,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cmd == "report":
         text = cmd_report(args)
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text)
         print(text, end="")
         return
