@@ -86,6 +86,12 @@ def nonfinite_error(what: str, bad: int) -> NonFiniteError:
                           f"(allow_nonfinite=True) to merge anyway")
 
 
+def to_compute(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``t`` on the device, then in the compute dtype: a bf16/fp16 input crosses to a GPU in its
+    own (half-size) dtype and is upcast there. The same values as ``t.to(device, dtype)``."""
+    return t.to(device).to(dtype)
+
+
 def check_finite(t: Tensor, what: str, allow: bool) -> None:
     """Raise NonFiniteError naming ``what`` if ``t`` holds NaN/Inf (unless ``allow``)."""
     if not allow:
@@ -188,7 +194,7 @@ class CheckpointSource:
             if check:
                 check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}",
                              self.allow_nonfinite)
-            return t.to(device, dtype)  # the raw block is dropped once converted
+            return to_compute(t, device, dtype)  # the raw block is dropped once converted
 
         theta0 = read(self.base)
         return TaskVectors(theta0, [read(ckpt).sub_(theta0) for ckpt in self.experts])
@@ -227,7 +233,7 @@ class CheckpointSource:
                 if j >= full[i].shape[0]:
                     raise CheckpointError(f"{self.experts[i].path}: token id {j} has no row in "
                                           f"{name!r} ({full[i].shape[0]} rows)")
-                picks.append(full[i][j].to(device, dtype))
+                picks.append(to_compute(full[i][j], device, dtype))
             ids.append(uid)
             rows.append(torch.stack(picks).mean(0))
         return torch.tensor(ids, device=device), torch.stack(rows)
@@ -252,7 +258,7 @@ class CheckpointSource:
         read = self._read if check else self._read_unchecked
         theta0 = None
         if base or not factored or self.needs_base(name):
-            theta0 = read(self.base, name).to(device, dtype)
+            theta0 = to_compute(read(self.base, name), device, dtype)
         info = self.base.infos[name]
         taus: list[TaskVector] = []
         for ckpt, rows in zip(self.experts, self.rows, strict=True):
@@ -271,7 +277,7 @@ class CheckpointSource:
             t = read(ckpt, name)
             if name in rows:
                 t = t[:rows[name]]
-            taus.append(t.to(device, dtype).sub_(theta0))
+            taus.append(to_compute(t, device, dtype).sub_(theta0))
         return TaskVectors(theta0, taus)
 
 

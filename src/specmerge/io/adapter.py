@@ -130,8 +130,8 @@ class Adapter:
         lora = self.lora.get(name)
         if lora is None:
             return None
-        tau = LowRank(read(self.file, lora.b).to(device, dtype),
-                      read(self.file, lora.a).to(device, dtype), lora.scale)
+        tau = LowRank(read(self.file, lora.b).to(device).to(dtype),
+                      read(self.file, lora.a).to(device).to(dtype), lora.scale)
         return tau.mT if lora.fan_in_fan_out else tau
 
     def task_vector(self, name: str, theta0: torch.Tensor,
