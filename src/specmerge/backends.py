@@ -4,7 +4,8 @@
 are picklable, so a backend may run them in other processes or on other machines; results never
 depend on the backend, on how many steps run at once or on the order they finish in (the sinks
 place each result by its entry). The local backend runs in this process: serially, or on threads
-with at most ``workers`` entries in flight (torch releases the GIL in its kernels).
+with at most ``workers`` entries in flight (torch releases the GIL in its kernels). The Ray
+backend (``specmerge.ray_backend``, imported only when asked for) runs them as Ray tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from specmerge.plan import PlanEntry
@@ -21,8 +23,16 @@ Step = Callable[[PlanEntry, Any], R]
 
 
 class Backend(Protocol):
+    """``remote``: steps run in other processes, which write their tensors into the output's
+    regions themselves; ``check_files``: raise unless every worker sees ``paths`` as this
+    process does (``what`` names them in the error: "input", "output")."""
+
+    remote: bool
+
     def map(self, step: Step[R], entries: Sequence[PlanEntry], source: Any
             ) -> Iterator[tuple[PlanEntry, R]]: ...
+
+    def check_files(self, paths: Sequence[Path], what: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,10 @@ class LocalBackend:
     """This process: serial with ``workers`` 1, else a thread pool with ``workers`` in flight."""
 
     workers: int = 1
+    remote = False
+
+    def check_files(self, paths: Sequence[Path], what: str) -> None:
+        """Nothing to check: the steps run in this process."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:

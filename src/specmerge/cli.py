@@ -69,6 +69,18 @@ def merge(
     rank: Annotated[Optional[int], typer.Option(  # noqa: UP045
         min=1, help="Largest rank per weight of a peft output (default: the largest rank "
                     "among the experts' adapters). Overrides output.rank.")] = None,
+    backend: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="local (this process, --workers threads) or ray (tasks on a Ray cluster; needs "
+             "specmerge[ray] and a file system every node sees). Overrides the recipe's "
+             "backend.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="The Ray cluster's address, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS, "
+             "else a new local Ray instance).")] = None,
+    ray_gpus: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        min=0, help="GPUs each Ray task asks for with --device cuda (default 1; 0.5 puts two "
+                    "tasks on a GPU).")] = None,
+    ray_cpus: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        min=0, help="CPUs each Ray task asks for (default 1).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the experts of RECIPE into OUT."""
@@ -79,7 +91,8 @@ def merge(
         res = run_merge(recipe, out, device=device, dtype=dtype, shard_size=shard_size,
                         workers=workers, force=force, seed=seed, allow_nonfinite=allow_nonfinite,
                         output_format=output_format, rank=rank, block_size=block_size,
-                        progress=not quiet)
+                        backend=backend, ray_address=ray_address, ray_gpus=ray_gpus,
+                        ray_cpus=ray_cpus, progress=not quiet)
     except (SpecmergeError, ValueError) as err:
         _fail(err)
     else:

@@ -166,7 +166,8 @@ class MergeStep:
 
     With ``regions`` (the sink's, bound by ``execute``), a parameter that can be merged in row
     blocks (``block_rows``) is written block by block into its region, and the step returns
-    ``Written``; any other is returned whole."""
+    ``Written``; any other is returned whole, or, with ``write_whole`` (a remote backend's
+    workers), written whole into its region too."""
 
     calibration: tuple[str, Mapping[str, Any]] | None
     statistics: Mapping[str, Any]
@@ -175,13 +176,21 @@ class MergeStep:
     allow_nonfinite: bool = False
     block_size: int = parse_size(DEFAULT_BLOCK_SIZE)
     regions: Mapping[str, Region] = field(default_factory=dict)
+    write_whole: bool = False
 
     def __call__(self, entry: PlanEntry, source: Source) -> Tensor | Written:
-        if entry.action == "copy":
-            return source.base_tensor(entry.name)
-        block = self.block_rows(entry, source)
+        block = self.block_rows(entry, source) if entry.action != "copy" else None
         if block is not None:
             return self.merge_rows(entry, source, block)
+        out = (source.base_tensor(entry.name) if entry.action == "copy"
+               else self.merge_whole(entry, source))
+        if self.write_whole and entry.name in self.regions:
+            self.regions[entry.name].write(out)
+            return Written(entry.name)
+        return out
+
+    def merge_whole(self, entry: PlanEntry, source: Source) -> Tensor:
+        """θ0 + the merged update of ``entry``, read and computed whole, on the CPU."""
         lazy = self.checks_output_only(entry)
         tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype,
                                  factored=True, check=not lazy)
@@ -386,11 +395,16 @@ def termination_as_error() -> Iterator[None]:
 def execute(step: Step[Any], entries: Sequence[PlanEntry], source: Source, backend: Backend,
             sink: Sink, *, desc: str, progress: bool, writes_files: bool = True) -> Any:
     """Run ``step`` on every entry through ``backend`` into ``sink``; return ``sink.finish()``.
-    While a sink ``writes_files``, SIGTERM and SIGHUP clean up as Ctrl-C does."""
+    While a sink ``writes_files``, SIGTERM and SIGHUP clean up as Ctrl-C does. A merge step
+    writes the parameters it merges in row blocks into the sink's regions itself, and on a
+    remote backend every tensor (the workers must then see the output's files)."""
     guard = termination_as_error() if writes_files else contextlib.nullcontext()
     with guard, sink:
-        if isinstance(step, MergeStep):  # parameters merged in row blocks write themselves
-            step = dataclasses.replace(step, regions=sink.regions())
+        if isinstance(step, MergeStep):
+            regions = sink.regions()
+            step = dataclasses.replace(step, regions=regions, write_whole=backend.remote)
+            if backend.remote and regions:
+                backend.check_files(sorted({r.file for r in regions.values()}), "output")
         bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress,
                    dynamic_ncols=True)
         for entry, result in backend.map(step, entries, source):
@@ -406,21 +420,46 @@ def plan_of(recipe: Recipe, source: Source) -> Plan:
     return build_plan(recipe, source.index(), source.model_info(), source.vocab_rows)
 
 
-def resolve_device(device: str | torch.device) -> str:
+def resolve_device(device: str | torch.device, remote: bool = False) -> str:
+    """``device`` checked for this process, or for a remote backend's workers (``remote``):
+    there CUDA is the GPU that Ray gave the task, ``cuda``, and the driver needs none."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise SpecmergeError(f"invalid device {str(device)!r}: use cpu, cuda or cuda:N") from err
+    if remote:
+        return dev.type
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpecmergeError("device 'cuda' requested but torch.cuda.is_available() is False; "
                              "install a CUDA build of torch or use --device cpu")
     return str(dev)
 
 
-def make_backend(workers: int) -> Backend:
+def make_backend(workers: int, backend: str | Backend | None = None, device: str = "cpu",
+                 ray_address: str | None = None, ray_gpus: float | None = None,
+                 ray_cpus: float | None = None) -> Backend:
+    """The backend a merge runs on: ``local`` (``workers`` threads in this process), ``ray``
+    (tasks on the Ray cluster at ``ray_address``; ``ray_gpus``/``ray_cpus`` per task), or a
+    ready Backend object."""
     if workers < 1:
         raise SpecmergeError(f"workers must be >= 1, got {workers}")
-    return LocalBackend(workers)
+    if backend is None or backend == "local":
+        if ray_address is not None or ray_gpus is not None or ray_cpus is not None:
+            raise SpecmergeError("ray_address, ray_gpus and ray_cpus apply to backend 'ray' "
+                                 "only (--backend ray)")
+        return LocalBackend(workers)
+    if not isinstance(backend, str):
+        return backend
+    if backend != "ray":
+        raise SpecmergeError(f"unknown backend {backend!r}: use local or ray")
+    if workers != 1:
+        raise SpecmergeError("workers applies to the local backend; the ray backend runs as "
+                             "many tasks at once as the cluster has CPUs (or GPUs)")
+    from specmerge.ray_backend import RayBackend
+
+    return RayBackend(address=ray_address, num_cpus=1.0 if ray_cpus is None else ray_cpus,
+                      num_gpus=1.0 if ray_gpus is None else ray_gpus,
+                      use_gpus=torch.device(device).type == "cuda")
 
 
 def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
@@ -428,7 +467,9 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
           shard_size: str | int = "5GB", workers: int = 1, force: bool = False,
           seed: int | None = None, allow_nonfinite: bool = False,
           output_format: str | None = None, rank: int | None = None,
-          block_size: str | int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> MergeResult:
+          block_size: str | int = DEFAULT_BLOCK_SIZE, backend: str | Backend | None = None,
+          ray_address: str | None = None, ray_gpus: float | None = None,
+          ray_cpus: float | None = None, progress: bool = True) -> MergeResult:
     """Merge the recipe's experts into one HF-format checkpoint at ``out_dir`` (or, with the
     recipe's ``output: {format: peft}`` or ``output_format="peft"``, into a PEFT LoRA adapter of
     at most ``rank`` per weight).
@@ -438,16 +479,23 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
     row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
     output's bytes.
+
+    ``backend`` (default: the recipe's ``backend``, else ``local``): ``local`` runs ``workers``
+    parameters at once on threads; ``ray`` runs tasks on the Ray cluster at ``ray_address``,
+    each asking Ray for ``ray_cpus`` CPUs (default 1) and, on a CUDA device, ``ray_gpus`` GPUs
+    (default 1; a fraction shares one). Every node must see the inputs and the output's parent
+    directory at the same paths (docs/cluster.md). The bytes never depend on the backend.
     """
     start = time.perf_counter()
     rec = load_recipe(recipe, dtype=dtype, seed=seed, output=output_override(
         recipe, output_format, rank))
-    backend = make_backend(workers)
     max_shard = parse_size(shard_size)
     block = parse_size(block_size)
     out = Path(out_dir).expanduser().resolve()
-    dev = resolve_device(device)
-    reset_gpu_peak(dev)
+    backend = make_backend(workers, *backend_choice(rec, backend, ray_address, ray_gpus,
+                                                    ray_cpus, str(device)))
+    dev = resolve_device(device, backend.remote)
+    reset_gpu_peak(dev, backend)
 
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
     if rec.output is not None and rec.output.format == "peft":
@@ -455,6 +503,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
                                 progress, start)
     claim = check_output_path(out, source.paths, force)
     check_auto_map(source.config_dir)
+    backend.check_files(source.input_files(), "input")
     plan = plan_of(rec, source)
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
@@ -466,11 +515,25 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     execute(step, plan.entries, source, backend, sink, desc="merging", progress=progress)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    gpu = gpu_peak_mb(dev)
+    gpu = gpu_peak_mb(dev, backend)
     log.info("wrote %s in %.1f s (peak RSS %.0f MB%s)", out, seconds, peak,
              "" if gpu is None else f", GPU peak {gpu:.0f} MB")
     return MergeResult(out, seconds, len(plan.entries), sum(e.numel for e in plan.entries),
                        peak, rec, counts, gpu)
+
+
+def backend_choice(rec: Recipe, backend: str | Backend | None, ray_address: str | None,
+                   ray_gpus: float | None, ray_cpus: float | None, device: str
+                   ) -> tuple[str | Backend | None, str, str | None, float | None, float | None]:
+    """``make_backend``'s arguments after ``workers``: the caller's, over the recipe's
+    ``backend`` (the caller's backend name replaces the recipe's settings with it)."""
+    spec = rec.backend
+    if spec is not None and (backend is None or backend == spec.name):
+        backend = spec.name
+        ray_address = spec.address if ray_address is None else ray_address
+        ray_gpus = spec.num_gpus if ray_gpus is None else ray_gpus
+        ray_cpus = spec.num_cpus if ray_cpus is None else ray_cpus
+    return backend, device, ray_address, ray_gpus, ray_cpus
 
 
 def output_override(recipe: Recipe | dict[str, Any] | str | Path, output_format: str | None,
@@ -548,6 +611,7 @@ def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: 
     rank = rec.output.rank or max(ranks)
     targets = {n for a in adapters for n in a.lora} | {n for a in adapters for n in a.saved}
     claim = check_output_path(out, source.paths, force)
+    backend.check_files(source.input_files(), "input")
     plan = plan_of(rec, source)
     entries = [e for e in plan.entries if e.name in targets]
     factor_dtype = (parse_dtype(rec.out_dtype) if rec.out_dtype else
@@ -566,7 +630,7 @@ def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: 
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, seconds, peak_rss_mb())
     return MergeResult(out, seconds, len(entries), sum(e.numel for e in entries), peak_rss_mb(),
-                       rec, plan.counts(), gpu_peak_mb(dev))
+                       rec, plan.counts(), gpu_peak_mb(dev, backend))
 
 
 def plan_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Plan:
@@ -581,16 +645,17 @@ def peak_rss_mb() -> float:
     return ru / (1024 * 1024) if sys.platform == "darwin" else ru / 1024
 
 
-def reset_gpu_peak(device: str) -> None:
-    """Start ``gpu_peak_mb``'s count afresh (a no-op off CUDA)."""
-    if torch.device(device).type == "cuda":
+def reset_gpu_peak(device: str, backend: Backend | None = None) -> None:
+    """Start ``gpu_peak_mb``'s count afresh (a no-op off CUDA and on a remote backend)."""
+    if torch.device(device).type == "cuda" and not (backend is not None and backend.remote):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_peak_mb(device: str) -> float | None:
+def gpu_peak_mb(device: str, backend: Backend | None = None) -> float | None:
     """The most GPU memory torch's allocator held since ``reset_gpu_peak`` (MiB), or None off
-    CUDA. Memory the CUDA context and other processes hold is not counted."""
-    if torch.device(device).type != "cuda":
+    CUDA and on a remote backend (its workers' GPUs). Memory the CUDA context and other
+    processes hold is not counted."""
+    if torch.device(device).type != "cuda" or (backend is not None and backend.remote):
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
 

@@ -173,6 +173,33 @@ class OutputSpec(_Strict):
         return self
 
 
+class BackendSpec(_Strict):
+    """Where the merge runs (never what it computes: the output's bytes do not depend on it, and
+    the resolved recipe does not record it). ``local``: this process (``--workers`` threads).
+    ``ray``: tasks on the Ray cluster at ``address`` (null: ``RAY_ADDRESS`` or a new local
+    instance), each asking for ``num_cpus`` CPUs and, on a CUDA device, ``num_gpus`` GPUs (a
+    fraction shares one)."""
+
+    _where: ClassVar[str] = "'backend'"
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and (isinstance(v, bool) or v < 0):
+            raise ValueError(f"backend num_cpus/num_gpus must be a number >= 0, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> BackendSpec:
+        if self.name == "local" and (self.address, self.num_cpus, self.num_gpus) != (None,) * 3:
+            raise ValueError("backend address, num_cpus and num_gpus apply to name: ray only")
+        return self
+
+
 class Recipe(_Strict):
     """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
 
@@ -187,6 +214,12 @@ class Recipe(_Strict):
     seed: int = 0
     tokenizer: TokenizerSpec | None = None
     output: OutputSpec | None = None
+    backend: BackendSpec | None = None
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v  # backend: ray
 
     @field_validator("models")
     @classmethod
@@ -269,6 +302,7 @@ class Recipe(_Strict):
         """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records (a model's
         ``density`` only where it is set: only some methods take one)."""
         data = self.model_dump(mode="json")
+        data.pop("backend", None)  # how the merge ran, not what it computed
         for key in ("tokenizer", "output"):
             if data.get(key) is None:
                 data.pop(key, None)

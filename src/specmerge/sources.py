@@ -153,6 +153,13 @@ class CheckpointSource:
     def config_dir(self) -> Path | None:
         return self.base.config_dir
 
+    def input_files(self) -> list[Path]:
+        """Every file a worker reads tensors from (the driver alone reads config files)."""
+        files = [*self.base.files]
+        for e in self.experts:
+            files += e.file.files if isinstance(e, Adapter) else e.files
+        return files
+
     def index(self) -> dict[str, ParamInfo]:
         return {n: ParamInfo(i.shape, i.dtype) for n, i in self.base.infos.items()}
 

@@ -138,6 +138,13 @@ class Region:
     def row_bytes(self) -> int:
         return math.prod(self.shape[1:]) * self.dtype.itemsize
 
+    def write(self, tensor: torch.Tensor) -> None:
+        """Write the whole tensor (any shape, a scalar too) in its planned dtype."""
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape:
+            raise ValueError(f"writer: tensor {self.name!r} is {list(tensor.shape)} "
+                             f"{tensor.dtype}, planned {list(self.shape)} {self.dtype}")
+        self._put(0, tensor)
+
     def write_rows(self, start: int, rows: torch.Tensor) -> None:
         """Write ``rows`` (rows ``start:start + len(rows)`` of the tensor, in its dtype)."""
         if (rows.dtype != self.dtype or tuple(rows.shape[1:]) != self.shape[1:]
@@ -145,16 +152,19 @@ class Region:
             raise ValueError(f"writer: rows {start}:{start + rows.shape[0]} of {self.name!r} "
                              f"are {list(rows.shape)} {rows.dtype}, planned {list(self.shape)} "
                              f"{self.dtype}")
-        if rows.numel() == 0:
+        self._put(start * self.row_bytes, rows)
+
+    def _put(self, at: int, tensor: torch.Tensor) -> None:
+        """``tensor``'s bytes at ``at`` bytes into the tensor's region."""
+        if tensor.numel() == 0:
             return
-        data = rows.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         try:
             fd = os.open(self.file, os.O_WRONLY)
         except OSError as err:
             raise _disk_error(err, self.file) from err
         try:
-            _pwrite_all(fd, memoryview(data.numpy()), self.offset + start * self.row_bytes,
-                        self.file)
+            _pwrite_all(fd, memoryview(data.numpy()), self.offset + at, self.file)
         finally:
             os.close(fd)
 
