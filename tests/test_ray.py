@@ -295,3 +295,28 @@ def test_lora_experts_give_the_local_bytes(cluster: Any, tmp_path: Path, fmt: st
     specmerge.merge(recipe, tmp_path / "ray", progress=False, backend="ray")
     assert golden.hash_dir(tmp_path / "ray", tmp_path) == golden.hash_dir(tmp_path / "local",
                                                                           tmp_path)
+
+
+def test_backend_settings_are_checked_before_any_work(tmp_path: Path) -> None:
+    from specmerge.engine import make_backend
+    from specmerge.ray_backend import check_reachable
+    from specmerge.recipe import load_recipe
+
+    base = {"base_model": "b", "models": ["e"], "merge_method": "task_arithmetic"}
+    assert load_recipe({**base, "backend": "ray"}).backend.name == "ray"
+    with pytest.raises(SpecmergeError, match="apply to name: ray only"):
+        load_recipe({**base, "backend": {"address": "h:1"}})
+    with pytest.raises(SpecmergeError, match="nodes"):
+        load_recipe({**base, "backend": {"name": "ray", "nodes": 3}})
+    with pytest.raises(SpecmergeError, match="workers applies to the local backend"):
+        make_backend(2, "ray")
+    with pytest.raises(SpecmergeError, match="unknown backend 'dask'"):
+        make_backend(1, "dask")
+    with pytest.raises(SpecmergeError, match="apply to backend 'ray' only"):
+        make_backend(1, "local", ray_address="h:1")
+    with pytest.raises(SpecmergeError, match="invalid address 'nonsense'"):
+        check_reachable("nonsense")
+    started = time.monotonic()
+    with pytest.raises(SpecmergeError, match=r"cannot reach the Ray cluster at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1")
+    assert time.monotonic() - started < 10

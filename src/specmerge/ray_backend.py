@@ -105,6 +105,23 @@ def run_group(step: Step[Any], entries: Sequence[PlanEntry], source: Any, thread
     return node_info(), [step(entry, source) for entry in entries]
 
 
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Fail fast, naming ``address``, when a cluster's ``host:port`` takes no connection (Ray
+    itself retries for minutes). ``auto``, ``local``, ``ray://`` and None are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecmergeError(f"ray: invalid address {address!r}; use HOST:PORT (the address "
+                             f"'ray start --head' printed), auto, or leave it out")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SpecmergeError(f"ray: cannot reach the Ray cluster at {address}: "
+                             f"{err.strerror or err}; is 'ray start --head' running there?"
+                             ) from None
+
+
 def import_ray() -> Any:
     try:
         import ray
@@ -141,9 +158,14 @@ class RayBackend:
         """Ray, initialised on this cluster (once per process)."""
         ray = import_ray()
         if not ray.is_initialized():
+            # keep Ray's current behaviour for CPU tasks (and its FutureWarning out of the way)
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+            if self.address is None and "RAY_ADDRESS" not in os.environ:
+                log.info("ray: no address given; starting a local Ray instance on this machine")
+            check_reachable(self.address or os.environ.get("RAY_ADDRESS"))
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING,
-                         include_dashboard=False, log_to_driver=False)
+                         include_dashboard=False)  # workers' warnings reach the user
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = self.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
                 raise SpecmergeError(f"ray: cannot connect to {where}: {err}") from err
