@@ -80,7 +80,8 @@ def merge(
         min=0, help="GPUs each Ray task asks for with --device cuda (default 1; 0.5 puts two "
                     "tasks on a GPU).")] = None,
     ray_cpus: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        min=0, help="CPUs each Ray task asks for (default 1).")] = None,
+        min=0, help="CPUs each Ray task asks for (default: the driver's torch threads, which "
+                    "every task computes with, at most the largest node's CPUs).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the experts of RECIPE into OUT."""

@@ -457,7 +457,7 @@ def make_backend(workers: int, backend: str | Backend | None = None, device: str
                              "many tasks at once as the cluster has CPUs (or GPUs)")
     from specmerge.ray_backend import RayBackend
 
-    return RayBackend(address=ray_address, num_cpus=1.0 if ray_cpus is None else ray_cpus,
+    return RayBackend(address=ray_address, num_cpus=ray_cpus,
                       num_gpus=1.0 if ray_gpus is None else ray_gpus,
                       use_gpus=torch.device(device).type == "cuda")
 
@@ -482,8 +482,9 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
 
     ``backend`` (default: the recipe's ``backend``, else ``local``): ``local`` runs ``workers``
     parameters at once on threads; ``ray`` runs tasks on the Ray cluster at ``ray_address``,
-    each asking Ray for ``ray_cpus`` CPUs (default 1) and, on a CUDA device, ``ray_gpus`` GPUs
-    (default 1; a fraction shares one). Every node must see the inputs and the output's parent
+    each asking Ray for ``ray_cpus`` CPUs (default: the driver's torch thread count, which every
+    task computes with, at most the largest node's CPUs) and, on a CUDA device, ``ray_gpus``
+    GPUs (default 1; a fraction shares one). Every node must see the inputs and the output's parent
     directory at the same paths (docs/cluster.md). The bytes never depend on the backend.
     """
     start = time.perf_counter()

@@ -133,12 +133,14 @@ def import_ray() -> Any:
 @dataclass
 class RayBackend:
     """Runs steps as Ray tasks. ``address``: the cluster's (``ray start --head`` prints it;
-    None: ``RAY_ADDRESS`` or a new local instance). ``num_cpus``/``num_gpus``: what each task
-    asks Ray for (``num_gpus`` only with a CUDA device; fractions share a GPU). ``task_bytes``:
-    the largest group of parameters per task, in the float32 compute dtype."""
+    None: ``RAY_ADDRESS`` or a new local instance). ``threads``: torch threads per task (default
+    the driver's, for the driver's bytes). ``num_cpus``/``num_gpus``: what each task asks Ray
+    for (default: ``threads`` CPUs, at most the largest node's, so that tasks do not
+    oversubscribe a node; ``num_gpus`` only with a CUDA device, fractions share a GPU).
+    ``task_bytes``: the largest group of parameters per task, in the float32 compute dtype."""
 
     address: str | None = None
-    num_cpus: float = 1.0
+    num_cpus: float | None = None
     num_gpus: float = 1.0
     use_gpus: bool = False
     task_bytes: int = 2 * 10**9
@@ -148,7 +150,8 @@ class RayBackend:
     _nodes: Counter[NodeInfo] = field(default_factory=Counter, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0 or (self.use_gpus and self.num_gpus == 0):
+        if ((self.num_cpus is not None and self.num_cpus < 0) or self.num_gpus < 0
+                or (self.use_gpus and self.num_gpus == 0)):
             raise SpecmergeError(f"ray: num_cpus ({self.num_cpus}) must be >= 0 and num_gpus "
                                  f"({self.num_gpus}) > 0 with a CUDA device")
         if self.task_bytes < 1 or self.max_retries < 0:
@@ -172,13 +175,22 @@ class RayBackend:
         return ray
 
     def options(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.use_gpus else 0,
+        return {"num_cpus": self.cpus_per_task(),
+                "num_gpus": self.num_gpus if self.use_gpus else 0,
                 "max_retries": self.max_retries, "retry_exceptions": False}
+
+    def cpus_per_task(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        largest = max((n.get("Resources", {}).get("CPU", 0) for n in self.connect().nodes()
+                       if n.get("Alive")), default=1)
+        return float(max(1, min(self.threads, int(largest))))
 
     def slots(self) -> int:
         """How many tasks the cluster runs at once (at least 1)."""
         res = self.connect().cluster_resources()
-        per = [res.get("CPU", 0) / self.num_cpus if self.num_cpus else math.inf]
+        cpus = self.cpus_per_task()
+        per = [res.get("CPU", 0) / cpus if cpus else math.inf]
         if self.use_gpus:
             per.append(res.get("GPU", 0) / self.num_gpus)
         n = min(per)
