@@ -137,13 +137,15 @@ class RayBackend:
     the driver's, for the driver's bytes). ``num_cpus``/``num_gpus``: what each task asks Ray
     for (default: ``threads`` CPUs, at most the largest node's, so that tasks do not
     oversubscribe a node; ``num_gpus`` only with a CUDA device, fractions share a GPU).
-    ``task_bytes``: the largest group of parameters per task, in the float32 compute dtype."""
+    ``task_bytes``: the largest group of parameters per task, in the float32 compute dtype;
+    ``groups_per_slot``: the fewest groups per task slot, for balance on a small plan."""
 
     address: str | None = None
     num_cpus: float | None = None
     num_gpus: float = 1.0
     use_gpus: bool = False
     task_bytes: int = 2 * 10**9
+    groups_per_slot: int = 4
     max_retries: int = 3
     threads: int = field(default_factory=torch.get_num_threads)
     remote = True
@@ -197,10 +199,11 @@ class RayBackend:
         return max(1, int(n) if math.isfinite(n) else 1)
 
     def groups(self, entries: Sequence[PlanEntry]) -> list[list[PlanEntry]]:
-        """Consecutive entries, about ``task_bytes`` each, and at least 4 groups per slot when
-        the plan is big enough: grouping never changes the output."""
+        """Consecutive entries, about ``task_bytes`` each, and at least ``groups_per_slot``
+        groups per slot when the plan is big enough: grouping never changes the output."""
         sizes = [max(1, e.numel) * 4 for e in entries]
-        target = max(1, min(self.task_bytes, sum(sizes) // (4 * self.slots())))
+        target = max(1, min(self.task_bytes,
+                            sum(sizes) // (max(1, self.groups_per_slot) * self.slots())))
         groups: list[list[PlanEntry]] = []
         size = 0
         for entry, n in zip(entries, sizes, strict=True):
