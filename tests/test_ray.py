@@ -315,6 +315,11 @@ def test_backend_settings_are_checked_before_any_work(tmp_path: Path) -> None:
         make_backend(1, "dask")
     with pytest.raises(SpecmergeError, match="apply to backend 'ray' only"):
         make_backend(1, "local", ray_address="h:1")
+    gpu = make_backend(1, "ray", device="cuda:1", ray_gpus=0.5, ray_cpus=2)
+    assert isinstance(gpu, RayBackend) and gpu.use_gpus
+    assert gpu.options() == {"num_cpus": 2, "num_gpus": 0.5, "max_retries": 3,
+                             "retry_exceptions": False}
+    assert make_backend(1, "ray", ray_cpus=1).options()["num_gpus"] == 0  # no CUDA device
     with pytest.raises(SpecmergeError, match="invalid address 'nonsense'"):
         check_reachable("nonsense")
     started = time.monotonic()
