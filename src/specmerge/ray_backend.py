@@ -280,6 +280,7 @@ class RayBackend:
         step_ref, source_ref = ray.put(step), ray.put(source)
         pending = {task.remote(step_ref, group, source_ref, self.threads): group
                    for group in groups}
+        ran: Counter[str] = Counter()
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -289,7 +290,10 @@ class RayBackend:
                     if node not in self._nodes:
                         log.info("ray: worker on %s (pid %d)", node.describe(), node.pid)
                     self._nodes[node] += len(group)
+                    ran[node.describe()] += len(group)
                     yield from zip(group, results, strict=True)
+            log.info("ray: %d tasks of %s ran on %s", len(groups), type(step).__name__,
+                     ", ".join(f"{where} ({n} tensors)" for where, n in sorted(ran.items())))
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
