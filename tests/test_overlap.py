@@ -375,6 +375,9 @@ def test_write_behind_keeps_the_order_bound_and_first_error() -> None:
     assert done == [0, 1, 2, 3]
     with pytest.raises(OutputError, match="disk full at 4"), write_behind(failing, 1) as submit:
         for i in range(5):
+            submit(i)  # the last write fails after the last submit: raised on leaving
+    with pytest.raises(OutputError, match="disk full at 4"), write_behind(failing, 1) as submit:
+        for i in range(5):
             submit(i)
         time.sleep(0.05)
         raise ValueError("a later failure of the caller")  # serially, the write failed first

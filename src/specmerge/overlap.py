@@ -47,17 +47,14 @@ def read_ahead(read: Callable[[T], R], items: Sequence[T], depth: int) -> Iterat
     stop = threading.Event()
 
     def reader() -> None:
-        for item in items:
-            slots.acquire()
-            if stop.is_set():
-                return
-            try:
-                value = read(item)
-            except BaseException as err:  # handed to the caller, who raises it
-                results.put((False, err))
-                return
-            results.put((True, value))
-            del value
+        try:
+            for item in items:
+                slots.acquire()
+                if stop.is_set():
+                    return
+                results.put((True, read(item)))
+        except BaseException as err:  # handed to the caller, who raises it at this item
+            results.put((False, err))
 
     def take() -> Iterator[R]:
         for _ in items:
