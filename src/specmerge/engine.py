@@ -15,7 +15,9 @@ positioned reads, merged and written at their offset in the output shard, so mem
 (K + 3) × the block size per worker, whatever the largest tensor. The method's per-tensor
 statistics (TIES's thresholds and sign majority) take extra passes over the blocks. Matrix
 methods, calibrations, adapters' task vectors, ``.bin`` inputs and a union vocabulary's tensors
-need whole tensors: about (K + 3) × the largest such parameter per worker.
+need whole tensors: about (K + 3) × the largest such parameter per worker. With ``prefetch``
+(the default), the next block is read on a thread while one is merged and the last one is
+written on another (``specmerge.overlap``): (2K + 6) blocks in memory.
 
 NaN/Inf. A method that ``propagates_nonfinite`` is checked on its output only (one pass); when
 that finds a NaN/Inf, the inputs are scanned to name the file that holds it. Other methods'
