@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("work/stream_memory"))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="Keep merged outputs.")
+    ap.add_argument("--prefetch", nargs="+", choices=["on", "off"], default=["on"],
+                    help="Run each method with prefetch on (the default), off (--no-prefetch), "
+                         "or both")
     args = ap.parse_args()
 
     exe = [sys.executable, "-m", "specmerge.cli"]
@@ -149,13 +152,16 @@ def main() -> None:
         experts = [str(models / f"expert_{i + 1}") for i in range(args.experts)]
         recipe.write_text(f"base_model: {models / 'base'}\nmodels: {experts}\n"
                           f"merge_method: {method}\n")
-        out = args.workdir / f"merged_{method}"
-        wall, rss, anon = run_measured([*exe, "merge", str(recipe), str(out), "--force",
-                                        "--quiet", "--workers", str(args.workers),
-                                        "--block-size", args.block_size])
-        rows.append((method, wall, rss, anon))
-        if not args.keep:
+        for prefetch in args.prefetch:
+            out = args.workdir / f"merged_{method}"
             shutil.rmtree(out, ignore_errors=True)
+            wall, rss, anon = run_measured([*exe, "merge", str(recipe), str(out), "--force",
+                                            "--quiet", "--workers", str(args.workers),
+                                            "--block-size", args.block_size,
+                                            *(["--no-prefetch"] if prefetch == "off" else [])])
+            rows.append((f"{method} (prefetch {prefetch})", wall, rss, anon))
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
 
     print(f"\nsynthetic Llama-shaped model, {args.params} parameters{shape}, K={args.experts}, "
           f"{args.dtype}; inputs {size_gb:.1f} GB; workers={args.workers}, block size "

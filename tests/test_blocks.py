@@ -201,3 +201,26 @@ def test_overflow_from_finite_inputs_in_blocks_names_the_merged_tensor(toy_model
     with pytest.raises(NonFiniteError, match=f"the merged tensor '{name}' \\(from finite "
                                              f"inputs\\) holds 1 NaN/Inf"):
         specmerge.merge(recipe, tmp_path / "out", block_size=1, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_count_nonfinite_finds_every_nonfinite_entry(dtype: torch.dtype) -> None:
+    """The one-sum shortcut: any NaN/±Inf entry, anywhere, is found and counted; finite
+    entries whose sum overflows are counted exactly (as 0)."""
+    from specmerge.sources import count_nonfinite
+
+    gen = torch.Generator().manual_seed(4)
+    for n in (1, 7, 1000, 100_003):
+        t = torch.randn(n, generator=gen).to(dtype)
+        assert count_nonfinite(t) == 0
+        for bad, pos in itertools.product((math.nan, math.inf, -math.inf), (0, n // 2, n - 1)):
+            u = t.clone()
+            u[pos] = bad
+            assert count_nonfinite(u) == 1, (n, bad, pos)
+        if n > 1:
+            u = t.clone()
+            u[0], u[-1] = math.inf, -math.inf  # the sum is NaN, not ±Inf
+            assert count_nonfinite(u) == 2
+    huge = torch.finfo(dtype).max
+    assert count_nonfinite(torch.full((10,), huge, dtype=dtype)) == 0  # the sum overflows
+    assert count_nonfinite(torch.zeros(3, dtype=torch.int32)) == 0

@@ -66,7 +66,7 @@ def one_thread() -> Iterator[None]:
 
 
 def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict[str, Any]],
-               svc: bool, **kw: Any) -> dict[str, str]:
+               svc: bool, tag: str = "", **kw: Any) -> dict[str, str]:
     name, method, params, extra = case
     k = golden.MODELS[model][1]
     recipe: dict[str, Any] = {"base_model": str(root / model / "base"),
@@ -74,7 +74,7 @@ def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dic
                               "merge_method": method, "parameters": params, **extra}
     if svc:
         recipe["calibrate"] = {"method": "svc"}
-    out = root / "out" / f"ray-{model}-{name}-{svc}"
+    out = root / "out" / f"ray-{model}-{name}-{svc}{tag}"
     specmerge.merge(recipe, out, shard_size="300KB", progress=False, **{"backend": "ray", **kw})
     return golden.hash_dir(out, root)
 
@@ -170,7 +170,7 @@ def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(cluster: Any, mo
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        hashes = run_on_ray(models, "synthetic", case, svc=True,
+        hashes = run_on_ray(models, "synthetic", case, svc=True, tag="-killed",
                             backend=RayBackend(task_bytes=10**12, groups_per_slot=1))
     finally:
         stop.set()

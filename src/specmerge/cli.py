@@ -57,6 +57,10 @@ def merge(
         help="Largest tensor block held per input, in the compute dtype, where a parameter is "
              "merged in row blocks (element-wise methods and fallbacks on safetensors "
              "inputs), e.g. 16MiB; never changes the output.")] = "16MiB",
+    prefetch: Annotated[bool, typer.Option(
+        "--prefetch/--no-prefetch",
+        help="Read the next row block while one is merged and write it behind, on two "
+             "threads (about twice the blocks in memory); never changes the output.")] = True,
     force: Annotated[bool, typer.Option(
         help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
              "(only the one that was there at the start).")] = False,
@@ -93,7 +97,7 @@ def merge(
                         workers=workers, force=force, seed=seed, allow_nonfinite=allow_nonfinite,
                         output_format=output_format, rank=rank, block_size=block_size,
                         backend=backend, ray_address=ray_address, ray_gpus=ray_gpus,
-                        ray_cpus=ray_cpus, progress=not quiet)
+                        ray_cpus=ray_cpus, progress=not quiet, prefetch=prefetch)
     except (SpecmergeError, ValueError) as err:
         _fail(err)
     else:

@@ -74,9 +74,20 @@ class Source(Protocol):
     def needs_base(self, name: str) -> bool: ...
 
 
+# the dtype of the one-pass sum that proves a tensor finite (half types summed in float32)
+SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+              torch.float32: torch.float32, torch.float64: torch.float64}
+
+
 def count_nonfinite(t: Tensor) -> int:
-    """How many NaN/Inf entries ``t`` holds (0 for a non-floating tensor)."""
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+    """How many NaN/Inf entries ``t`` holds (0 for a non-floating tensor).
+
+    One reduction decides the common case: a NaN or ±Inf entry makes the sum NaN or ±Inf
+    (IEEE addition propagates them in any order), so a finite sum proves every entry finite.
+    A non-finite sum (a NaN/Inf, or finite entries whose sum overflows) is counted exactly."""
+    if not t.is_floating_point():
+        return 0
+    if t.dtype in SUM_DTYPES and bool(torch.isfinite(t.sum(dtype=SUM_DTYPES[t.dtype]))):
         return 0
     return int((~torch.isfinite(t)).sum())
 

@@ -176,8 +176,8 @@ def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None
     if nbytes == 0:
         return torch.empty(shape, dtype=info.dtype)
     offset = info.offset + start * row_bytes
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+    buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read below
+    view = memoryview(buf.numpy())
     try:
         fd = os.open(info.file, os.O_RDONLY)
     except OSError as err:
@@ -196,7 +196,7 @@ def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None
             f"{info.file}: read error on tensor {info.name!r}: {err.strerror or err}") from err
     finally:
         os.close(fd)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+    return buf.view(info.dtype).reshape(shape)
 
 
 def _torch_load(path: Path) -> Mapping[str, torch.Tensor]:

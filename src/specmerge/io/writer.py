@@ -24,6 +24,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,11 +227,14 @@ class ShardedWriter:
         missing = [n for n in self.slots if n not in self._written]
         if missing:
             raise RuntimeError(f"writer: {len(missing)} tensors never written, e.g. {missing[0]!r}")
+        start = time.perf_counter()
         for fd, path in zip(self._fds, self.files, strict=True):
             try:
                 os.fsync(fd)
             except OSError as err:
                 raise OutputError(f"{path}: cannot flush: {err.strerror}") from err
+        log.info("fsync of %d shard file(s), %.0f MB: %.2f s", len(self.files),
+                 sum(s.nbytes for s in self.slots.values()) / 1e6, time.perf_counter() - start)
         self.close()
         return {n: self.files[s.shard].name for n, s in self.slots.items()}
 
