@@ -143,13 +143,14 @@ def read_floor(files: list[Path], how: str) -> dict[str, Any]:
     buf = bytearray(16 << 20)
     view = memoryview(buf)
     total = 0
-    t0 = time.perf_counter()
+    disk0, t0 = disk_bytes(), time.perf_counter()
     for f in files:
         with open(f, "rb", buffering=0) as fh:
             while n := fh.readinto(view):
                 total += n
-    return {"seconds": time.perf_counter() - t0, "bytes": total, "evict": used,
-            "resident_after_evict": left}
+    seconds, disk1 = time.perf_counter() - t0, disk_bytes()
+    return {"seconds": seconds, "bytes": total, "evict": used, "resident_after_evict": left,
+            "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1]}
 
 
 def _status(pid: int) -> tuple[int, int]:
@@ -163,6 +164,16 @@ def _status(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
+def disk_bytes() -> tuple[int, int]:
+    """(bytes read, bytes written) by every whole disk since boot (/proc/diskstats)."""
+    rd = wr = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if re.fullmatch(r"(sd|vd|xvd)[a-z]+|nvme\d+n\d+", f[2]):
+            rd, wr = rd + int(f[5]) * 512, wr + int(f[9]) * 512
+    return rd, wr
+
+
 def _busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (every core), from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -173,7 +184,7 @@ def _busy_seconds() -> float:
 def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd``: wall, CPU, peak RSS (wait4), peak sampled RssAnon and RSS of the process
     tree (every 50 ms), the other processes' CPU meanwhile, and the exit status."""
-    busy0, load = _busy_seconds(), os.getloadavg()[0]
+    busy0, load, disk0 = _busy_seconds(), os.getloadavg()[0], disk_bytes()
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
@@ -203,10 +214,12 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
         sampler.join()
     cpu = usage.ru_utime + usage.ru_stime
     rc = os.waitstatus_to_exitcode(status)
+    disk1 = disk_bytes()
     tail = log.read_text(errors="replace").strip().splitlines()[-3:] if rc else []
     return {"wall": wall, "cpu": cpu, "max_rss_mb": usage.ru_maxrss / 1024,
             "tree_rss_mb": peak["rss"] / 1024, "rss_anon_mb": peak["anon"] / 1024,
             "others_cpu": max(0.0, _busy_seconds() - busy0 - cpu), "load1": load, "rc": rc,
+            "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1],
             "error": " | ".join(tail)[-300:]}
 
 
@@ -338,7 +351,8 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
         result["floors"].append(floor)
         print(f"[{size}] round {r + 1}: read floor {floor['seconds']:.2f} s "
               f"({floor['bytes'] / 1e9:.1f} GB, {floor['evict']}, resident after eviction "
-              f"{floor['resident_after_evict']})", flush=True)
+              f"{floor['resident_after_evict']}; the disk read {floor['disk_read'] / 1e9:.1f} GB"
+              f" and wrote {floor['disk_written'] / 1e9:.1f} GB meanwhile)", flush=True)
         for i, case in enumerate(cases):
             tools = [t for t in ("mergekit", "specmerge") if (t, case) in recipes]
             for tool in (tools if r % 2 == 0 else tools[::-1]):
@@ -355,7 +369,8 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
                 result["runs"].append(run)
                 print(f"[{size}] round {r + 1} {case:<16} {tool:<9} {run['wall']:7.2f} s  "
                       f"RssAnon {run['rss_anon_mb']:6.0f} MB  max RSS {run['max_rss_mb']:6.0f}"
-                      f" MB  others' CPU {run['others_cpu']:.1f} s"
+                      f" MB  others' CPU {run['others_cpu']:.1f} s  disk r/w "
+                      f"{run['disk_read'] / 1e9:.1f}/{run['disk_written'] / 1e9:.1f} GB"
                       + (f"  FAILED rc={run['rc']}: {run['error']}" if run["rc"] else ""),
                       flush=True)
                 if run["rc"]:
@@ -390,6 +405,8 @@ def summarise(res: dict[str, Any], tool: str, case: str) -> dict[str, Any] | Non
             "max_rss": max((r["max_rss_mb"] for r in ok), default=float("nan")),
             "anon": max((r["rss_anon_mb"] for r in ok), default=float("nan")),
             "others": _med([r["others_cpu"] / r["wall"] for r in ok]),
+            "disk": f"{_med([r.get('disk_read', 0) / 1e9 for r in ok]):.1f} / "
+                    f"{_med([r.get('disk_written', 0) / 1e9 for r in ok]):.1f}",
             "error": next((r["error"] for r in runs if r["rc"]), "")}
 
 
@@ -433,7 +450,7 @@ def report(results: dict[str, Any], out: Path) -> None:
         f"Produced by `benchmarks/peers/run.py` on {any_res['date']}: {m['cpu']}, "
         f"{m['memory']} RAM, no GPU; Linux {m['kernel']}, Python {m['python']}, torch "
         f"{m['torch']}; specmerge at commit {m['specmerge']}; {MERGEKIT} in its own "
-        f"virtualenv (torch {any_res.get('mergekit_torch', '?')}).", "",
+        f"virtualenv (torch and CUDA: {any_res.get('mergekit_torch', '?')}).", "",
         "Inputs: `specmerge example synthetic` (a Llama-shaped base and K = 4 experts). Every "
         "timed run and every read-floor measurement starts cold: `sync`, then the inputs are "
         "evicted from the page cache "
@@ -471,7 +488,8 @@ def report(results: dict[str, Any], out: Path) -> None:
                          f"{_agreement(case, res['agreement'].get(case))} |")
     lines += ["", "## Read floor", "",
               "| model | inputs (GB) | read floor, median (s) | rounds (s) | GB/s | "
-              "TA wall / read floor | TA rounds / their floors |", "|---|---:|---:|---|---:|---:|---|"]
+              "TA wall / read floor | TA rounds / their floors | other disk traffic during "
+              "the floors, read + written (GB) |", "|---|---:|---:|---|---:|---:|---|---|"]
     for s in sizes:
         res = results[s]
         floors = [f["seconds"] for f in res["floors"]]
@@ -483,11 +501,16 @@ def report(results: dict[str, Any], out: Path) -> None:
                      f"{', '.join(f'{x:.2f}' for x in floors)} | "
                      f"{res['input_bytes'] / 1e9 / _med(floors):.2f} | "
                      + (f"{ta['wall'] / _med(floors):.2f}× | "
-                        f"{', '.join(f'{x:.2f}' for x in per)} |" if ta and ta["n"] else "– | – |"))
+                        f"{', '.join(f'{x:.2f}' for x in per)} | " if ta and ta["n"]
+                        else "– | – | ")
+                     + ", ".join(f"{(f.get('disk_read', f['bytes']) - f['bytes']) / 1e9:.1f} + "
+                                 f"{f.get('disk_written', 0) / 1e9:.1f}" for f in res["floors"])
+                     + " |")
     lines += ["", "## Every tool and merge", "",
               "| model | merge | tool | wall per round (s) | median wall (s) | CPU (s) | "
-              "max RSS (MB) | private memory (MB) | other processes' CPU (cores) |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+              "max RSS (MB) | private memory (MB) | other processes' CPU (cores) | "
+              "disk read / written, median (GB) |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for s in sizes:
         res = results[s]
         for case in CASES:
@@ -500,7 +523,7 @@ def report(results: dict[str, Any], out: Path) -> None:
                     walls += f" ({x['failed']} failed: {x['error'][:100]})"
                 lines.append(f"| {s} | {case} | {tool} | {walls} | {x['wall']:.1f} | "
                              f"{x['cpu']:.1f} | {x['max_rss']:.0f} | {x['anon']:.0f} | "
-                             f"{x['others']:.2f} |")
+                             f"{x['others']:.2f} | {x['disk']} |")
     res = results[sizes[0]]
     lines += ["", "## How to reproduce", "", "```bash",
               ".venv/bin/python benchmarks/peers/run.py --rounds 3 "
@@ -559,6 +582,7 @@ def main() -> None:
                         "mergekit_torch": mk_torch})
             results[size] = res
             store.write_text(json.dumps(results, indent=1))
+            report(results, args.out)
             if not args.keep_inputs:
                 shutil.rmtree(work / f"inputs_{size}", ignore_errors=True)
     report(results, args.out)
