@@ -10,7 +10,7 @@ from specmerge.methods.elementwise import (
     kth_smallest_abs,
     task_arithmetic,
     ties,
-    trim_count,
+    trim_rank,
     weight_average,
 )
 from specmerge.methods.registry import get_method
@@ -43,7 +43,7 @@ def test_ties_hand_example_mean_and_sum() -> None:
 def test_ties_trim_matches_kthvalue() -> None:
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     for density in (0.01, 0.2, 0.5, 0.9):
-        k = trim_count(x.numel(), density)
+        k = trim_rank(x.numel(), density)
         assert kth_smallest_abs(x, k) == x.abs().kthvalue(k).values
         kept = (x.abs() >= kth_smallest_abs(x, k)).sum()
         assert kept == int(1000 * density) + 1  # distinct magnitudes: ⌊d·density⌋ + 1
@@ -130,7 +130,8 @@ def test_dare_is_deterministic_per_generator_seed() -> None:
 def test_registry_defaults_and_validation() -> None:
     assert get_method("task_arithmetic").defaults() == {"scaling": 0.3}
     assert get_method("ties").defaults() == {"density": 0.2, "aggregate": "mean",
-                                             "scaling": 1.0, "trim_scope": "tensor"}
+                                             "scaling": 1.0, "trim_scope": "tensor",
+                                             "trim_count": "official"}
     assert get_method("dare").defaults() == {"drop_rate": 0.5, "scaling": 0.3}
     with pytest.raises(ValueError, match=r"allowed: \['drop_rate', 'scaling'\]"):
         get_method("dare").validate({"p": 0.5})

@@ -15,7 +15,7 @@ import specmerge
 from specmerge.backends import LocalBackend
 from specmerge.engine import run_statistics
 from specmerge.io.checkpoint import Checkpoint
-from specmerge.methods.elementwise import trim_count
+from specmerge.methods.elementwise import trim_rank
 from specmerge.methods.registry import all_methods
 from specmerge.plan import build_plan, is_matrix_param
 from specmerge.recipe import Scope
@@ -218,7 +218,7 @@ def test_ties_global_thresholds_are_exact(toy_models, tmp_path) -> None:
     b = toy_models["base_sd"]
     for i, e in enumerate(toy_models["expert_sds"]):
         allabs = torch.cat([(e[n] - b[n]).reshape(-1).abs() for n in b])
-        k = trim_count(allabs.numel(), 0.2)
+        k = trim_rank(allabs.numel(), 0.2)
         assert got[i] == allabs.kthvalue(k).values.item()
     # and the merge with them differs from per-tensor trimming, deterministically
     g1 = specmerge.merge(rec, tmp_path / "g1", progress=False)

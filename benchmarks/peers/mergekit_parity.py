@@ -104,9 +104,11 @@ def ensure_mergekit(venv: Path) -> Path:
         return venv / "bin" / "mergekit-yaml"
     shutil.rmtree(venv, ignore_errors=True)
     run([sys.executable, "-m", "venv", str(venv)], check=True)
-    run([str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"],
-        check=True)
-    (venv / "constraints.txt").write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    # the very torch specmerge runs, local label included (2.13.0+cpu: the CPU wheel, found
+    # through pip's find-links), so that mergekit's requirements pull no CUDA wheels
+    pin = f"torch=={torch.__version__}"
+    run([str(py), "-m", "pip", "install", "-q", pin], check=True)
+    (venv / "constraints.txt").write_text(pin + "\n")
     res = run([str(py), "-m", "pip", "install", "-q", MERGEKIT, "-c",
                str(venv / "constraints.txt")])
     if res.returncode:

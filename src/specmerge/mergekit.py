@@ -14,6 +14,14 @@ computes the same thing, so each mergekit method becomes ``gta`` with its preset
 | breadcrumbs | magnitude_outliers | none | false | false |
 | breadcrumbs_ties | magnitude_outliers | sum | false | false |
 
+mergekit's ``ties`` stays ``gta`` rather than specmerge's ``ties`` with ``trim_count: exact``
+(which keeps mergekit's count, ⌊ρd⌋): that would not be faithful. mergekit keeps exactly
+max(1, ⌊ρd⌋) entries by argsort, an arbitrary subset where magnitudes tie at the threshold (common
+with bf16 inputs), while ``ties`` keeps every tied entry; mergekit elects + where the weighted
+vote is exactly 0, ``ties`` the majority sign; and ``ties`` takes no per-model weights or
+densities. ``gta`` reproduces mergekit's ties bit for bit on float32 inputs
+(docs/results/mergekit_parity.md), but holds whole tensors.
+
 ``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
 with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
 base model, as mergekit does. What specmerge cannot honour is refused by name: ``slices``,

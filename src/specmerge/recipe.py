@@ -298,11 +298,19 @@ class Recipe(_Strict):
         recipe given as a dict has no file: the path stays absolute)."""
         return os.path.relpath(os.fspath(path), self._root) if self._root else os.fspath(path)
 
+    @property
+    def recorded_parameters(self) -> dict[str, Any]:
+        """The method's parameters as records name them (``Method.recorded``: a parameter added
+        after recipes were recorded only when it is not at its default)."""
+        return get_method(self.merge_method).recorded(self.parameters)
+
     def resolved(self) -> dict[str, Any]:
         """Every field, defaults filled in: what ``specmerge_recipe.yaml`` records (a model's
-        ``density`` only where it is set: only some methods take one)."""
+        ``density`` only where it is set: only some methods take one; a method parameter added
+        after recipes were recorded only where it is not at its default)."""
         data = self.model_dump(mode="json")
         data.pop("backend", None)  # how the merge ran, not what it computed
+        data["parameters"] = self.recorded_parameters
         for key in ("tokenizer", "output"):
             if data.get(key) is None:
                 data.pop(key, None)

@@ -141,7 +141,7 @@ def model_card(plan: Plan, base_path: Path, config_dir: Path | None) -> str:
         "library_name: transformers", f"tags: [merge, specmerge, {recipe.merge_method}]", "---",
         "", f"# Merged with specmerge {__version__}", "",
         f"- **Method:** `{recipe.merge_method}`: {method.summary} ({method.citation})",
-        f"- **Parameters:** `{json.dumps(recipe.parameters, sort_keys=True)}`",
+        f"- **Parameters:** `{json.dumps(recipe.recorded_parameters, sort_keys=True)}`",
     ]
     if recipe.calibrate is not None:
         cal = get_method(recipe.calibrate["method"])

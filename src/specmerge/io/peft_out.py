@@ -131,7 +131,7 @@ class PeftDirSink:
             "library_name: peft", f"tags: [merge, specmerge, lora, {recipe.merge_method}]", "---",
             "", f"# LoRA adapter merged with specmerge {__version__}", "",
             f"- **Method:** `{recipe.merge_method}`{cal}: {method.summary} ({method.citation})",
-            f"- **Parameters:** `{json.dumps(recipe.parameters, sort_keys=True)}`",
+            f"- **Parameters:** `{json.dumps(recipe.recorded_parameters, sort_keys=True)}`",
             f"- **Rank:** at most {self.rank} per weight (each weight: min(rank of its merged "
             f"update, {self.rank})); scale 1 (lora_alpha = rank)",
             f"- **Weights:** {len(kept)} LoRA pairs, {len(self.saved)} saved module tensors",

@@ -89,9 +89,26 @@ def task_arithmetic(task_vectors: Sequence[TaskVector], *, weights: Sequence[flo
     return weighted_sum([dense(t) for t in task_vectors], ws).mul_(scaling)
 
 
-def trim_count(numel: int, density: float) -> int:
-    """TIES' rank k: the threshold is the k-th smallest |τ|, k = d − ⌊d · density⌋ (official code)."""
-    return numel - int(numel * density)
+TrimCount = Literal["official", "exact"]
+
+
+def trim_rank(numel: int, density: float, rule: TrimCount = "official") -> int:
+    """TIES's rank k over d = ``numel`` entries: the threshold t is the k-th smallest |τ|, and
+    the entries with |τ| ≥ t are kept (of distinct magnitudes: d − k + 1 of them).
+
+    - ``official`` (TIES's code, ``topk_values_mask``): k = d − ⌊d·density⌋, so ⌊d·density⌋ + 1
+      entries are kept;
+    - ``exact`` (mergekit 0.1.5, ``mergekit/sparsify.py: magnitude``, which keeps the
+      ``max(1, int(density * tensor.numel()))`` largest |τ| by argsort): k = d − max(1,
+      ⌊d·density⌋) + 1, so max(1, ⌊d·density⌋) entries are kept. Where magnitudes tie at t,
+      every tied entry is kept (mergekit's argsort keeps an arbitrary subset of them).
+
+    k ≤ 0 (density 1 by the official rule, or no entries) means nothing is trimmed.
+    """
+    kept = int(numel * density)
+    if rule == "exact":
+        return numel - max(1, kept) + 1
+    return numel - kept
 
 
 CHUNK = 1 << 20  # entries per slice in chunked loops: bounds temporaries to 4 MB (float32)
@@ -174,9 +191,10 @@ class TrimState:
 
 @dataclass(frozen=True)
 class TrimThresholds:
-    """TIES's thresholds t_i: the (d − ⌊d·density⌋)-th smallest |τ_i| over d entries, where the
-    entries are every parameter TIES merges (``scope`` "global", for ``trim_scope: global``) or
-    one parameter read in row blocks (``scope`` "tensor", the default ``trim_scope``).
+    """TIES's thresholds t_i: the k-th smallest |τ_i| over d entries (k = ``trim_rank`` by the
+    ``trim_count`` rule; official: d − ⌊d·density⌋), where the entries are every parameter TIES
+    merges (``scope`` "global", for ``trim_scope: global``) or one parameter read in row blocks
+    (``scope`` "tensor", the default ``trim_scope``).
 
     Exact, without holding the data: each round streams every part once and histograms
     16 bits of |τ_i| (``AbsKthSelector``; 2 rounds in float32, 4 in float64). Histograms are
@@ -192,7 +210,7 @@ class TrimThresholds:
 
     def start(self, params: Mapping[str, Any], num_experts: int, numel: int,
               dtype: torch.dtype) -> TrimState:
-        k = trim_count(numel, params["density"])
+        k = trim_rank(numel, params["density"], params.get("trim_count", "official"))
         if params["density"] >= 1.0 or k <= 0:
             return TrimState(num_experts, None)
         return TrimState(num_experts, [AbsKthSelector(k, dtype) for _ in range(num_experts)])
@@ -286,22 +304,30 @@ class SignMajority:
         "aggregate": "mean: divide by the number of kept agreeing entries; sum: add them",
         "scaling": "λ applied after the disjoint aggregate",
         "trim_scope": "tensor: top-k per tensor; global: top-k over the whole model (2 extra passes)",
+        "trim_count": "official: keep ⌊density·d⌋ + 1 entries of each τ_i (TIES's code); exact: "
+                      "keep ⌊density·d⌋, at least 1 (mergekit 0.1.5); ties at the threshold "
+                      "are all kept",
     },
     constraints={"density": Interval(float, 0, 1, closed="right")},
     statistic=TrimThresholds("global"),
     tensor_statistics=(TrimThresholds("tensor"), SignMajority()),
     rowwise=True,
+    recorded_if_set=("trim_count",),
     notes="Defaults (density 0.2, mean, λ=1.0) are the SVC paper's TIES setting; the TIES paper "
-          "and FusionBench use aggregate=sum with scaling=0.3.",
+          "and FusionBench use aggregate=sum with scaling=0.3. trim_count (added later) is "
+          "written into the resolved recipe only when it is not official, so earlier records "
+          "stay byte-identical.",
 )
 def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
          aggregate: Literal["mean", "sum"] = "mean", scaling: float = 1.0,
-         trim_scope: Literal["tensor", "global"] = "tensor",
+         trim_scope: Literal["tensor", "global"] = "tensor", trim_count: TrimCount = "official",
          thresholds: Sequence[float] | None = None, majority: int | None = None) -> Tensor:
     """TIES-Merging as in the official code (Yadav et al., arXiv 2306.01708).
 
-    1. Trim: keep |τ_i| ≥ t_i, t_i the (d − ⌊d·density⌋)-th smallest |τ_i|. ``thresholds``
-       overrides t_i (the engine passes whole-model thresholds for ``trim_scope: global``).
+    1. Trim: keep |τ_i| ≥ t_i, t_i the k-th smallest |τ_i|, k = ``trim_rank(d, density,
+       trim_count)``: d − ⌊d·density⌋ by the official rule, d − max(1, ⌊d·density⌋) + 1 by
+       ``exact`` (mergekit's count). ``thresholds`` overrides t_i (the engine passes
+       whole-model thresholds for ``trim_scope: global``, and a row-blocked tensor's).
     2. Elect: s = sign(Σ_i trim(τ_i)); zeros of s take sign(Σ s). ``majority`` overrides Σ s
        (the engine passes the whole tensor's when it merges the parameter in row blocks).
     3. Disjoint aggregate: keep trim(τ_i) where it is > 0 and s > 0, or < 0 and s ≤ 0; then
@@ -318,7 +344,7 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
         if density >= 1.0:
             thresholds = [float("-inf")] * len(task_vectors)
         else:
-            k = trim_count(task_vectors[0].numel(), density)
+            k = trim_rank(task_vectors[0].numel(), density, trim_count)
             thresholds = [kth_smallest_abs(t, k) for t in task_vectors]
 
     shape = task_vectors[0].shape

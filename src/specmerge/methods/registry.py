@@ -252,6 +252,8 @@ class Method:
     propagates_nonfinite: bool = False
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
     notes: str = ""
+    # parameters added after recipes were recorded: left out of the record at their default
+    recorded_if_set: frozenset[str] = frozenset()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -278,6 +280,13 @@ class Method:
                 f"allowed: {allowed or 'none'}"
             )
         return {p.name: p.validate(params.get(p.name, p.default), self.name) for p in self.params}
+
+    def recorded(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` as a resolved recipe records them: a parameter in ``recorded_if_set`` is
+        left out while it holds its default, so the records (and model cards) of recipes
+        written before it existed stay byte-identical; the default applies when read back."""
+        return {k: v for k, v in params.items()
+                if not (k in self.recorded_if_set and v == self.param(k).default)}
 
     def check_recipe(self, params: Mapping[str, Any], weights: Sequence[float]) -> None:
         """Cross-field checks that need the experts (K = len(weights)); raise ValueError."""
@@ -331,6 +340,7 @@ def register(
     propagates_nonfinite: bool = False,
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
     notes: str = "",
+    recorded_if_set: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method and validates the keyword parameters of direct calls.
 
@@ -338,6 +348,8 @@ def register(
     constraint object per parameter beside the ``Literal`` choices read from the annotation
     (a parameter named in ``COMMON_CONSTRAINTS`` gets that one unless it declares its own).
     ``check(params, weights)`` runs the cross-field checks a recipe needs (e.g. an index < K).
+    ``recorded_if_set`` names parameters added after recipes were recorded: the resolved recipe
+    and the model card name them only when they differ from their default.
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -360,6 +372,9 @@ def register(
             param.validate(p.default, name)  # a default always satisfies its own constraints
             params.append(param)
         by_name = {p.name: p for p in params}
+        unknown = sorted(set(recorded_if_set) - set(by_name))
+        if unknown:
+            raise TypeError(f"{name}: recorded_if_set names no parameter: {unknown}")
 
         @functools.wraps(fn)
         def validated(*args: Any, **kwargs: Any) -> Any:
@@ -377,6 +392,7 @@ def register(
             uses_rng=uses_rng, factored=factored, statistic=statistic, rowwise=rowwise,
             tensor_statistics=tensor_statistics, counter_rng=counter_rng,
             propagates_nonfinite=propagates_nonfinite, check=check, notes=notes,
+            recorded_if_set=frozenset(recorded_if_set),
         )
         return validated
 

@@ -1,0 +1,593 @@
+"""specmerge against mergekit 0.1.5 side by side: wall time, memory, the cold-cache read floor.
+
+On synthetic Llama-shaped inputs written by ``specmerge example synthetic`` (a base and K = 4
+experts: 200M and 500M in float32, and a 128k-vocabulary model with hidden 4096 and 2 layers in
+bf16), it runs ``mergekit-yaml`` (mergekit 0.1.5 in a throw-away virtualenv of its own, torch
+pinned to the local CPU wheel, see ``mergekit_parity.ensure_mergekit``) and ``specmerge merge``
+on the same merges, interleaved, for several rounds. Every timed run, and every read-floor
+measurement, starts with the inputs evicted from the page cache (``sync``, then
+``posix_fadvise(DONTNEED)`` per input file, or with ``--evict drop_caches`` the whole page
+cache; ``fincore`` checks that nothing stayed resident).
+
+Per run: wall time, CPU time, peak RSS (``wait4``), peak private memory (the sum of ``RssAnon``
+over the child's process tree, sampled every 50 ms), and the CPU that other processes used
+meanwhile (``/proc/stat``'s busy time minus the child's). Per size: the read floor, the time to
+read every input byte once, cold. Once per size, the outputs are compared: max ulp distance and
+max relative difference over tensors.
+
+The merges (mergekit's recipe → specmerge's own recipe; specmerge reads mergekit YAML too, but
+as ``gta``, which holds whole tensors, so the benchmark gives it the recipe a specmerge user
+would write):
+- task_arithmetic (λ 0.3, weights 1) → task_arithmetic (scaling 0.3);
+- ties (density 0.2, weights 1, normalize, λ 1) → ties (density 0.2, mean, scaling 1,
+  trim_count exact), and ties_official: the same with the default trim_count, timed too and
+  compared with mergekit's ties;
+- dare_linear (density 0.5, weights 1, λ 0.3, mergekit's default L1 rescale) → dare (drop_rate
+  0.5, scaling 0.3, survivors rescaled by 1/(1 − p)): random masks, compared only in size;
+- linear (the 4 experts, weights 1) → weight_average.
+
+    .venv/bin/python benchmarks/peers/run.py                      # everything, 3 rounds
+    .venv/bin/python benchmarks/peers/run.py --sizes 200M --methods task_arithmetic --rounds 1
+
+Results accumulate in ``WORKDIR/results.json`` (per size), and ``--out`` (default
+docs/results/peers.md) is written from all of them; ``--report-only`` rewrites it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CHILD_ENV = dict(os.environ)  # the tools' environment: the caller's, nothing added
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+K = 4
+SIZES: dict[str, list[str]] = {
+    "200M": ["--params", "200M", "--dtype", "float32"],
+    "500M": ["--params", "500M", "--dtype", "float32"],
+    "128k": ["--params", "1.46B", "--vocab", "128256", "--hidden", "4096", "--dtype", "bf16"],
+}
+SIZE_LABELS = {"200M": "200M, float32", "500M": "500M, float32",
+               "128k": "128k vocabulary (hidden 4096, 2 layers, 1.46B), bf16"}
+
+
+def _mk_models(**params: Any) -> list[dict[str, Any]]:
+    return [{"model": f"EXPERT_{i + 1}", "parameters": dict(params)} for i in range(K)]
+
+
+# name → (mergekit recipe or None, specmerge recipe, the mergekit case its output is compared to)
+CASES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], str]] = {
+    "task_arithmetic": (
+        {"merge_method": "task_arithmetic", "base_model": "BASE",
+         "models": _mk_models(weight=1.0), "parameters": {"lambda": 0.3}},
+        {"merge_method": "task_arithmetic", "parameters": {"scaling": 0.3}}, "task_arithmetic"),
+    "ties": (
+        {"merge_method": "ties", "base_model": "BASE",
+         "models": _mk_models(weight=1.0, density=0.2),
+         "parameters": {"normalize": True, "lambda": 1.0}},
+        {"merge_method": "ties", "parameters": {"density": 0.2, "aggregate": "mean",
+                                                "scaling": 1.0, "trim_count": "exact"}}, "ties"),
+    "ties_official": (
+        None, {"merge_method": "ties", "parameters": {"density": 0.2, "aggregate": "mean",
+                                                      "scaling": 1.0}}, "ties"),
+    "dare": (
+        {"merge_method": "dare_linear", "base_model": "BASE",
+         "models": _mk_models(weight=1.0, density=0.5), "parameters": {"lambda": 0.3}},
+        {"merge_method": "dare", "parameters": {"drop_rate": 0.5, "scaling": 0.3}}, "dare"),
+    "linear": (
+        {"merge_method": "linear", "models": _mk_models(weight=1.0)},
+        {"merge_method": "weight_average"}, "linear"),
+}
+METHODS = {"task_arithmetic": ["task_arithmetic"], "ties": ["ties", "ties_official"],
+           "dare": ["dare"], "linear": ["linear"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# page cache, read floor, measured runs
+# ---------------------------------------------------------------------------------------------
+
+def resident_bytes(files: list[Path]) -> int | None:
+    """Bytes of ``files`` in the page cache (util-linux ``fincore``), or None without it."""
+    if not shutil.which("fincore"):
+        return None
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          *map(str, files)], capture_output=True, text=True)
+    if res.returncode:
+        return None
+    return sum(int(x) for x in res.stdout.split())
+
+
+def evict(files: list[Path], how: str) -> tuple[str, int | None]:
+    """Write back dirty pages, drop ``files`` from the page cache; (method used, bytes left)."""
+    os.sync()
+    used = how
+    if how in ("auto", "drop_caches"):
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            used = "drop_caches"
+        except OSError:
+            if how == "drop_caches":
+                raise
+            used = "fadvise"
+    if used == "fadvise":
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return used, (resident_bytes(files) if used != "none" else None)
+
+
+def read_floor(files: list[Path], how: str) -> dict[str, Any]:
+    """Seconds to read every byte of ``files`` once, one after another, after eviction."""
+    used, left = evict(files, how)
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    disk0, t0 = disk_bytes(), time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    seconds, disk1 = time.perf_counter() - t0, disk_bytes()
+    return {"seconds": seconds, "bytes": total, "evict": used, "resident_after_evict": left,
+            "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1]}
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of ``pid`` in kB; zeros once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0, 0
+    vals = [re.search(rf"^{k}:\s+(\d+) kB", text, re.MULTILINE) for k in ("VmRSS", "RssAnon")]
+    rss, anon = (int(m.group(1)) if m else 0 for m in vals)
+    return rss, anon
+
+
+def disk_bytes() -> tuple[int, int]:
+    """(bytes read, bytes written) by every whole disk since boot (/proc/diskstats)."""
+    rd = wr = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if re.fullmatch(r"(sd|vd|xvd)[a-z]+|nvme\d+n\d+", f[2]):
+            rd, wr = rd + int(f[5]) * 512, wr + int(f[9]) * 512
+    return rd, wr
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every core), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
+    """Run ``cmd``: wall, CPU, peak RSS (wait4), peak sampled RssAnon and RSS of the process
+    tree (every 50 ms), the other processes' CPU meanwhile, and the exit status."""
+    busy0, load, disk0 = _busy_seconds(), os.getloadavg()[0], disk_bytes()
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
+        peak = {"anon": 0, "rss": 0}
+        stop = threading.Event()
+
+        def sample() -> None:
+            try:
+                root = psutil.Process(proc.pid)
+            except psutil.Error:
+                return
+            while not stop.is_set():
+                try:
+                    pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
+                except psutil.Error:
+                    pids = [proc.pid]
+                stats = [_status(p) for p in pids]
+                peak["rss"] = max(peak["rss"], sum(s[0] for s in stats))
+                peak["anon"] = max(peak["anon"], sum(s[1] for s in stats))
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+    cpu = usage.ru_utime + usage.ru_stime
+    rc = os.waitstatus_to_exitcode(status)
+    disk1 = disk_bytes()
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:] if rc else []
+    return {"wall": wall, "cpu": cpu, "max_rss_mb": usage.ru_maxrss / 1024,
+            "tree_rss_mb": peak["rss"] / 1024, "rss_anon_mb": peak["anon"] / 1024,
+            "others_cpu": max(0.0, _busy_seconds() - busy0 - cpu), "load1": load, "rc": rc,
+            "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1],
+            "error": " | ".join(tail)[-300:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# output agreement
+# ---------------------------------------------------------------------------------------------
+
+def tensor_files(d: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            out.update({n: f for n in fh.keys()})
+    return out
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Float bits as integers that order like the floats (adjacent floats differ by 1)."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float64: torch.int64}[x.dtype]
+    i = x.view(ints).to(torch.int64)
+    low = -(1 << (ints.itemsize * 8 - 1))
+    return torch.where(i < 0, low - i, i)
+
+
+def compare_dirs(ours: Path, theirs: Path) -> dict[str, Any]:
+    """Per tensor in row chunks: the max ulp distance (same dtypes only), the max |a − b| in
+    ulps of the tensor's largest |b| (``scaled_ulp``: rounding at the operands' scale, which the
+    ulp distance of an entry near 0 exaggerates), the relative difference ‖a − b‖ / ‖b‖ and
+    the entries that differ; the worst over tensors."""
+    a_files, b_files = tensor_files(ours), tensor_files(theirs)
+    res: dict[str, Any] = {"max_ulp": 0, "max_ulp_tensor": "", "max_rel": 0.0,
+                           "max_rel_tensor": "", "differing": 0, "entries": 0, "scaled_ulp": 0.0,
+                           "over_1_ulp": 0, "tensors_over_1_ulp": 0,
+                           "missing": sorted(set(a_files) ^ set(b_files))}
+    for name in sorted(set(a_files) & set(b_files)):
+        with safe_open(str(a_files[name]), "pt") as fa, safe_open(str(b_files[name]), "pt") as fb:
+            sa, sb = fa.get_slice(name), fb.get_slice(name)
+            shape = sa.get_shape()
+            rows = shape[0] if shape else 1
+            step = max(1, (1 << 23) // max(1, int(torch.Size(shape[1:]).numel())))
+            diff2 = ref2 = big = worst = 0.0
+            ulp = 0
+            for lo in range(0, rows, step):
+                a = sa[lo:lo + step] if shape else fa.get_tensor(name)
+                b = sb[lo:lo + step] if shape else fb.get_tensor(name)
+                if a.dtype == b.dtype:
+                    dist = (_ordered(a) - _ordered(b)).abs()
+                    ulp = max(ulp, int(dist.max()))
+                    res["over_1_ulp"] += int((dist > 1).sum())
+                else:
+                    ulp = -1
+                res["differing"] += int((a != b).sum())
+                res["entries"] += a.numel()
+                a64, b64 = a.double(), b.double()
+                diff2 += float((a64 - b64).square().sum())
+                ref2 += float(b64.square().sum())
+                big = max(big, float(b64.abs().max()))
+                worst = max(worst, float((a64 - b64).abs().max()))
+        rel = (diff2 / ref2) ** 0.5 if ref2 > 0 else float(diff2 > 0)
+        top = torch.tensor(big, dtype=b.dtype)
+        spacing = float(torch.nextafter(top, torch.tensor(float("inf"), dtype=b.dtype)) - top)
+        res["scaled_ulp"] = max(res["scaled_ulp"], worst / spacing if spacing > 0 else 0.0)
+        if ulp < 0 or ulp > res["max_ulp"] or res["max_ulp"] < 0:
+            res["max_ulp"], res["max_ulp_tensor"] = ulp, name
+        res["tensors_over_1_ulp"] += ulp > 1
+        if rel > res["max_rel"]:
+            res["max_rel"], res["max_rel_tensor"] = rel, name
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+
+def substitute(obj: Any, paths: dict[str, str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: substitute(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, paths) for v in obj]
+    return paths.get(obj, obj) if isinstance(obj, str) else obj
+
+
+def make_inputs(models: Path, size: str) -> None:
+    if (models / "base").exists():
+        return
+    print(f"[{size}] writing inputs to {models} ...", flush=True)
+    models.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "specmerge.cli", "example", "synthetic", str(models),
+                    *SIZES[size], "--experts", str(K)], check=True, env=CHILD_ENV)
+
+
+def commands(mergekit_yaml: Path) -> dict[str, list[str]]:
+    return {"mergekit": [str(mergekit_yaml), "{recipe}", "{out}", "--no-copy-tokenizer",
+                         "--random-seed", "0", "--quiet"],
+            "specmerge": [sys.executable, "-m", "specmerge.cli", "merge", "{recipe}", "{out}",
+                          "--quiet"]}
+
+
+def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_yaml: Path,
+               how: str) -> dict[str, Any]:
+    models = work / f"inputs_{size}"
+    make_inputs(models, size)
+    inputs = sorted(models.rglob("*.safetensors"))
+    paths = {"BASE": str(models / "base"),
+             **{f"EXPERT_{i + 1}": str(models / f"expert_{i + 1}") for i in range(K)}}
+    recipes: dict[tuple[str, str], Path] = {}
+    for case in cases:
+        mk, sm, _ = CASES[case]
+        if mk is not None:
+            recipes[("mergekit", case)] = work / f"{case}.mergekit.yml"
+            recipes[("mergekit", case)].write_text(
+                yaml.safe_dump(substitute(mk, paths), sort_keys=False))
+        recipes[("specmerge", case)] = work / f"{case}.specmerge.yml"
+        recipes[("specmerge", case)].write_text(yaml.safe_dump(
+            {"base_model": paths["BASE"], "models": [paths[f"EXPERT_{i + 1}"] for i in range(K)],
+             **sm}, sort_keys=False))
+    cmds = commands(mergekit_yaml)
+    result: dict[str, Any] = {
+        "size": size, "label": SIZE_LABELS[size], "input_bytes": sum(f.stat().st_size
+                                                                     for f in inputs),
+        "rounds": rounds, "floors": [], "runs": [], "agreement": {},
+        "recipes": {f"{t}:{c}": p.read_text() for (t, c), p in recipes.items()},
+        "commands": {t: " ".join(c) for t, c in cmds.items()},
+        "example_synthetic": " ".join(["specmerge", "example", "synthetic", "DIR", *SIZES[size],
+                                       "--experts", str(K)])}
+    failed: set[tuple[str, str]] = set()
+    for r in range(rounds):
+        floor = read_floor(inputs, how)
+        result["floors"].append(floor)
+        print(f"[{size}] round {r + 1}: read floor {floor['seconds']:.2f} s "
+              f"({floor['bytes'] / 1e9:.1f} GB, {floor['evict']}, resident after eviction "
+              f"{floor['resident_after_evict']}; the disk read {floor['disk_read'] / 1e9:.1f} GB"
+              f" and wrote {floor['disk_written'] / 1e9:.1f} GB meanwhile)", flush=True)
+        for i, case in enumerate(cases):
+            tools = [t for t in ("mergekit", "specmerge") if (t, case) in recipes]
+            for tool in (tools if r % 2 == 0 else tools[::-1]):
+                if (tool, case) in failed:
+                    continue
+                out = work / f"out_{tool}_{case}"
+                shutil.rmtree(out, ignore_errors=True)
+                used, left = evict(inputs, how)
+                cmd = [a.replace("{recipe}", str(recipes[(tool, case)]))
+                       .replace("{out}", str(out)) for a in cmds[tool]]
+                run = run_measured(cmd, work / f"log_{tool}_{case}.txt")
+                run.update({"tool": tool, "case": case, "round": r + 1, "evict": used,
+                            "resident_after_evict": left})
+                result["runs"].append(run)
+                print(f"[{size}] round {r + 1} {case:<16} {tool:<9} {run['wall']:7.2f} s  "
+                      f"RssAnon {run['rss_anon_mb']:6.0f} MB  max RSS {run['max_rss_mb']:6.0f}"
+                      f" MB  others' CPU {run['others_cpu']:.1f} s  disk r/w "
+                      f"{run['disk_read'] / 1e9:.1f}/{run['disk_written'] / 1e9:.1f} GB"
+                      + (f"  FAILED rc={run['rc']}: {run['error']}" if run["rc"] else ""),
+                      flush=True)
+                if run["rc"]:
+                    failed.add((tool, case))
+            against = CASES[case][2]
+            ours, theirs = work / f"out_specmerge_{case}", work / f"out_mergekit_{against}"
+            if r == 0 and ours.exists() and theirs.exists():
+                result["agreement"][case] = compare_dirs(ours, theirs)
+                print(f"[{size}] {case} vs mergekit {against}: {result['agreement'][case]}",
+                      flush=True)
+            shutil.rmtree(ours, ignore_errors=True)
+            if not any(CASES[c][2] == against and c != against for c in cases[i + 1:]):
+                shutil.rmtree(theirs, ignore_errors=True)  # no later case compares with it
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarise(res: dict[str, Any], tool: str, case: str) -> dict[str, Any] | None:
+    runs = [r for r in res["runs"] if r["tool"] == tool and r["case"] == case]
+    ok = [r for r in runs if r["rc"] == 0]
+    if not runs:
+        return None
+    return {"n": len(ok), "failed": len(runs) - len(ok), "wall": _med([r["wall"] for r in ok]),
+            "walls": [r["wall"] for r in ok], "cpu": _med([r["cpu"] for r in ok]),
+            "max_rss": max((r["max_rss_mb"] for r in ok), default=float("nan")),
+            "anon": max((r["rss_anon_mb"] for r in ok), default=float("nan")),
+            "others": _med([r["others_cpu"] / r["wall"] for r in ok]),
+            "disk": f"{_med([r.get('disk_read', 0) / 1e9 for r in ok]):.1f} / "
+                    f"{_med([r.get('disk_written', 0) / 1e9 for r in ok]):.1f}",
+            "error": next((r["error"] for r in runs if r["rc"]), "")}
+
+
+def _agreement(case: str, a: dict[str, Any] | None) -> str:
+    if a is None:
+        return "not compared"
+    if a["missing"]:
+        return f"tensor sets differ: {a['missing'][:3]}"
+    share = a["differing"] / max(1, a["entries"])
+    ulp = "dtypes differ" if a["max_ulp"] < 0 else f"max {a['max_ulp']} ulp"
+    if case == "dare":
+        return (f"random masks differ (by design): rel. diff {a['max_rel']:.2e}, "
+                f"{share:.0%} of entries differ")
+    if case.startswith("ties"):
+        return (f"max rel. diff {a['max_rel']:.2e} ({a['max_rel_tensor']}); {ulp}; "
+                f"{share:.2e} of entries differ")
+    return (f"{ulp}, {a['over_1_ulp'] / max(1, a['entries']):.1e} of entries over 1 ulp; "
+            f"max \\|diff\\| {a['scaled_ulp']:.2f} ulp of the tensor's largest entry; "
+            f"max rel. diff {a['max_rel']:.1e}; {share:.1e} of entries differ")
+
+
+def machine() -> dict[str, str]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"cpu": f"{cpu}, {os.cpu_count()} cores",
+            "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+            "kernel": platform.release(), "python": platform.python_version(),
+            "torch": torch.__version__, "specmerge": commit + (" (modified)" if dirty else "")}
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    sizes = [s for s in SIZES if s in results]
+    any_res = results[sizes[0]]
+    m = any_res["machine"]
+    lines = [
+        "# Peers side by side: specmerge and mergekit 0.1.5", "",
+        f"Produced by `benchmarks/peers/run.py` on {any_res['date']}: {m['cpu']}, "
+        f"{m['memory']} RAM, no GPU; Linux {m['kernel']}, Python {m['python']}, torch "
+        f"{m['torch']}; specmerge at commit {m['specmerge']}; {MERGEKIT} in its own "
+        f"virtualenv (torch and CUDA: {any_res.get('mergekit_torch', '?')}).", "",
+        "Inputs: `specmerge example synthetic` (a Llama-shaped base and K = 4 experts). Every "
+        "timed run and every read-floor measurement starts cold: `sync`, then the inputs are "
+        "evicted from the page cache "
+        f"({', '.join(sorted({f['evict'] for s in sizes for f in results[s]['floors']}))}; "
+        "`fincore` then finds "
+        f"{max((f['resident_after_evict'] or 0) for s in sizes for f in results[s]['floors'])} "
+        "bytes of the inputs resident). The tools alternate within a round (mergekit first in odd "
+        "rounds, specmerge first in even ones). Walls are medians over the rounds; memory is the "
+        "largest over them. The **read floor** is the time to read every input byte once, "
+        "one file after another in 16 MiB reads, from a cold cache, measured at the start of "
+        "each round of the same run.", "",
+        "## Summary", "",
+        "| model | merge | mergekit wall (s) | specmerge wall (s) | specmerge faster by | "
+        "private memory, mergekit / specmerge (MB) | max RSS, mergekit / specmerge (MB) | "
+        "outputs |",
+        "|---|---|---:|---:|---:|---|---|---|"]
+    for s in sizes:
+        res = results[s]
+        for case in [c for c in CASES if any(r["case"] == c for r in res["runs"])]:
+            mk = summarise(res, "mergekit", CASES[case][2])
+            sm = summarise(res, "specmerge", case)
+            mk_case = CASES[case][0] is not None
+            mk_wall = f"{mk['wall']:.1f}" if mk and mk["n"] else (
+                f"failed: {mk['error'][:80]}" if mk else "–")
+            sm_wall = f"{sm['wall']:.1f}" if sm and sm["n"] else "failed"
+            speed = (f"{mk['wall'] / sm['wall']:.1f}×" if mk and sm and mk["n"] and sm["n"]
+                     else "–")
+            mem = (f"{mk['anon']:.0f} / {sm['anon']:.0f}" if mk and sm and mk_case
+                   else f"– / {sm['anon']:.0f}" if sm else "–")
+            rss = (f"{mk['max_rss']:.0f} / {sm['max_rss']:.0f}" if mk and sm and mk_case
+                   else f"– / {sm['max_rss']:.0f}" if sm else "–")
+            label = case if mk_case else f"{case} (vs mergekit's ties)"
+            lines.append(f"| {s} | {label} | {mk_wall if mk_case else '(' + mk_wall + ')'} | "
+                         f"{sm_wall} | {speed} | {mem} | {rss} | "
+                         f"{_agreement(case, res['agreement'].get(case))} |")
+    lines += ["", "## Read floor", "",
+              "| model | inputs (GB) | read floor, median (s) | rounds (s) | GB/s | "
+              "TA wall / read floor | TA rounds / their floors | other disk traffic during "
+              "the floors, read + written (GB) |", "|---|---:|---:|---|---:|---:|---|---|"]
+    for s in sizes:
+        res = results[s]
+        floors = [f["seconds"] for f in res["floors"]]
+        ta = summarise(res, "specmerge", "task_arithmetic")
+        per = ([r["wall"] / f["seconds"] for r, f in zip(
+            [r for r in res["runs"] if r["tool"] == "specmerge" and r["case"] == "task_arithmetic"
+             and r["rc"] == 0], res["floors"], strict=False)] if ta else [])
+        lines.append(f"| {s} | {res['input_bytes'] / 1e9:.2f} | {_med(floors):.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in floors)} | "
+                     f"{res['input_bytes'] / 1e9 / _med(floors):.2f} | "
+                     + (f"{ta['wall'] / _med(floors):.2f}× | "
+                        f"{', '.join(f'{x:.2f}' for x in per)} | " if ta and ta["n"]
+                        else "– | – | ")
+                     + ", ".join(f"{(f.get('disk_read', f['bytes']) - f['bytes']) / 1e9:.1f} + "
+                                 f"{f.get('disk_written', 0) / 1e9:.1f}" for f in res["floors"])
+                     + " |")
+    lines += ["", "## Every tool and merge", "",
+              "| model | merge | tool | wall per round (s) | median wall (s) | CPU (s) | "
+              "max RSS (MB) | private memory (MB) | other processes' CPU (cores) | "
+              "disk read / written, median (GB) |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for s in sizes:
+        res = results[s]
+        for case in CASES:
+            for tool in ("mergekit", "specmerge"):
+                x = summarise(res, tool, case)
+                if x is None:
+                    continue
+                walls = ", ".join(f"{w:.1f}" for w in x["walls"])
+                if x["failed"]:
+                    walls += f" ({x['failed']} failed: {x['error'][:100]})"
+                lines.append(f"| {s} | {case} | {tool} | {walls} | {x['wall']:.1f} | "
+                             f"{x['cpu']:.1f} | {x['max_rss']:.0f} | {x['anon']:.0f} | "
+                             f"{x['others']:.2f} | {x['disk']} |")
+    res = results[sizes[0]]
+    lines += ["", "## How to reproduce", "", "```bash",
+              ".venv/bin/python benchmarks/peers/run.py --rounds 3 "
+              f"--sizes {' '.join(sizes)}   # --methods, --workdir, --venv, --evict", "```", "",
+              "Inputs per model:", ""]
+    lines += [f"- {s}: `{results[s]['example_synthetic']}`" for s in sizes]
+    lines += ["", "Each timed command (`{recipe}` and `{out}` filled in; both tools at their "
+              "defaults otherwise: specmerge with 1 worker and 16 MiB blocks, mergekit with "
+              "torch's default threads):", "",
+              f"- mergekit: `{res['commands']['mergekit']}`",
+              f"- specmerge: `{res['commands']['specmerge']}`", "", "The recipes (paths shortened):", ""]
+    for key, text in res["recipes"].items():
+        short = re.sub(r"/\S*/inputs_[^/]+/", "", text)
+        lines += [f"`{key}`:", "", "```yaml", short.rstrip(), "```", ""]
+    # the notes below the marker are written by hand: a rewrite keeps them
+    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.exists() and \
+        NOTES_MARKER in out.read_text() else "\n## Notes\n\n(none yet)\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + notes)
+
+
+NOTES_MARKER = "<!-- notes: written by hand, kept when run.py rewrites the tables above -->\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/specmerge-peers"))
+    ap.add_argument("--venv", type=Path, default=VENV_DEFAULT)
+    ap.add_argument("--evict", choices=["fadvise", "drop_caches", "auto", "none"],
+                    default="fadvise",
+                    help="fadvise (default): posix_fadvise(DONTNEED) on the input files only, "
+                         "which leaves the tools' libraries and other processes' caches alone; "
+                         "drop_caches: the whole page cache (root); auto: drop_caches, else "
+                         "fadvise")
+    ap.add_argument("--keep-inputs", action="store_true",
+                    help="Keep each size's synthetic inputs (default: delete after its runs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "peers.md")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "results.json"
+    results: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    if not args.report_only:
+        mergekit_yaml = ensure_mergekit(args.venv)
+        mk_torch = subprocess.run([str(args.venv / "bin" / "python"), "-c",
+                                   "import torch; print(torch.__version__, torch.version.cuda)"],
+                                  capture_output=True, text=True).stdout.strip()
+        cases = [c for m in args.methods for c in METHODS[m]]
+        for size in args.sizes:
+            res = bench_size(size, cases, args.rounds, work, mergekit_yaml, args.evict)
+            res.update({"date": datetime.date.today().isoformat(), "machine": machine(),
+                        "mergekit_torch": mk_torch})
+            results[size] = res
+            store.write_text(json.dumps(results, indent=1))
+            report(results, args.out)
+            if not args.keep_inputs:
+                shutil.rmtree(work / f"inputs_{size}", ignore_errors=True)
+    report(results, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
