@@ -61,7 +61,7 @@ from specmerge.sources import (
     CheckpointSource,
     Source,
     StateDictSource,
-    TaskVectors,
+    StoredRows,
     check_finite,
     count_nonfinite,
     nonfinite_error,
@@ -267,15 +267,17 @@ class MergeStep:
         per_row = entry.numel // rows
         bad = 0
 
-        def read(span: tuple[int, int]) -> TaskVectors:
-            return source.task_vector_rows(entry.name, *span, device, self.compute_dtype,
-                                           check=not lazy)
+        read = block_reader(source, entry.name, ahead)
 
         def write(block_out: tuple[int, Tensor]) -> None:
             region.write_rows(*block_out)
 
-        with read_ahead(read, spans, ahead) as blocks, write_behind(write, behind) as submit:
-            for (lo, _), tv in zip(spans, blocks, strict=True):
+        with read_ahead(read, list(enumerate(spans)), ahead) as blocks, \
+                write_behind(write, behind) as submit:
+            for (lo, _), stored in zip(spans, blocks, strict=True):
+                tv = source.rows_to_task_vectors(entry.name, stored, device, self.compute_dtype,
+                                                 check=not lazy)
+                del stored
                 assert tv.theta0 is not None
                 update = run_method(entry, tv.taus, None, values, offset=lo * per_row)
                 del tv.taus
@@ -317,16 +319,32 @@ def map_blocks(stat: Statistic, state: Any, name: str, source: Source,
                ahead: int) -> Any:
     """One partial of ``stat.map`` over the row blocks ``spans`` of ``name``, combined block by
     block (exactly); ``ahead`` blocks are read ahead on a thread."""
-    def read(span: tuple[int, int]) -> list[TaskVector]:
-        return source.task_vector_rows(name, *span, device, dtype, check=False).taus
-
+    read = block_reader(source, name, ahead)
     partial = None
-    with read_ahead(read, spans, ahead) as blocks:
-        for taus in blocks:
+    with read_ahead(read, list(enumerate(spans)), ahead) as blocks:
+        for stored in blocks:
+            taus = source.rows_to_task_vectors(name, stored, device, dtype, check=False).taus
+            del stored
             part = stat.map(state, taus)
             del taus
             partial = part if partial is None else stat.combine([partial, part])
     return partial
+
+
+def block_reader(source: Source, name: str, ahead: int
+                 ) -> Callable[[tuple[int, tuple[int, int]]], list[StoredRows]]:
+    """``read((i, (lo, hi)))``: rows lo:hi of ``name``'s inputs as stored, block ``i`` into the
+    buffers of set ``i mod (ahead + 1)``. Block i + ahead + 1 is read only once the loop is done
+    with block i (``read_ahead``), which ``rows_to_task_vectors`` copies out of; the buffers are
+    allocated once per parameter and never churn the allocator (blocks that one thread
+    allocates and another frees stay in the allocating thread's malloc arena: 2x the memory)."""
+    sets: list[list[list[Tensor]]] = [[] for _ in range(ahead + 1)]
+
+    def read(item: tuple[int, tuple[int, int]]) -> list[StoredRows]:
+        i, (lo, hi) = item
+        return source.read_rows(name, lo, hi, buffers=sets[i % len(sets)])
+
+    return read
 
 
 def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
