@@ -17,7 +17,7 @@ statistics (TIES's thresholds and sign majority) take extra passes over the bloc
 methods, calibrations, adapters' task vectors, ``.bin`` inputs and a union vocabulary's tensors
 need whole tensors: about (K + 3) × the largest such parameter per worker. With ``prefetch``
 (the default), the next block is read on a thread while one is merged and the last one is
-written on another (``specmerge.overlap``): (2K + 6) blocks in memory.
+written on another (``specmerge.overlap``): up to (3K + 6) blocks in memory (float32 inputs).
 
 NaN/Inf. A method that ``propagates_nonfinite`` is checked on its output only (one pass); when
 that finds a NaN/Inf, the inputs are scanned to name the file that holds it. Other methods'
@@ -249,10 +249,12 @@ class MergeStep:
         """Merge ``entry`` ``block`` rows at a time into its region: per block, read θ0's and
         each θ_i's rows, compute, check, write. Byte-identical to the whole-tensor merge.
 
-        With ``prefetch`` the next block is read while this one is merged, and this one is
-        written while the next is merged. Memory: (K + 3) blocks being merged, plus
-        READ_AHEAD × (K + 1) blocks read ahead and the raw input block being read, plus
-        WRITE_BEHIND output blocks being written: (2K + 6) blocks, against (K + 3) without."""
+        With ``prefetch`` the next block is read (file I/O only, into reusable buffers) while
+        this one is merged, and this one is written while the next is merged. Memory, in blocks
+        of the compute dtype, with r = the inputs' bytes per entry / the compute dtype's (1 for
+        float32 inputs, 1/2 for bf16): (K + 3) being merged, (READ_AHEAD + 1) × (K + 1) × r of
+        read buffers, WRITE_BEHIND output blocks being written: (3K + 6) for float32 inputs,
+        (2K + 5) for bf16; without prefetch (K + 3) + (K + 1) × r."""
         rows = entry.shape[0]
         spans = [(lo, min(lo + block, rows)) for lo in range(0, rows, block)]
         device = torch.device(self.device)
@@ -491,8 +493,9 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
     row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
     output's bytes. ``prefetch`` (default on) overlaps those blocks' reading, merging and
-    writing on a reader and a writer thread, with about (2K + 6) blocks in memory instead of
-    (K + 3); it never changes the output's bytes either.
+    writing on a reader and a writer thread, with up to (3K + 6) blocks in memory instead of
+    (2K + 4) (float32 inputs; (2K + 5) against (1.5K + 3.5) for bf16); it never changes the
+    output's bytes either.
     """
     start = time.perf_counter()
     rec = load_recipe(recipe, dtype=dtype, seed=seed, output=output_override(
