@@ -93,29 +93,37 @@ def test_prefetch_and_block_size_do_not_change_bytes(synthetic: Path, tmp_path: 
                                                      method: str, extra: dict[str, Any]) -> None:
     recipe = _recipe(synthetic, method, **extra)
     whole = _merge(recipe, tmp_path / "whole", prefetch=False)  # 16MiB: every tensor whole
-    seen: dict[str, set[str]] = {"read": set(), "write": set()}
-    read, write = CheckpointSource.task_vector_rows, writer.Region.write_rows
+    seen: dict[str, set[str]] = {"read": set(), "write": set(), "maths": set()}
+    read, write = CheckpointSource.read_rows, writer.Region.write_rows
+    convert = CheckpointSource.rows_to_task_vectors
 
     def spy_read(self: CheckpointSource, *args: Any, **kw: Any) -> Any:
         seen["read"].add(threading.current_thread().name)
         return read(self, *args, **kw)
 
+    def spy_convert(self: CheckpointSource, *args: Any, **kw: Any) -> Any:
+        seen["maths"].add(threading.current_thread().name)
+        return convert(self, *args, **kw)
+
     def spy_write(self: writer.Region, start: int, rows: torch.Tensor) -> None:
         seen["write"].add(threading.current_thread().name)
         write(self, start, rows)
 
-    monkeypatch.setattr(CheckpointSource, "task_vector_rows", spy_read)
+    monkeypatch.setattr(CheckpointSource, "read_rows", spy_read)
+    monkeypatch.setattr(CheckpointSource, "rows_to_task_vectors", spy_convert)
     monkeypatch.setattr(writer.Region, "write_rows", spy_write)
     for block in (1, "1KiB", "4KiB"):
         for prefetch in (True, False):
-            seen = {"read": set(), "write": set()}
+            seen = {"read": set(), "write": set(), "maths": set()}
             out = tmp_path / f"rows-{block}-{prefetch}"
             assert _merge(recipe, out, block_size=block, prefetch=prefetch) == whole
             shutil.rmtree(out)
             if prefetch:  # the blocks were read and written on the threads, and only there
-                assert seen == {"read": {"specmerge-read"}, "write": {"specmerge-write"}}
+                assert seen == {"read": {"specmerge-read"}, "write": {"specmerge-write"},
+                                "maths": {"MainThread"}}
             else:
-                assert seen == {"read": {"MainThread"}, "write": {"MainThread"}}
+                assert seen == {"read": {"MainThread"}, "write": {"MainThread"},
+                                "maths": {"MainThread"}}
     assert _merge(recipe, tmp_path / "w2", block_size="1KiB", workers=2) == whole
 
 
@@ -161,11 +169,12 @@ def test_a_file_truncated_under_the_merge_is_the_same_error(synthetic: Path, tmp
     real = checkpoint.read_tensor_bytes
     cut: dict[str, Any] = {}
 
-    def truncating(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def truncating(info: TensorInfo, start: int = 0, stop: int | None = None,
+                   **kw: Any) -> torch.Tensor:
         if info.name == EMBED and "bad" in info.file.parts and start >= 10 and not cut:
             cut["size"] = info.offset + info.nbytes // 2
             os.truncate(info.file, cut["size"])
-        return real(info, start, stop)
+        return real(info, start, stop, **kw)
 
     monkeypatch.setattr(checkpoint, "read_tensor_bytes", truncating)
     errors = []

@@ -17,7 +17,7 @@ statistics (TIES's thresholds and sign majority) take extra passes over the bloc
 methods, calibrations, adapters' task vectors, ``.bin`` inputs and a union vocabulary's tensors
 need whole tensors: about (K + 3) × the largest such parameter per worker. With ``prefetch``
 (the default), the next block is read on a thread while one is merged and the last one is
-written on another (``specmerge.overlap``): (2K + 6) blocks in memory.
+written on another (``specmerge.overlap``): up to (3K + 6) blocks in memory (float32 inputs).
 
 NaN/Inf. A method that ``propagates_nonfinite`` is checked on its output only (one pass); when
 that finds a NaN/Inf, the inputs are scanned to name the file that holds it. Other methods'
@@ -61,7 +61,7 @@ from specmerge.sources import (
     CheckpointSource,
     Source,
     StateDictSource,
-    TaskVectors,
+    StoredRows,
     check_finite,
     count_nonfinite,
     nonfinite_error,
@@ -258,10 +258,12 @@ class MergeStep:
         """Merge ``entry`` ``block`` rows at a time into its region: per block, read θ0's and
         each θ_i's rows, compute, check, write. Byte-identical to the whole-tensor merge.
 
-        With ``prefetch`` the next block is read while this one is merged, and this one is
-        written while the next is merged. Memory: (K + 3) blocks being merged, plus
-        READ_AHEAD × (K + 1) blocks read ahead and the raw input block being read, plus
-        WRITE_BEHIND output blocks being written: (2K + 6) blocks, against (K + 3) without."""
+        With ``prefetch`` the next block is read (file I/O only, into reusable buffers) while
+        this one is merged, and this one is written while the next is merged. Memory, in blocks
+        of the compute dtype, with r = the inputs' bytes per entry / the compute dtype's (1 for
+        float32 inputs, 1/2 for bf16): (K + 3) being merged, (READ_AHEAD + 1) × (K + 1) × r of
+        read buffers, WRITE_BEHIND output blocks being written: (3K + 6) for float32 inputs,
+        (2K + 5) for bf16; without prefetch (K + 3) + (K + 1) × r."""
         rows = entry.shape[0]
         spans = [(lo, min(lo + block, rows)) for lo in range(0, rows, block)]
         device = torch.device(self.device)
@@ -276,15 +278,17 @@ class MergeStep:
         per_row = entry.numel // rows
         bad = 0
 
-        def read(span: tuple[int, int]) -> TaskVectors:
-            return source.task_vector_rows(entry.name, *span, device, self.compute_dtype,
-                                           check=not lazy)
+        read = block_reader(source, entry.name, ahead)
 
         def write(block_out: tuple[int, Tensor]) -> None:
             region.write_rows(*block_out)
 
-        with read_ahead(read, spans, ahead) as blocks, write_behind(write, behind) as submit:
-            for (lo, _), tv in zip(spans, blocks, strict=True):
+        with read_ahead(read, list(enumerate(spans)), ahead) as blocks, \
+                write_behind(write, behind) as submit:
+            for (lo, _), stored in zip(spans, blocks, strict=True):
+                tv = source.rows_to_task_vectors(entry.name, stored, device, self.compute_dtype,
+                                                 check=not lazy)
+                del stored
                 assert tv.theta0 is not None
                 update = run_method(entry, tv.taus, None, values, offset=lo * per_row)
                 del tv.taus
@@ -326,16 +330,32 @@ def map_blocks(stat: Statistic, state: Any, name: str, source: Source,
                ahead: int) -> Any:
     """One partial of ``stat.map`` over the row blocks ``spans`` of ``name``, combined block by
     block (exactly); ``ahead`` blocks are read ahead on a thread."""
-    def read(span: tuple[int, int]) -> list[TaskVector]:
-        return source.task_vector_rows(name, *span, device, dtype, check=False).taus
-
+    read = block_reader(source, name, ahead)
     partial = None
-    with read_ahead(read, spans, ahead) as blocks:
-        for taus in blocks:
+    with read_ahead(read, list(enumerate(spans)), ahead) as blocks:
+        for stored in blocks:
+            taus = source.rows_to_task_vectors(name, stored, device, dtype, check=False).taus
+            del stored
             part = stat.map(state, taus)
             del taus
             partial = part if partial is None else stat.combine([partial, part])
     return partial
+
+
+def block_reader(source: Source, name: str, ahead: int
+                 ) -> Callable[[tuple[int, tuple[int, int]]], list[StoredRows]]:
+    """``read((i, (lo, hi)))``: rows lo:hi of ``name``'s inputs as stored, block ``i`` into the
+    buffers of set ``i mod (ahead + 1)``. Block i + ahead + 1 is read only once the loop is done
+    with block i (``read_ahead``), which ``rows_to_task_vectors`` copies out of; the buffers are
+    allocated once per parameter and never churn the allocator (blocks that one thread
+    allocates and another frees stay in the allocating thread's malloc arena: 2x the memory)."""
+    sets: list[list[list[Tensor]]] = [[] for _ in range(ahead + 1)]
+
+    def read(item: tuple[int, tuple[int, int]]) -> list[StoredRows]:
+        i, (lo, hi) = item
+        return source.read_rows(name, lo, hi, buffers=sets[i % len(sets)])
+
+    return read
 
 
 def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
@@ -514,8 +534,9 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
     row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
     output's bytes. ``prefetch`` (default on) overlaps those blocks' reading, merging and
-    writing on a reader and a writer thread, with about (2K + 6) blocks in memory instead of
-    (K + 3); it never changes the output's bytes either.
+    writing on a reader and a writer thread, with up to (3K + 6) blocks in memory instead of
+    (2K + 4) (float32 inputs; (2K + 5) against (1.5K + 3.5) for bf16); it never changes the
+    output's bytes either.
 
     ``backend`` (default: the recipe's ``backend``, else ``local``): ``local`` runs ``workers``
     parameters at once on threads; ``ray`` runs tasks on the Ray cluster at ``ray_address``,

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class StoredRows:
+    """A row block of one input as stored (its file's dtype), with the file it came from."""
+
+    file: Path
+    rows: Tensor
+
+
+@dataclass
 class TaskVectors:
     """θ0 and the τ_i of one parameter, on the device, in the compute dtype (private copies).
 
@@ -68,6 +76,12 @@ class Source(Protocol):
 
     def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
                          dtype: torch.dtype, *, check: bool = True) -> TaskVectors: ...
+
+    def read_rows(self, name: str, start: int, stop: int, *,
+                  buffers: list[list[Tensor]] | None = None) -> list[StoredRows]: ...
+
+    def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
+                             dtype: torch.dtype, *, check: bool = True) -> TaskVectors: ...
 
     def check_inputs(self, name: str, block_rows: int) -> None: ...
 
@@ -206,16 +220,48 @@ class CheckpointSource:
         """Rows ``start:stop`` of θ0 and of the dense τ_i of ``name`` (``reads_rows``), each
         read with a positioned read of those rows' bytes. ``check``: NaN/Inf in them is an
         error naming the file (the caller may instead check the output, ``check_inputs``)."""
-        def read(ckpt: Checkpoint | Adapter) -> Tensor:
-            assert isinstance(ckpt, Checkpoint)
-            t = ckpt.read_rows(name, start, stop)
-            if check:
-                check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}",
-                             self.allow_nonfinite)
-            return to_compute(t, device, dtype)  # the raw block is dropped once converted
+        return self.rows_to_task_vectors(name, self.read_rows(name, start, stop), device,
+                                         dtype, check=check)
 
-        theta0 = read(self.base)
-        return TaskVectors(theta0, [read(ckpt).sub_(theta0) for ckpt in self.experts])
+    def read_rows(self, name: str, start: int, stop: int, *,
+                  buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:
+        """Rows ``start:stop`` of ``name`` in the base, then in each expert, as stored: only
+        file I/O (a reader thread's share). ``buffers``: one reusable buffer per input (a list
+        of K + 1 lists, filled on first use), so that a loop over blocks allocates nothing; the
+        rows are then views of them, valid until the next read into the same buffers (which
+        ``rows_to_task_vectors`` copies out of)."""
+        inputs = (self.base, *self.experts)
+        if buffers is not None and not buffers:
+            buffers.extend([] for _ in inputs)
+        out = []
+        for k, ckpt in enumerate(inputs):
+            assert isinstance(ckpt, Checkpoint)
+            out.append(StoredRows(ckpt.infos[name].file, ckpt.read_rows(
+                name, start, stop, into=None if buffers is None else buffers[k])))
+        return out
+
+    def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
+                             dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
+        """θ0 and the τ_i of the blocks ``read_rows`` gave, in new tensors (nothing refers to
+        the blocks afterwards; ``rows`` is emptied as they are converted). ``check``: NaN/Inf in
+        them is an error naming the file."""
+        def convert(stored: StoredRows) -> Tensor:
+            if check:
+                check_finite(stored.rows, f"{stored.file}: tensor {name!r}",
+                             self.allow_nonfinite)
+            return to_compute(stored.rows, device, dtype)
+
+        rows.reverse()  # pop from the end: each stored block is dropped once converted
+        stored = rows.pop()
+        theta0 = convert(stored)
+        if theta0 is stored.rows:  # already in the compute dtype and on the device
+            theta0 = theta0.clone()
+        taus = []
+        while rows:
+            stored = rows.pop()
+            t = convert(stored)
+            taus.append(torch.sub(t, theta0) if t is stored.rows else t.sub_(theta0))
+        return TaskVectors(theta0, taus)
 
     def check_inputs(self, name: str, block_rows: int) -> None:
         """Raise the NonFiniteError of the first input of ``name`` (base, then experts) that
@@ -447,6 +493,14 @@ class StateDictSource:
 
     def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
                          dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
+        raise NotImplementedError("state dicts are merged whole")
+
+    def read_rows(self, name: str, start: int, stop: int, *,
+                  buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:
+        raise NotImplementedError("state dicts are merged whole")
+
+    def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
+                             dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
         raise NotImplementedError("state dicts are merged whole")
 
     def check_inputs(self, name: str, block_rows: int) -> None:

@@ -160,11 +160,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, meta
 
 
-def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None
-                      ) -> torch.Tensor:
+def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None, *,
+                      into: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Read one safetensors tensor, or its rows ``start:stop`` (the first dimension), with a
     positioned read of exactly those bytes (no mmap): a row block of a row-major tensor is one
-    contiguous byte range."""
+    contiguous byte range. ``into``: a one-element list holding a reusable uint8 buffer (made
+    on first use, grown if too small); the result is then a view of it, valid until the next
+    read into it."""
     rows = info.shape[0] if info.shape else 1
     stop = rows if stop is None else stop
     if not 0 <= start <= stop <= rows:
@@ -176,7 +178,12 @@ def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None
     if nbytes == 0:
         return torch.empty(shape, dtype=info.dtype)
     offset = info.offset + start * row_bytes
-    buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read below
+    if into is None:
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read
+    else:
+        if not into or into[0].numel() < nbytes:
+            into[:] = [torch.empty(nbytes, dtype=torch.uint8)]
+        buf = into[0][:nbytes]
     view = memoryview(buf.numpy())
     try:
         fd = os.open(info.file, os.O_RDONLY)
@@ -353,14 +360,16 @@ class Checkpoint:
         info = self.infos.get(name)
         return info is not None and info.offset >= 0 and len(info.shape) >= 1
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of one tensor (its first dimension), a private copy. Reads only
-        those bytes from a safetensors file; a ``.bin`` tensor is sliced after loading."""
+    def read_rows(self, name: str, start: int, stop: int, *,
+                  into: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (its first dimension), a private copy (with
+        ``into``, a view of that reusable buffer: see ``read_tensor_bytes``). Reads only those
+        bytes from a safetensors file; a ``.bin`` tensor is sliced after loading."""
         info = self.infos.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         if info.offset >= 0:
-            return read_tensor_bytes(info, start, stop)
+            return read_tensor_bytes(info, start, stop, into=into)
         return self._torch_shard(info.file)[info.name][start:stop].clone()
 
     def alias(self, name: str, target: str) -> None:
