@@ -142,11 +142,15 @@ def slow_recipe(root: Path) -> dict[str, Any]:
 
 
 def ray_tasks_running() -> list[psutil.Process]:
+    """This test cluster's workers running a task (descendants of this process: other Ray
+    clusters on the machine are left alone)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::run_group"):
-            found.append(p)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::run_group"):
+                found.append(p)
+        except psutil.Error:
+            continue
     return found
 
 
