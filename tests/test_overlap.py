@@ -127,6 +127,21 @@ def test_prefetch_and_block_size_do_not_change_bytes(synthetic: Path, tmp_path: 
     assert _merge(recipe, tmp_path / "w2", block_size="1KiB", workers=2) == whole
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_float32_inputs_too(tmp_path: Path, method: str) -> None:
+    """Inputs already in the compute dtype: the read buffers are the blocks themselves, which
+    the merging thread must copy out of before the reader reuses them."""
+    root = tmp_path / "models"
+    write_example_models(root, llama_shape_for(1, vocab=40, hidden=32), 3, dtype="float32",
+                         seed=6, progress=False)
+    recipe = _recipe(root, method)
+    whole = _merge(recipe, tmp_path / "whole", prefetch=False)
+    for block in (1, "1KiB"):
+        for prefetch in (True, False):
+            assert _merge(recipe, tmp_path / f"{block}-{prefetch}", block_size=block,
+                          prefetch=prefetch) == whole
+
+
 def _poisoned(root: Path, tmp: Path, name: str, value: float) -> Path:
     """A copy of expert_2 whose last entry of ``name`` is ``value``: a NaN in its last block."""
     dst = tmp / "bad"
