@@ -361,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         r_gpu = min(ratios.values())
         gpu = {m: Fit(f.a / r_gpu, f.b / r_gpu) for m, f in cpu.items()}
-        gpu_note = (f"GPU: ASSUMED R = {r_gpu:.0f}× this CPU (the smaller anchor ratio; see "
-                    "below), not measured")
+        gpu_note = (f"GPU: ASSUMED R = {r_gpu:.0f}× this CPU (the smaller anchor ratio above), "
+                    "not measured")
 
     def per_matrix(fits: dict[str, Fit]) -> Callable[[tuple[int, int]], float]:
         return lambda s: fits["swudi"](swudi_features(*s, k)) + fits["svc"](
@@ -374,14 +374,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nLlama-70B, one layer at K = {k} (this CPU; {gpu_note}):\n")
     print("| matrix | m × n | swudi s | svc s | GPU s |")
     print("|---|---|---:|---:|---:|")
-    layer_cpu = layer_gpu = 0.0
+    sums = [0.0, 0.0, 0.0]
     for name, (m, n) in LAYER_70B:
         s_sw, s_svc = cpu["swudi"](swudi_features(m, n, k)), cpu["svc"](svc_features(m, n, k))
         g = per_matrix(gpu)((m, n))
-        layer_cpu, layer_gpu = layer_cpu + s_sw + s_svc, layer_gpu + g
+        sums = [sums[0] + s_sw, sums[1] + s_svc, sums[2] + g]
         print(f"| {name} | {m}×{n} | {s_sw:.0f} | {s_svc:.0f} | {g:.1f} |")
-    print(f"| one layer | | {layer_cpu:.0f} (both) | | {layer_gpu:.1f} |")
-    print(f"| 80 layers | | {80 * layer_cpu / 3600:.1f} h | | {80 * layer_gpu / 60:.1f} min |")
+    print(f"| one layer | | {sums[0]:.0f} | {sums[1]:.0f} | {sums[2]:.1f} |")
+    print(f"| {LAYERS} layers | | {LAYERS * sums[0] / 3600:.1f} h | {LAYERS * sums[1] / 3600:.1f} h "
+          f"| {LAYERS * sums[2] / 60:.1f} min |")
 
     print(f"\nPredicted wall of SWUDI + SVC, Llama-70B, K = {k}, inputs and output on a shared "
           f"FS at {args.node_gbs:g} GB/s per node ({args.itemsize}-byte parameters: "
