@@ -3,24 +3,30 @@
 1. Measure (or reload with ``--from-json``): SWUDI, then SVC on SWUDI's result, called directly
    on K dense float32 task vectors (``specmerge.synthetic.structured_task_vectors``) at a ladder
    of Llama-70B aspect ratios scaled to a hidden size h: q/o (h × h), k/v (h/8 × h), gate/up
-   (3.5h × h) and down (h × 3.5h); K = 8 at every h and K = 4 at one h (so that the K-dependence
-   is fitted too). Median of up to 3 timed calls after a warm-up (fewer for a slow cell).
-2. Fit, per method, t = a·G + b·E by least squares on relative errors, where G and E are the
-   flop counts of the code's GEMMs and decompositions (``swudi_features``, ``svc_features``),
-   and print the log-log exponent of t in h per aspect ratio.
+   (3.5h × h) and down (h × 3.5h; measured up to ``--down-max``); K = 8 at every h and K = 4 at
+   one h (so that the K-dependence is fitted too). Median of up to 3 timed calls after a
+   warm-up (fewer for a slow cell, within ``--budget`` seconds).
+2. Fit, per method, t = a·G + b·E by least squares on relative errors over the cells with
+   h ≥ ``--fit-min-h``, where G counts the GEMM flops of the code and E its decomposition
+   (SWUDI: eigh of the n × n C, E = n³; SVC: the thin SVD, E = M·r²); see ``swudi_features``
+   and ``svc_features``. Print the fit's errors and the log-log exponent of t in h.
 3. Predict SWUDI + SVC with K experts on Llama-70B (shapes from its config.json: hidden 8192,
    intermediate 28672, 80 layers, 64 heads with 8 KV heads of 128 dims, vocabulary 128256):
-   each matrix from the fit, grouped into Ray tasks by ``RayBackend.groups`` itself, each task's
-   time = its compute + its bytes read and written at ``--node-gbs`` GB/s + a per-task overhead,
-   tasks handed in order to the first free slot of N (one task per node at a time), plus a fixed
-   overhead. CPU nodes run at the speed measured here; GPU nodes at that speed times a ratio R,
-   which is an ASSUMPTION derived from the SWUDI paper's anchor (Llama-3.2-3B merged in 70.9 s by
-   the official code on one GPU, arXiv 2606.07289), unless ``--gpu-json`` gives measured GPU
-   timings (``gpu_timings.py matrices --json``; ``GPU_CHECK_WORK=DIR bash
-   benchmarks/gpu_check.sh`` keeps ``DIR/matrices.json``), from which GPU coefficients are fitted.
+   each matrix from the fit, grouped into Ray tasks by ``RayBackend.groups`` itself; a task's
+   time = its compute + its bytes read ((K + 1) inputs) and written (1 output) at
+   ``--node-gbs`` GB/s + a per-task overhead; tasks handed in order to the first free of N
+   slots (one task per node at a time); plus a fixed overhead. CPU nodes run at the speed fitted
+   here. GPU nodes run at that speed times a ratio R, an ASSUMPTION: the smaller of the ratios
+   between our predicted CPU time of SWUDI alone on the SWUDI paper's two anchors and the
+   paper's GPU times (Llama-3.2-3B in 70.9 s, Qwen2-VL-7B in 487.8 s by the official code,
+   arXiv 2606.07289; K = ``--k-anchor`` assumed, the GPU not known). With ``--gpu-json``
+   (``gpu_timings.py matrices --json``; ``GPU_CHECK_WORK=DIR bash benchmarks/gpu_check.sh``
+   keeps ``DIR/matrices.json``) the GPU coefficients are fitted from measured GPU timings.
 
     python benchmarks/ray_cost_model.py --ladder 512 1024 2048 4096 --json work/cost_cpu.json
-    python benchmarks/ray_cost_model.py --from-json work/cost_cpu.json [--gpu-json m.json]
+    python benchmarks/ray_cost_model.py --from-json docs/results/ray_cost_model_cpu.json
+    python benchmarks/ray_cost_model.py --from-json docs/results/ray_cost_model_cpu.json \\
+        --gpu-json DIR/matrices.json          # once a GPU has run benchmarks/gpu_check.sh
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def fit(rows: Sequence[dict[str, Any]], method: str, min_h: int = 0) -> Fit:
     """Least squares on relative errors over the rows with h ≥ ``min_h``, coefficients ≥ 0
     (one is dropped if it goes < 0)."""
     pts = [(FEATURES[method](r["m"], r["n"], r["k"]), r[method]) for r in rows
-           if r["h"] >= min_h]
+           if r.get("h", min_h) >= min_h]
     xs = [(g / t, e / t) for (g, e), t in pts]
     sgg = sum(x * x for x, _ in xs)
     see = sum(y * y for _, y in xs)
@@ -281,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="connect, probes, worker start-up: 2.8 s of worker start-up and "
                          "0.02 s of probes measured on one node, rounded up for a cluster")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--k-anchor", type=int, default=K_ANCHOR,
+                    help=f"K assumed for the paper's GPU anchors (default {K_ANCHOR})")
+    ap.add_argument("--eigh-b", type=float,
+                    help="override SWUDI's eigh coefficient b (s per 10⁹ n³), e.g. from a "
+                         "separate timing of torch.linalg.eigh")
     args = ap.parse_args(argv)
 
     if args.from_json:
@@ -294,25 +305,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     cpu = {m: fit(rows, m, args.fit_min_h) for m in FEATURES}
+    if args.eigh_b is not None:  # a sensitivity check: eigh's cost measured some other way
+        cpu["swudi"] = Fit(cpu["swudi"].a, args.eigh_b * 1e-9)
 
     print(f"Per-matrix timings on {machine}, float32, dense task vectors "
           f"(median of up to 3 after a warm-up), and the fit's prediction:\n")
     print("| h | aspect | m × n | K | swudi s | fit | svc s | fit |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
-    worst = 0.0
+    errors = []
     for r in rows:
         fs = cpu["swudi"](swudi_features(r["m"], r["n"], r["k"]))
         fc = cpu["svc"](svc_features(r["m"], r["n"], r["k"]))
         if r["h"] >= args.fit_min_h:
-            worst = max(worst, abs(fs / r["swudi"] - 1), abs(fc / r["svc"] - 1))
+            errors += [(abs(f / t - 1), t) for f, t in ((fs, r["swudi"]), (fc, r["svc"]))]
         print(f"| {r['h']} | {r['aspect']} | {r['m']}×{r['n']} | {r['k']} | {r['swudi']:.3f} | "
               f"{fs:.3f} | {r['svc']:.3f} | {fc:.3f} |")
-    print(f"\nLargest relative error of the fit (rows with h ≥ {args.fit_min_h}): {worst:.0%}. "
-          "Exponent of t in h (K = 8, every h measured):")
+    print(f"\nRelative error of the fit over the cells with h ≥ {args.fit_min_h}: median "
+          f"{statistics.median(e for e, _ in errors):.0%}, largest among cells of 1 s or more "
+          f"{max(e for e, t in errors if t >= 1):.0%}. Exponent of t in h "
+          "(K = 8, every h measured):")
     for method in FEATURES:
         exps = {a: exponent(rows, method, a) for a in ASPECTS}
         print(f"- {method}: " + ", ".join(f"{a} {e:.2f}" for a, e in exps.items() if e))
-    print("\nFitted coefficients (t = a·G + b·E):\n")
+    print("\nFitted coefficients (t = a·G + b·E)"
+          + (f"; swudi's b set to {args.eigh_b} by --eigh-b" if args.eigh_b is not None else "")
+          + ":\n")
     print("| method | G (GEMM flops) | E | a: s per GFLOP (GFLOP/s) | b: s per 10⁹ E |")
     print("|---|---|---|---:|---:|")
     print(f"| swudi | K·(4mn² if m ≥ n else 2mn² + 4m²n) + 2mn² + 4mnk | n³ (eigh) | "
@@ -331,34 +348,41 @@ def main(argv: Sequence[str] | None = None) -> None:
           "(compare the measured local-w1 wall there, which adds I/O and the fallbacks).")
 
     k = args.experts
-    ratios = anchor_ratio(cpu, K_ANCHOR)
+    ratios = anchor_ratio(cpu, args.k_anchor)
     if args.gpu_json:
         gpu = gpu_fits(args.gpu_json, cpu, k)
         gpu_note = f"GPU: fitted from {args.gpu_json}"
+        predicted = {n: r * ANCHORS[n][0] for n, r in anchor_ratio(gpu, args.k_anchor).items()}
+        print(f"\nGPU coefficients: swudi a = {gpu['swudi'].a * 1e9:.5f} s per GFLOP, b = "
+              f"{gpu['swudi'].b * 1e9:.5f} s per 10⁹ n³; svc a = {gpu['svc'].a * 1e9:.5f}, b = "
+              f"{gpu['svc'].b * 1e9:.5f}. Their SWUDI alone (K = {args.k_anchor}) on the anchors: "
+              + ", ".join(f"{n} {v:.0f} s (paper {ANCHORS[n][0]} s)"
+                          for n, v in predicted.items()))
     else:
         r_gpu = min(ratios.values())
         gpu = {m: Fit(f.a / r_gpu, f.b / r_gpu) for m, f in cpu.items()}
-        gpu_note = (f"GPU: ASSUMED R = {r_gpu:.0f}× this CPU (the smaller anchor ratio; see "
-                    "below), not measured")
+        gpu_note = (f"GPU: ASSUMED R = {r_gpu:.0f}× this CPU (the smaller anchor ratio above), "
+                    "not measured")
 
     def per_matrix(fits: dict[str, Fit]) -> Callable[[tuple[int, int]], float]:
         return lambda s: fits["swudi"](swudi_features(*s, k)) + fits["svc"](
             svc_features(*s, k))
 
-    print(f"\nAnchor ratios (predicted CPU seconds of SWUDI alone, K = {K_ANCHOR} assumed, "
+    print(f"\nAnchor ratios (predicted CPU seconds of SWUDI alone, K = {args.k_anchor} assumed, "
           "over the paper's GPU seconds): "
           + ", ".join(f"{n} {v:.0f}×" for n, v in ratios.items()))
     print(f"\nLlama-70B, one layer at K = {k} (this CPU; {gpu_note}):\n")
     print("| matrix | m × n | swudi s | svc s | GPU s |")
     print("|---|---|---:|---:|---:|")
-    layer_cpu = layer_gpu = 0.0
+    sums = [0.0, 0.0, 0.0]
     for name, (m, n) in LAYER_70B:
         s_sw, s_svc = cpu["swudi"](swudi_features(m, n, k)), cpu["svc"](svc_features(m, n, k))
         g = per_matrix(gpu)((m, n))
-        layer_cpu, layer_gpu = layer_cpu + s_sw + s_svc, layer_gpu + g
+        sums = [sums[0] + s_sw, sums[1] + s_svc, sums[2] + g]
         print(f"| {name} | {m}×{n} | {s_sw:.0f} | {s_svc:.0f} | {g:.1f} |")
-    print(f"| one layer | | {layer_cpu:.0f} (both) | | {layer_gpu:.1f} |")
-    print(f"| 80 layers | | {80 * layer_cpu / 3600:.1f} h | | {80 * layer_gpu / 60:.1f} min |")
+    print(f"| one layer | | {sums[0]:.0f} | {sums[1]:.0f} | {sums[2]:.1f} |")
+    print(f"| {LAYERS} layers | | {LAYERS * sums[0] / 3600:.1f} h | {LAYERS * sums[1] / 3600:.1f} h "
+          f"| {LAYERS * sums[2] / 60:.1f} min |")
 
     print(f"\nPredicted wall of SWUDI + SVC, Llama-70B, K = {k}, inputs and output on a shared "
           f"FS at {args.node_gbs:g} GB/s per node ({args.itemsize}-byte parameters: "
