@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +220,7 @@ def test_a_killed_driver_leaves_no_finished_looking_output(cluster: Any,
     assert not partial.exists()  # the next run into the same OUT cleaned it up
 
 
-def test_a_worker_error_reaches_the_user_naming_the_tensor(cluster: Any, tmp_path: Path) -> None:
+def test_a_worker_error_reaches_the_user_naming_the_tensor_and_node(cluster: Any, tmp_path: Path) -> None:
     from conftest import make_state_dicts, write_hf_dir
 
     base, experts = make_state_dicts()
@@ -229,8 +231,41 @@ def test_a_worker_error_reaches_the_user_naming_the_tensor(cluster: Any, tmp_pat
     with pytest.raises(SpecmergeError, match=r"up_proj.*NaN|NaN.*up_proj") as err:
         specmerge.merge(recipe, tmp_path / "out", progress=False, backend="ray")
     assert str(tmp_path / "e1") in str(err.value)
+    assert re.search(r"\(on node [0-9.]+ \(.+, Ray node [0-9a-f]{8}\)\)", str(err.value)), err.value
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@dataclass(frozen=True)
+class FakeEntry:
+    name: str
+    numel: int = 1
+
+
+def where_am_i(entry: FakeEntry, source: Any) -> tuple[int, str]:
+    """A step that reports its worker process and the GPU Ray gave it."""
+    time.sleep(0.2)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_each_gpu_task_runs_in_a_fresh_worker(cluster: Any) -> None:
+    """A node with 2 (fake) GPUs: Ray gives each GPU task its GPU by CUDA_VISIBLE_DEVICES, and
+    torch keeps the first it saw, so a worker must never run a second GPU task."""
+    from ray import cloudpickle
+
+    node = cluster.add_node(num_cpus=1, num_gpus=2)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers can't import it
+    try:
+        backend = RayBackend(use_gpus=True, num_gpus=1, num_cpus=0.5, groups_per_slot=3)
+        entries = [FakeEntry(f"t{i}") for i in range(6)]
+        assert len(backend.groups(entries)) == 6
+        seen = [result for _, result in backend.map(where_am_i, entries, None)]
+        pids = [pid for pid, _ in seen]
+        assert len(set(pids)) == len(pids), seen  # no worker ran two GPU tasks
+        assert {gpu for _, gpu in seen} <= {"0", "1"}, seen
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        cluster.remove_node(node)
 
 
 def can_unshare() -> bool:

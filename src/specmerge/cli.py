@@ -80,7 +80,8 @@ def merge(
              "backend.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="The Ray cluster's address, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS, "
-             "else a new local Ray instance).")] = None,
+             "else the cluster `ray start` last started on this machine, else a new local "
+             "one).")] = None,
     ray_gpus: Annotated[Optional[float], typer.Option(  # noqa: UP045
         min=0, help="GPUs each Ray task asks for with --device cuda (default 1; 0.5 puts two "
                     "tasks on a GPU).")] = None,

@@ -22,6 +22,10 @@ however entries are grouped, whichever node runs them and in whatever order they
 Faults. A worker process that dies mid-task is retried by Ray (``max_retries``); the retried
 task rewrites the same bytes at the same offsets. A task that fails with an error (bad input,
 NaN) is not retried: its error reaches the user, naming the node.
+
+GPUs. A task that asks for a GPU runs in a fresh worker process (``max_calls=1``): Ray gives each
+task its GPU through ``CUDA_VISIBLE_DEVICES``, and torch keeps the device it first saw, so a
+reused worker could compute on the GPU of an earlier task while Ray counts another one as busy.
 """
 
 from __future__ import annotations
@@ -100,9 +104,15 @@ def probe(paths: Sequence[str]) -> tuple[NodeInfo | None, dict[str, str], dict[s
 
 def run_group(step: Step[Any], entries: Sequence[PlanEntry], source: Any, threads: int
               ) -> tuple[NodeInfo, list[Any]]:
-    """A Ray task: ``step`` on each entry, with the driver's torch thread count."""
+    """A Ray task: ``step`` on each entry, with the driver's torch thread count. A
+    SpecmergeError (bad input, NaN) keeps its type and gains the node that raised it."""
     torch.set_num_threads(threads)
-    return node_info(), [step(entry, source) for entry in entries]
+    node = node_info()
+    try:
+        return node, [step(entry, source) for entry in entries]
+    except SpecmergeError as err:
+        err.args = (f"{err} (on {node.describe()})", *err.args[1:])
+        raise
 
 
 def check_reachable(address: str | None, timeout: float = 10.0) -> None:
@@ -133,7 +143,8 @@ def import_ray() -> Any:
 @dataclass
 class RayBackend:
     """Runs steps as Ray tasks. ``address``: the cluster's (``ray start --head`` prints it;
-    None: ``RAY_ADDRESS`` or a new local instance). ``threads``: torch threads per task (default
+    None: ``RAY_ADDRESS``, else the cluster that ``ray start`` last started on this machine,
+    else a new local instance: Ray's own order). ``threads``: torch threads per task (default
     the driver's, for the driver's bytes). ``num_cpus``/``num_gpus``: what each task asks Ray
     for (default: ``threads`` CPUs, at most the largest node's, so that tasks do not
     oversubscribe a node; ``num_gpus`` only with a CUDA device, fractions share a GPU).
@@ -165,15 +176,21 @@ class RayBackend:
         if not ray.is_initialized():
             # keep Ray's current behaviour for CPU tasks (and its FutureWarning out of the way)
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            if self.address is None and "RAY_ADDRESS" not in os.environ:
-                log.info("ray: no address given; starting a local Ray instance on this machine")
             check_reachable(self.address or os.environ.get("RAY_ADDRESS"))
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING,
                          include_dashboard=False)  # workers' warnings reach the user
             except (ConnectionError, RuntimeError, ValueError) as err:
-                where = self.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+                where = (self.address or os.environ.get("RAY_ADDRESS")
+                         or "this machine's Ray ('ray start''s last cluster, or a new one)")
                 raise SpecmergeError(f"ray: cannot connect to {where}: {err}") from err
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            log.info("ray: connected to %s (%d node(s), %g CPU(s), %g GPU(s))%s",
+                     ray.get_runtime_context().gcs_address, len(nodes),
+                     ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
+                     "" if self.address or "RAY_ADDRESS" in os.environ else
+                     ": no address was given, so Ray joined the cluster 'ray start' last started "
+                     "on this machine or started a new local one")
         return ray
 
     def options(self) -> dict[str, Any]:
@@ -276,7 +293,9 @@ class RayBackend:
             ) -> Iterator[tuple[PlanEntry, Any]]:
         ray = self.connect()
         groups = self.groups(entries)
-        task = ray.remote(run_group).options(**self.options())
+        # a GPU task in a fresh worker: torch keeps the first CUDA_VISIBLE_DEVICES it saw
+        task = (ray.remote(max_calls=1)(run_group) if self.use_gpus
+                else ray.remote(run_group)).options(**self.options())
         step_ref, source_ref = ray.put(step), ray.put(source)
         pending = {task.remote(step_ref, group, source_ref, self.threads): group
                    for group in groups}

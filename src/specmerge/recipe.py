@@ -176,8 +176,8 @@ class OutputSpec(_Strict):
 class BackendSpec(_Strict):
     """Where the merge runs (never what it computes: the output's bytes do not depend on it, and
     the resolved recipe does not record it). ``local``: this process (``--workers`` threads).
-    ``ray``: tasks on the Ray cluster at ``address`` (null: ``RAY_ADDRESS`` or a new local
-    instance), each asking for ``num_cpus`` CPUs and, on a CUDA device, ``num_gpus`` GPUs (a
+    ``ray``: tasks on the Ray cluster at ``address`` (null: ``RAY_ADDRESS``, else the cluster
+    ``ray start`` last started on this machine, else a new local one), each asking for ``num_cpus`` CPUs and, on a CUDA device, ``num_gpus`` GPUs (a
     fraction shares one)."""
 
     _where: ClassVar[str] = "'backend'"
