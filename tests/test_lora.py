@@ -333,3 +333,75 @@ def test_cli_writes_a_peft_adapter(tmp_path, three_adapters) -> None:
                                    "--output-format", "gguf"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
     assert "format" in bad.output and not (tmp_path / "p").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_module_adapters(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A bf16 base and two adapters on q_proj/up_proj, one of which also saves lm_head whole
+    (``modules_to_save``), so that the embedding, the norms and lm_head can go by rows."""
+    root = tmp_path_factory.mktemp("lora-rows")
+    cls = transformers.AutoModelForCausalLM
+    cls.from_pretrained(llama(root), torch_dtype=torch.bfloat16).save_pretrained(root / "b16")
+    base = root / "b16"
+    ads = [adapter(base, root / "ad0", 21, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                   modules_to_save=["lm_head"]),
+           adapter(base, root / "ad1", 22, r=2, lora_alpha=4, target_modules=["q_proj"])]
+    return base, ads
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("task_arithmetic", {}), ("ties", {}), ("ties", {"parameters": {"trim_scope": "global"}}),
+    ("dare", {"seed": 3}), ("weight_average", {})])
+def test_adapters_merge_by_rows_where_they_do_not_target(tmp_path, saved_module_adapters,
+                                                         monkeypatch, method, extra) -> None:
+    """With adapter experts, the tensors no LoRA targets (untouched: τ = 0; saved whole:
+    positioned reads of the saved rows) go in row blocks, with the whole-tensor bytes."""
+    from conftest import tree_hash
+
+    import specmerge.io.writer as writer
+
+    base, ads = saved_module_adapters
+    recipe = {"base_model": str(base), "models": [str(a) for a in ads], "merge_method": method,
+              **extra}
+    whole = specmerge.merge(recipe, tmp_path / "whole", block_size="1GiB", progress=False)
+    by_rows: list[str] = []
+    real = writer.Region.write_rows
+
+    def spy(self: writer.Region, start: int, rows: torch.Tensor) -> None:
+        by_rows.append(self.name)
+        real(self, start, rows)
+
+    monkeypatch.setattr(writer.Region, "write_rows", spy)
+    rows = specmerge.merge(recipe, tmp_path / "rows", block_size="256B", progress=False)
+    assert tree_hash(rows.out_dir) == tree_hash(whole.out_dir)
+    went = set(by_rows)
+    assert {"model.embed_tokens.weight", "lm_head.weight",
+            "model.layers.0.self_attn.k_proj.weight"} <= went  # untouched, saved, untouched
+    assert not any("q_proj" in n or "up_proj" in n for n in went)  # LoRA targets: whole
+    got, b = _tensors(rows.out_dir), _tensors(base)
+    assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert not torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_nan_in_a_saved_module_read_by_rows_names_the_adapter(tmp_path,
+                                                              saved_module_adapters) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from specmerge.errors import NonFiniteError
+
+    base, ads = saved_module_adapters
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ads[0].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in sd if k.endswith("lm_head.weight"))  # peft saves it without
+    # its "modules_to_save.default" infix
+    sd[key][5, 3] = float("nan")
+    save_file(sd, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    recipe = {"base_model": str(base), "models": [str(bad), str(ads[1])],
+              "merge_method": "ties"}  # TIES does not propagate NaN: the inputs are checked
+    for method in ("ties", "task_arithmetic"):
+        with pytest.raises(NonFiniteError, match=rf"{bad}.*lm_head.*1 NaN"):
+            specmerge.merge({**recipe, "merge_method": method}, tmp_path / f"o-{method}",
+                            block_size="256B", progress=False)

@@ -36,10 +36,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StoredRows:
-    """A row block of one input as stored (its file's dtype), with the file it came from."""
+    """A row block of one input as stored (its file's dtype), with the file it came from.
+    ``rows`` None: an adapter that does not touch the tensor (its τ is zero there).
+    ``adapter``: the rows are an adapter's saved module, checked for NaN/Inf however read."""
 
     file: Path
-    rows: Tensor
+    rows: Tensor | None
+    adapter: bool = False
 
 
 @dataclass
@@ -210,10 +213,16 @@ class CheckpointSource:
         return ckpt.read(name)
 
     def reads_rows(self, name: str) -> bool:
-        """Whether ``task_vector_rows`` reads only the rows asked for: the base and every
-        expert are dense safetensors checkpoints (an adapter's τ is read whole)."""
-        return all(isinstance(c, Checkpoint) and c.can_read_rows(name)
-                   for c in (self.base, *self.experts))
+        """Whether ``task_vector_rows`` reads only the rows asked for: the base and every dense
+        expert are safetensors, and every adapter either leaves ``name`` alone (τ = 0) or saves
+        it whole in safetensors (``modules_to_save``). A weight an adapter's LoRA targets is
+        read whole (τ = s·B·A, formed per tensor)."""
+        def rows_of(ckpt: Checkpoint | Adapter) -> bool:
+            if isinstance(ckpt, Checkpoint):
+                return ckpt.can_read_rows(name)
+            return name not in ckpt.lora and (name not in ckpt.saved
+                                               or ckpt.file.can_read_rows(ckpt.saved[name]))
+        return self.base.can_read_rows(name) and all(rows_of(c) for c in self.experts)
 
     def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
                          dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
@@ -235,9 +244,15 @@ class CheckpointSource:
             buffers.extend([] for _ in inputs)
         out = []
         for k, ckpt in enumerate(inputs):
-            assert isinstance(ckpt, Checkpoint)
-            out.append(StoredRows(ckpt.infos[name].file, ckpt.read_rows(
-                name, start, stop, into=None if buffers is None else buffers[k])))
+            into = None if buffers is None else buffers[k]
+            if isinstance(ckpt, Adapter):
+                key = ckpt.saved.get(name)
+                out.append(StoredRows(ckpt.path, None) if key is None else StoredRows(
+                    ckpt.file.infos[key].file, ckpt.file.read_rows(key, start, stop, into=into),
+                    adapter=True))
+                continue
+            out.append(StoredRows(ckpt.infos[name].file,
+                                  ckpt.read_rows(name, start, stop, into=into)))
         return out
 
     def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
@@ -246,7 +261,8 @@ class CheckpointSource:
         the blocks afterwards; ``rows`` is emptied as they are converted). ``check``: NaN/Inf in
         them is an error naming the file."""
         def convert(stored: StoredRows) -> Tensor:
-            if check:
+            assert stored.rows is not None
+            if check or stored.adapter:  # adapters' tensors are always checked as read
                 check_finite(stored.rows, f"{stored.file}: tensor {name!r}",
                              self.allow_nonfinite)
             return to_compute(stored.rows, device, dtype)
@@ -259,6 +275,9 @@ class CheckpointSource:
         taus = []
         while rows:
             stored = rows.pop()
+            if stored.rows is None:  # an adapter that leaves this tensor alone
+                taus.append(torch.zeros_like(theta0))
+                continue
             t = convert(stored)
             taus.append(torch.sub(t, theta0) if t is stored.rows else t.sub_(theta0))
         return TaskVectors(theta0, taus)
