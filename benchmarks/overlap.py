@@ -29,11 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from procwatch import watch
 
 BUFFER = 16 << 20
 VARIANTS = {"on": ([], {}), "off": (["--no-prefetch"], {}), "w2": (["--workers", "2"], {}),
@@ -49,15 +50,6 @@ class Run:
     merge_s: float  # the merge's own time, as the CLI reports it
     fsync_s: float  # the final fsync of the output shards
     resident: float  # share of the input bytes in the page cache when the run started
-
-
-def rss_anon_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    m = re.search(r"^RssAnon:\s+(\d+) kB", status, re.MULTILINE)
-    return int(m.group(1)) / 1024 if m else 0.0
 
 
 def resident_share(files: list[Path]) -> float:
@@ -107,21 +99,7 @@ def run_merge(cmd: list[str], env: dict[str, str], resident: float) -> Run:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **env})
-        peak = [0.0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_anon_mb(proc.pid))
-                stop.wait(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        run = watch(proc, t0)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -131,7 +109,7 @@ def run_merge(cmd: list[str], env: dict[str, str], resident: float) -> Run:
     merge_s = float(found.group(1)) if found else float("nan")
     fsyncs = [float(x) for x in re.findall(r"fsync of \d+ shard file\(s\), [0-9.]+ MB: "
                                            r"([0-9.]+) s", stderr)]
-    return Run(wall, usage.ru_utime + usage.ru_stime, peak[0], merge_s, sum(fsyncs), resident)
+    return Run(run.wall, run.cpu, run.peak_anon_mb, merge_s, sum(fsyncs), resident)
 
 
 def main() -> None:

@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -55,6 +54,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from procwatch import status_mb
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as tests/test_ray.py
@@ -92,16 +93,6 @@ class TimedRayBackend(RayBackend):
         out = super().groups(entries)
         self.tasks += len(out)
         return out
-
-
-def status_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, RssAnon) of ``pid`` in MB; zeros once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0, 0.0
-    found = dict(re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.MULTILINE))
-    return int(found.get("VmRSS", 0)) / 1024, int(found.get("RssAnon", 0)) / 1024
 
 
 def proc_title(pid: int) -> str | None:

@@ -17,51 +17,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
 
-
-def rss_anon_mb(pid: int) -> float:
-    """The private resident memory of ``pid`` (RssAnon), in MB; 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    m = re.search(r"^RssAnon:\s+(\d+) kB", status, re.MULTILINE)
-    return int(m.group(1)) / 1024 if m else 0.0
+from procwatch import watch
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MB from wait4, peak sampled RssAnon in MB) of a command."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = [0.0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_anon_mb(proc.pid))
-            stop.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    run = watch(proc, t0)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         sys.exit(f"command failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, peak[0]
+    return run.wall, run.max_rss_mb, run.peak_anon_mb
 
 
 def write_lean_models(root: Path, params: str, experts: int, dtype: str,

@@ -45,17 +45,18 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 CHILD_ENV = dict(os.environ)  # the tools' environment: the caller's, nothing added
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/: procwatch
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit  # noqa: E402
+from procwatch import watch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,17 +154,6 @@ def read_floor(files: list[Path], how: str) -> dict[str, Any]:
             "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1]}
 
 
-def _status(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) of ``pid`` in kB; zeros once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0, 0
-    vals = [re.search(rf"^{k}:\s+(\d+) kB", text, re.MULTILINE) for k in ("VmRSS", "RssAnon")]
-    rss, anon = (int(m.group(1)) if m else 0 for m in vals)
-    return rss, anon
-
-
 def disk_bytes() -> tuple[int, int]:
     """(bytes read, bytes written) by every whole disk since boot (/proc/diskstats)."""
     rd = wr = 0
@@ -188,37 +178,13 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
-        peak = {"anon": 0, "rss": 0}
-        stop = threading.Event()
-
-        def sample() -> None:
-            try:
-                root = psutil.Process(proc.pid)
-            except psutil.Error:
-                return
-            while not stop.is_set():
-                try:
-                    pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
-                except psutil.Error:
-                    pids = [proc.pid]
-                stats = [_status(p) for p in pids]
-                peak["rss"] = max(peak["rss"], sum(s[0] for s in stats))
-                peak["anon"] = max(peak["anon"], sum(s[1] for s in stats))
-                stop.wait(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-    cpu = usage.ru_utime + usage.ru_stime
-    rc = os.waitstatus_to_exitcode(status)
+        run = watch(proc, t0, interval=0.05, tree=True)
+    rc = run.returncode
     disk1 = disk_bytes()
     tail = log.read_text(errors="replace").strip().splitlines()[-3:] if rc else []
-    return {"wall": wall, "cpu": cpu, "max_rss_mb": usage.ru_maxrss / 1024,
-            "tree_rss_mb": peak["rss"] / 1024, "rss_anon_mb": peak["anon"] / 1024,
-            "others_cpu": max(0.0, _busy_seconds() - busy0 - cpu), "load1": load, "rc": rc,
+    return {"wall": run.wall, "cpu": run.cpu, "max_rss_mb": run.max_rss_mb,
+            "tree_rss_mb": run.peak_rss_mb, "rss_anon_mb": run.peak_anon_mb,
+            "others_cpu": max(0.0, _busy_seconds() - busy0 - run.cpu), "load1": load, "rc": rc,
             "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1],
             "error": " | ".join(tail)[-300:]}
 
