@@ -111,3 +111,12 @@ def test_synthetic_vocab_and_hidden_options(tmp_path) -> None:
     assert (cfg["vocab_size"], cfg["hidden_size"]) == (300, 32)
     res = runner.invoke(app, ["example", "synthetic", str(tmp_path / "t"), "--hidden", "30"])
     assert res.exit_code == 1 and "multiple of 16" in res.output
+
+
+def test_the_cli_block_size_default_is_the_engines() -> None:
+    import inspect
+
+    from specmerge.cli import merge
+    from specmerge.engine import DEFAULT_BLOCK_SIZE
+
+    assert inspect.signature(merge).parameters["block_size"].default == DEFAULT_BLOCK_SIZE

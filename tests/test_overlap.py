@@ -92,7 +92,7 @@ def test_prefetch_and_block_size_do_not_change_bytes(synthetic: Path, tmp_path: 
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      method: str, extra: dict[str, Any]) -> None:
     recipe = _recipe(synthetic, method, **extra)
-    whole = _merge(recipe, tmp_path / "whole", prefetch=False)  # 16MiB: every tensor whole
+    whole = _merge(recipe, tmp_path / "whole", prefetch=False)  # 8MiB: every tensor whole
     seen: dict[str, set[str]] = {"read": set(), "write": set(), "maths": set()}
     read, write = CheckpointSource.read_rows, writer.Region.write_rows
     convert = CheckpointSource.rows_to_task_vectors

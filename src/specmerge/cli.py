@@ -56,7 +56,7 @@ def merge(
     block_size: Annotated[str, typer.Option(
         help="Largest tensor block held per input, in the compute dtype, where a parameter is "
              "merged in row blocks (element-wise methods and fallbacks on safetensors "
-             "inputs), e.g. 16MiB; never changes the output.")] = "16MiB",
+             "inputs), e.g. 8MiB; never changes the output.")] = "8MiB",  # DEFAULT_BLOCK_SIZE
     prefetch: Annotated[bool, typer.Option(
         "--prefetch/--no-prefetch",
         help="Read the next row block while one is merged, and write the last one, on two "

@@ -69,7 +69,7 @@ from specmerge.sources import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = "16MiB"  # per tensor block, in the compute dtype
+DEFAULT_BLOCK_SIZE = "8MiB"  # per tensor block, in the compute dtype (docs/results/overlap.md)
 # with prefetch, blocks read ahead of the one being merged, and written blocks queued behind it
 READ_AHEAD, WRITE_BEHIND = 1, 1
 
@@ -531,7 +531,7 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
 
     ``dtype``, ``seed``, ``output_format`` and ``rank`` override the recipe's. The output is
     written to a temporary sibling and renamed into place at the end; inputs are only ever read.
-    ``block_size`` (bytes, or e.g. "16MiB") bounds each tensor block of the parameters merged in
+    ``block_size`` (bytes, or e.g. "8MiB", the default) bounds each tensor block of the parameters merged in
     row blocks (element-wise methods and fallbacks on safetensors inputs); it never changes the
     output's bytes. ``prefetch`` (default on) overlaps those blocks' reading, merging and
     writing on a reader and a writer thread, with up to (3K + 6) blocks in memory instead of
