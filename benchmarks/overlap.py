@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="Also run from a cold page cache.")
     ap.add_argument("--evict", choices=["fadvise", "drop_caches"], default="fadvise")
-    ap.add_argument("--block-size", default="16MiB")
+    ap.add_argument("--block-size", default="8MiB")  # specmerge's default
     ap.add_argument("--workdir", type=Path, default=Path("work/overlap"))
     ap.add_argument("--models", type=Path, default=None,
                     help="An existing base/ and expert_i/ set (default: written under workdir)")

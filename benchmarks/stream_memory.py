@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
-    ap.add_argument("--block-size", default="16MiB")
+    ap.add_argument("--block-size", default="8MiB")  # specmerge's default
     ap.add_argument("--lean-inputs", action="store_true",
                     help="Write the inputs in row chunks (little memory), without the low-rank "
                          "structure of example synthetic's task vectors")
