@@ -9,8 +9,9 @@ method in three ways, interleaved round by round (the order rotates each round):
 - ``local-w1``: ``specmerge.merge(..., workers=1)``;
 - ``local-w2``: ``specmerge.merge(..., workers=2)``;
 - ``ray``: ``specmerge.merge(..., backend=RayBackend())`` with the defaults of ``--backend ray``
-  (1 CPU per task, the driver's torch thread count in every task); the subclass used here only
-  counts the tasks and times the driver's file checks;
+  (the driver's torch thread count in every task, and as many CPUs asked per task, at most the
+  largest node's; results recorded before 2026-11-28 used 1 CPU per task); the subclass used
+  here only counts the tasks and times the driver's file checks;
 - ``ray-1`` (only with ``--variants``): the same with ``task_bytes=1``, one tensor per task.
 
 Before the timed rounds: one untimed local merge (page cache, imports) and one untimed Ray
