@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from procwatch import watch
+from procwatch import drop_pages, watch
 
 BUFFER = 16 << 20
 VARIANTS = {"on": ([], {}), "off": (["--no-prefetch"], {}), "w2": (["--workers", "2"], {}),
@@ -87,12 +87,7 @@ def evict(files: list[Path], how: str) -> None:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
         return
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_pages(files)
 
 
 def run_merge(cmd: list[str], env: dict[str, str], resident: float) -> Run:

@@ -1,4 +1,5 @@
-"""A child process's wall time, CPU time and memory, as the benchmarks measure them.
+"""A child process's wall time, CPU time and memory, as the benchmarks measure them, and
+``drop_pages``, which evicts input files from the page cache before a cold run.
 
 ``watch`` waits for a started process with ``wait4`` (exit status, CPU time, peak RSS as the
 kernel counts it) while a thread samples ``/proc/PID/status`` every ``interval`` seconds: the
@@ -30,6 +31,17 @@ def status_mb(pid: int) -> tuple[float, float]:
 def rss_anon_mb(pid: int) -> float:
     """The private resident memory of ``pid`` (RssAnon) in MB; 0 once it is gone."""
     return status_mb(pid)[1]
+
+
+def drop_pages(files: list[Path]) -> None:
+    """Evict ``files`` from the page cache (``posix_fadvise(DONTNEED)``), touching no other
+    file's pages on a shared machine."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 @dataclass

@@ -58,7 +58,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit  # noqa: E402
-from procwatch import watch  # noqa: E402
+from procwatch import drop_pages, watch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,12 +131,7 @@ def evict(files: list[Path], how: str) -> tuple[str, int | None]:
                 raise
             used = "fadvise"
     if used == "fadvise":
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        drop_pages(files)
     return used, (resident_bytes(files) if used != "none" else None)
 
 
