@@ -50,6 +50,10 @@ from specmerge.methods.registry import Interval, Options, register
 
 WEIGHT_FLOOR = 1e-12  # w_i = 1 / max(‖τ_i‖², WEIGHT_FLOOR); below it a task counts as zero
 EIG_FLOOR = 1e-8  # eigenvalues of C are floored here before any division (official SWUDI code)
+# The closed-form solvers form C and D, decompose C and apply the update in float64 whatever the
+# compute dtype: C squares the τ_i's condition number, and the residual D − τ_0 C cancels (to 0
+# at K = 1). The official code stays in float32: a documented deviation (docs/numerics.md).
+CORE_DTYPE = torch.float64
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the official WUDI code
 ADAM_EPS = 1e-8
 
@@ -94,17 +98,21 @@ def interference_gram(taus: Sequence[Tensor]) -> Tensor:
     return c
 
 
-def interference_stats(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """C = Σ w_i τ_iᵀ τ_i (n × n) and D = Σ w_i τ_i τ_iᵀ τ_i (m × n), one task at a time.
+def interference_stats(taus: Sequence[Tensor],
+                       dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """C = Σ w_i τ_iᵀ τ_i (n × n) and D = Σ w_i τ_i τ_iᵀ τ_i (m × n), one task at a time, in
+    ``dtype`` (default: the τ_i's), each τ_i cast to it in turn.
 
     D_i is associated the cheaper way: τ_i G_i with G_i = τ_iᵀ τ_i reused from C when m ≥ n
-    (m n² flops), (τ_i τ_iᵀ) τ_i when m < n (m² n flops). The temporaries are one n × n or
-    m × m matrix; no K-fold stack is formed.
+    (m n² flops), (τ_i τ_iᵀ) τ_i when m < n (m² n flops). The temporaries are one cast τ_i and
+    one n × n or m × m matrix; no K-fold stack is formed.
     """
     m, n = taus[0].shape
-    c = taus[0].new_zeros(n, n)
-    d = taus[0].new_zeros(m, n)
+    dtype = dtype or taus[0].dtype
+    c = taus[0].new_zeros(n, n, dtype=dtype)
+    d = taus[0].new_zeros(m, n, dtype=dtype)
     for w, tau in zip(task_weights(taus), taus, strict=True):
+        tau = tau.to(dtype)
         if m >= n:
             g = tau.mT @ tau
             c.add_(g, alpha=w)
@@ -128,13 +136,15 @@ def wudi_objective(task_vectors: Sequence[TaskVector], tau: Tensor) -> Tensor:
     return total
 
 
-def initial_tau(taus: Sequence[Tensor], init: str) -> Tensor:
-    """τ_0: Σ_i τ_i (``sum``, the official WUDI code), their mean (``mean``) or 0 (``zero``)."""
+def initial_tau(taus: Sequence[Tensor], init: str, dtype: torch.dtype | None = None) -> Tensor:
+    """τ_0 in ``dtype`` (default: the τ_i's): Σ_i τ_i (``sum``, the official WUDI code), their
+    mean (``mean``) or 0 (``zero``)."""
+    dtype = dtype or taus[0].dtype
     if init == "zero":
-        return torch.zeros_like(taus[0])
+        return torch.zeros_like(taus[0], dtype=dtype)
     if init == "mean":
-        return weight_average(taus)
-    total = torch.zeros_like(taus[0])
+        return weight_average(taus).to(dtype)
+    total = torch.zeros_like(taus[0], dtype=dtype)
     for t in taus:
         total.add_(t)
     return total
@@ -154,11 +164,14 @@ def significant(lam: Tensor) -> int:
 
 
 def spectral_update(tau0: Tensor, c: Tensor, d: Tensor, q: Tensor, g: Tensor) -> Tensor:
-    """τ̂ = τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ, for the k kept eigenvectors Q_k and g = h/λ."""
+    """τ̂ = τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ, for the k kept eigenvectors Q_k and g = h/λ.
+
+    In place: D becomes the residual D − τ_0 C and τ_0 becomes τ̂ (both are the caller's
+    temporaries), so the update holds one m × k matrix beyond them."""
     if q.shape[1] == 0:
-        return tau0.clone()
-    residual = torch.addmm(d, tau0, c, alpha=-1.0)  # D − τ_0 C = −∇L(τ_0) / 2
-    return torch.addmm(tau0, (residual @ q).mul_(g), q.mT)
+        return tau0
+    residual = d.addmm_(tau0, c, alpha=-1.0)  # D − τ_0 C = −∇L(τ_0) / 2
+    return tau0.addmm_((residual @ q).mul_(g), q.mT)
 
 
 def full_spectrum(lam: Tensor, space: Space) -> Tensor:
@@ -173,17 +186,21 @@ def _filtered_solution(task_vectors: Sequence[TaskVector],
                        init: str, scaling: float) -> TaskVector:
     """scaling · (τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ), where ``gain(λ, (m, n))`` returns g = h/λ
     for the k leading eigenvalues it keeps (λ descending, floored). The mean of the τ_i when
-    every ‖τ_i‖² < 1e-12."""
+    every ‖τ_i‖² < 1e-12.
+
+    C, D, the eigendecomposition and the update are computed in float64 (``CORE_DTYPE``) and
+    cast back to the compute dtype, like ``wudi_closed_form``; see there and docs/numerics.md.
+    """
     space, taus = embed(task_vectors, "interference methods")
     if negligible(taus):
         return space.lift(weight_average(taus))
-    c, d = interference_stats(taus)
+    c, d = interference_stats(taus, CORE_DTYPE)
     lam, q = eigen(c)
     full = full_spectrum(lam, space)
     g = gain(full, space.shape)
     g = g[:min(significant(full), lam.numel())]  # below rounding (or on null(C)): keep τ_0
-    update = spectral_update(initial_tau(taus, init), c, d, q[:, :g.numel()], g)
-    return space.lift(update.mul_(scaling))
+    update = spectral_update(initial_tau(taus, init, CORE_DTYPE), c, d, q[:, :g.numel()], g)
+    return space.lift(update.mul_(scaling).to(taus[0].dtype))
 
 
 def exp_filter(lam: Tensor, exp_time: float) -> Tensor:
@@ -432,7 +449,7 @@ def wudi_closed_form(task_vectors: Sequence[TaskVector]) -> TaskVector:
     space, taus = embed(task_vectors, "wudi_closed_form")
     if negligible(taus):
         return space.lift(weight_average(taus))
-    c, d = interference_stats([t.double() for t in taus])
+    c, d = interference_stats(taus, CORE_DTYPE)
     lam, q = eigen(c)
     k = min(significant(full_spectrum(lam, space)), lam.numel())
     return space.lift(((d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT).to(taus[0].dtype))
