@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from specmerge.io.writer import OutTensor, ShardedWriter, atomic_output_dir, write_text
 from specmerge.linalg import dtype_name, parse_dtype
 from specmerge.plan import parameter_seed
-from specmerge.synthetic import structured_task_vectors
+from specmerge.synthetic import normal, structured_task_vectors
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ def write_example_models(out_dir: str | Path, shape: LlamaShape, experts: int, *
                          shard_size: int = 2 * 10**9, progress: bool = True) -> list[Path]:
     """Write ``out_dir/base`` and ``out_dir/expert_1..K``; return their paths.
 
-    θ0 ~ N(0, 0.02²) for matrices and 1 for norms; τ_i = 1e-3 · (shared + task + noise).
+    θ0 ~ N(0, 0.02²) for matrices and 1 for norms; τ_i = 1e-3 · (shared + task + noise). The
+    same seed writes the same bytes on every CPU (``specmerge.synthetic.normal``).
     """
     dt = parse_dtype(dtype)
     root = Path(out_dir).expanduser().resolve()
@@ -122,11 +123,11 @@ def write_example_models(out_dir: str | Path, shape: LlamaShape, experts: int, *
                               unit="tensor", disable=not progress):
             gen = torch.Generator().manual_seed(parameter_seed(seed, name, -1))
             if len(shp) == 2:
-                base = 0.02 * torch.randn(shp, generator=gen)
+                base = 0.02 * normal(*shp, generator=gen)
                 taus = structured_task_vectors(shp, experts, generator=gen)
             else:
                 base = torch.ones(shp)
-                taus = [1e-3 * torch.randn(shp, generator=gen) for _ in range(experts)]
+                taus = [1e-3 * normal(*shp, generator=gen) for _ in range(experts)]
             writers[0].write(name, base.to(dt))
             for w, tau in zip(writers[1:], taus, strict=True):
                 w.write(name, (base + tau).to(dt))

@@ -7,6 +7,8 @@ family are designed around (shared directions inflate the merged spectrum).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,19 @@ VIT_B32_BLOCK = (
     ("mlp.fc1", (3072, 768)),
     ("mlp.fc2", (768, 3072)),
 )
+
+
+def normal(*shape: int, generator: torch.Generator) -> Tensor:
+    """float32 samples of N(0, 1) that are the same on every CPU.
+
+    ``torch.randn`` is not: its vectorised kernels (AVX2, AVX-512) and its scalar one
+    (``ATEN_CPU_CAPABILITY=default``, other processors) draw different numbers from one seed.
+    ``torch.rand``'s uniforms agree, so this is Box–Muller on them, z = √(−2 ln(1 − u₁))
+    cos(2π u₂), computed in float64 and rounded: a last-bit difference of a float64 ``log`` or
+    ``cos`` between kernels changes a float32 sample with probability about 2⁻²⁹.
+    """
+    u = torch.rand(2, *shape, generator=generator, dtype=torch.float64)
+    return (torch.log1p(-u[0]).mul_(-2).sqrt_() * torch.cos(2 * math.pi * u[1])).float()
 
 
 def structured_task_vectors(
@@ -36,18 +51,20 @@ def structured_task_vectors(
 
     Each low-rank factor has entries N(0, 1/√rank), so every part has a comparable
     per-entry scale; ``noise`` is the noise-to-signal ratio and ``scale`` the overall size.
+    The same seed gives the same values on every CPU (``normal``; the products are formed in
+    float64 and rounded, so that no BLAS kernel's summation order shows).
     """
     m, n = shape
 
     def low_rank(r: int) -> Tensor:
-        a = torch.randn(m, r, generator=generator) / r**0.5
-        b = torch.randn(r, n, generator=generator)
-        return a @ b
+        a = normal(m, r, generator=generator).double() / r**0.5
+        b = normal(r, n, generator=generator).double()
+        return (a @ b).float()
 
     shared = low_rank(shared_rank)
     out = []
     for _ in range(num_tasks):
-        tau = shared + low_rank(task_rank) + noise * torch.randn(m, n, generator=generator)
+        tau = shared + low_rank(task_rank) + noise * normal(m, n, generator=generator)
         out.append((scale * tau).to(dtype))
     return out
 
