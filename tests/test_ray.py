@@ -4,7 +4,6 @@ mid-merge, a driver killed mid-merge, and a node whose view of an input is wrong
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -59,14 +57,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the golden hashes pin one thread
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict[str, Any]],
                svc: bool, tag: str = "", **kw: Any) -> dict[str, str]:
     name, method, params, extra = case
@@ -81,16 +71,18 @@ def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dic
     return golden.hash_dir(out, root)
 
 
+def run_locally(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict[str, Any]],
+                svc: bool) -> dict[str, str]:
+    """The same case on the local backend, in this session: the bytes Ray must reproduce."""
+    return golden.hash_dir(golden.run_case(root, model, case, svc, 1, "-local"), root)
+
+
 @pytest.mark.parametrize("case_id", [c for c in golden._case_ids() if c.endswith("-w1")])
-def test_same_bytes_as_the_local_backend(cluster: Any, models: Path, one_thread: None,
-                                         case_id: str) -> None:
+def test_same_bytes_as_the_local_backend(cluster: Any, models: Path, case_id: str) -> None:
     """Every method ± SVC (TIES with trim_scope global included), on both golden models: the
-    Ray backend's files hash as the local backend's recorded ones."""
-    expected = json.loads(golden.GOLDEN.read_text())[case_id]
-    model, rest = case_id.removesuffix("-w1").split("-", 1)
-    name = rest.removesuffix("+svc")
-    case = next(c for c in golden.CASES if c[0] == name)
-    assert run_on_ray(models, model, case, rest.endswith("+svc")) == expected
+    Ray backend writes the same bytes as the local backend on this machine, in this session."""
+    model, case, svc, _ = golden.parse_case_id(case_id)
+    assert run_on_ray(models, model, case, svc) == run_locally(models, model, case, svc)
 
 
 def test_grouping_and_thread_count_do_not_change_bytes(cluster: Any, models: Path) -> None:
@@ -156,11 +148,11 @@ def ray_tasks_running() -> list[psutil.Process]:
     return found
 
 
-def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(cluster: Any, models: Path,
-                                                                  one_thread: None) -> None:
+def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(cluster: Any,
+                                                                  models: Path) -> None:
     """One group per node (3 tasks, each long enough to be caught running): the first task
-    seen running is SIGKILLed; Ray retries it (without retries the test fails); the golden
-    bytes result."""
+    seen running is SIGKILLed; Ray retries it (without retries the test fails); the local
+    backend's bytes result."""
     case = next(c for c in golden.CASES if c[0] == "tsv_m")
     killed: list[int] = []
     stop = threading.Event()
@@ -182,7 +174,7 @@ def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(cluster: Any, mo
         stop.set()
         thread.join()
     assert killed, "no Ray task was seen running, so none was killed"
-    assert hashes == json.loads(golden.GOLDEN.read_text())["synthetic-tsv_m+svc-w1"]
+    assert hashes == run_locally(models, "synthetic", case, svc=True)
 
 
 DRIVER = """
