@@ -271,6 +271,21 @@ def test_golden(golden_root: Path, golden: dict[str, Any], case_id: str) -> None
             == hash_dir(first, golden_root))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_workers_give_the_same_bytes_at_any_thread_count(golden_root: Path, threads: int) -> None:
+    """Worker threads compute with the caller's torch thread count, not OpenMP's default (a
+    new thread's): with 1 or 3 threads set, 2 workers wrote other bytes than 1 did."""
+    case = next(c for c in CASES if c[0] == "tsv_m")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one, two = (hash_dir(run_case(golden_root, "quickstart", case, True, w, f"-t{threads}"),
+                             golden_root) for w in (1, 2))
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
+
+
 def test_example_models_are_the_same_bytes_on_another_code_path(tmp_path: Path) -> None:
     """The goldens' inputs: ``write_example_models`` writes the same bytes whatever kernels
     ATen and MKL pick (``torch.randn`` would not: its AVX and scalar kernels differ)."""

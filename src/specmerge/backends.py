@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import torch
+
 from specmerge.plan import PlanEntry
 
 R = TypeVar("R")
@@ -55,8 +57,11 @@ class LocalBackend:
             for entry in entries:
                 yield entry, step(entry, source)
             return
-        with cf.ThreadPoolExecutor(max_workers=self.workers,
-                                   thread_name_prefix="specmerge") as pool:
+        # each worker computes with the caller's torch threads: a new thread starts from
+        # OpenMP's default team size, and another team size rounds LAPACK and BLAS differently
+        with cf.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specmerge",
+                                   initializer=torch.set_num_threads,
+                                   initargs=(torch.get_num_threads(),)) as pool:
             pending: dict[cf.Future[R], PlanEntry] = {}
             it = iter(entries)
             try:
