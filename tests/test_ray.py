@@ -73,8 +73,12 @@ def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dic
 
 def run_locally(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict[str, Any]],
                 svc: bool) -> dict[str, str]:
-    """The same case on the local backend, in this session: the bytes Ray must reproduce."""
-    return golden.hash_dir(golden.run_case(root, model, case, svc, 1, "-local"), root)
+    """The same case on the local backend, in this session: the bytes Ray must reproduce
+    (merged once, by whichever test asks first)."""
+    out = root / "out" / f"{model}-{case[0]}-{svc}-1-local"
+    if not out.exists():
+        golden.run_case(root, model, case, svc, 1, "-local")
+    return golden.hash_dir(out, root)
 
 
 @pytest.mark.parametrize("case_id", [c for c in golden._case_ids() if c.endswith("-w1")])
