@@ -116,8 +116,14 @@ def test_existing_output_refused_without_force(toy_models, tmp_path) -> None:
     with pytest.raises(OutputError, match="already exists; pass --force"):
         specmerge.merge(recipe_for(toy_models), out, progress=False)
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only a previous specmerge output (README, Safety)
+    with pytest.raises(OutputError, match="not a specmerge output .it holds keep.txt"):
+        specmerge.merge(recipe_for(toy_models), out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
     specmerge.merge(recipe_for(toy_models), out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    specmerge.merge(recipe_for(toy_models, "ties"), out, force=True, progress=False)
+    assert (out / "model.safetensors").exists() and "ties" in (out / "README.md").read_text()
     assert no_partial_dirs(tmp_path)
 
 
@@ -233,3 +239,164 @@ def test_dtype_mismatch_is_allowed_for_floats_only(tmp_path) -> None:
               "experts": [write_hf_dir(tmp_path / "e", experts[0])]}
     with pytest.raises(IncompatibleCheckpointError, match="'ids' has dtype torch.int32"):
         specmerge.merge(recipe_for(models), tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability round 3: symlinked OUT, --force policy, FIFOs, misread mergekit values
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from specmerge.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.output
+
+
+def _recipe_file(models: dict, path: Path, method: str = "task_arithmetic") -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe_for(models, method)))
+    return path
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_out_a_symlink_is_refused_and_its_target_untouched(toy_models, tmp_path, force) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (tmp_path / "out").symlink_to(precious)
+    recipe = _recipe_file(toy_models, tmp_path / "r.yaml")
+    rc, out = _cli("merge", str(recipe), str(tmp_path / "out"), "-q",
+                   *(["--force"] if force else []))
+    assert rc == 1 and "symbolic link" in out and str(tmp_path / "out") in out
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]
+    assert (tmp_path / "out").is_symlink()
+
+
+def test_force_replaces_only_a_previous_specmerge_output(toy_models, tmp_path) -> None:
+    recipe = _recipe_file(toy_models, tmp_path / "r.yaml")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    rc, out = _cli("merge", str(recipe), str(notes), "-q", "--force")
+    assert rc == 1 and "not a specmerge output" in out and "todo.txt" in out
+    assert (notes / "todo.txt").read_text() == "keep me"
+    # a previous output, and an empty directory, are replaced
+    out_dir = tmp_path / "out"
+    assert _cli("merge", str(recipe), str(out_dir), "-q")[0] == 0
+    assert _cli("merge", str(recipe), str(out_dir), "-q", "--force")[0] == 0
+    (tmp_path / "empty").mkdir()
+    assert _cli("merge", str(recipe), str(tmp_path / "empty"), "-q", "--force")[0] == 0
+    assert (tmp_path / "empty" / "specmerge_recipe.yaml").is_file()
+
+
+def test_force_never_deletes_the_recipe_in_out(toy_models, tmp_path) -> None:
+    out_dir = tmp_path / "out"
+    assert _cli("merge", str(_recipe_file(toy_models, tmp_path / "r.yaml")), str(out_dir),
+                "-q")[0] == 0
+    recipe = _recipe_file(toy_models, out_dir / "my_recipe.yaml")  # the recipe kept in OUT
+    rc, out = _cli("merge", str(recipe), str(out_dir), "-q", "--force")
+    assert rc == 1 and "my_recipe.yaml" in out and "inside the output" in out
+    assert recipe.is_file()
+
+
+def test_a_fifo_where_a_weight_file_is_expected_is_refused_not_waited_on(toy_models,
+                                                                           tmp_path) -> None:
+    import subprocess
+    import sys
+
+    base = tmp_path / "fifo_base"
+    write_hf_dir(base, toy_models["base_sd"])
+    (base / "model.safetensors").unlink()
+    os.mkfifo(base / "weights.safetensors")
+    models = {**toy_models, "base": base}
+    recipe = _recipe_file(models, tmp_path / "r.yaml")
+    for args in (["merge", str(recipe), str(tmp_path / "out")], ["plan", str(recipe)],
+                 ["inspect", str(base)]):
+        res = subprocess.run([sys.executable, "-m", "specmerge.cli", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 1, (args, res.stderr)
+        assert "FIFO" in res.stderr and "weights.safetensors" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "expect"), [
+    ("normalize", [False, False], "gradients"),
+    ("rescale", [True], "gradients"),
+    ("normalize", "yes", "expected true or false"),
+    ("lambda", "abc", "parameters.lambda: expected a number"),
+])
+def test_mergekit_flags_of_the_wrong_type_are_refused_by_name(toy_models, tmp_path, key, value,
+                                                              expect) -> None:
+    data = {"base_model": str(toy_models["base"]), "merge_method": "ties",
+            "models": [{"model": str(e), "parameters": {"density": 0.5, "weight": 1.0}}
+                       for e in toy_models["experts"]],
+            "parameters": {key: value}}
+    with pytest.raises(RecipeError, match=expect) as e:
+        specmerge.load_recipe(data)
+    assert key in str(e.value)
+
+
+def test_float16_output_beyond_its_range_is_refused_not_written_as_inf(tmp_path) -> None:
+    base, experts = make_state_dicts(k=2)
+    name = "model.layers.0.mlp.up_proj.bias"
+    base[name][3] = 7e4  # finite in float32, beyond float16's 65504
+    for e in experts:
+        e[name][3] = 7e4
+    models = {"base": write_hf_dir(tmp_path / "b", base),
+              "experts": [write_hf_dir(tmp_path / f"e{i}", e) for i, e in enumerate(experts)]}
+    recipe = {**recipe_for(models), "out_dtype": "float16"}
+    with pytest.raises(NonFiniteError, match=f"{name}.*exceed the range of float16"):
+        specmerge.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    specmerge.merge(recipe, tmp_path / "out", progress=False, allow_nonfinite=True)  # on request
+
+
+@pytest.mark.parametrize(("yaml_text", "args", "expect"), [
+    ("merge_method: [ties]", [], "merge_method: Input should be a valid string"),
+    ("models: {models}", [], "models: Input should be a valid list"),
+    ("deep", [], "nests too deeply"),
+    ("", ["--block-size", "0"], "block_size (--block-size): size must be positive"),
+    ("", ["--shard-size", "0"], "shard_size (--shard-size): size must be positive"),
+    ("parameters: {scaling: abc}", [], "'scaling'"),
+    ("", ["OUT_UNDER_A_FILE"], "Not a directory"),
+    ("", ["LONG_OUT"], "File name too long"),
+])
+def test_no_error_reaches_the_user_as_a_traceback(toy_models, tmp_path, yaml_text, args,
+                                                  expect) -> None:
+    """Through the real entry point (``specmerge.cli.main``): one line, exit status 1."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = recipe_for(toy_models)
+    if yaml_text == "deep":
+        text = "a: " + "[" * 20000 + "]" * 20000 + "\n"
+    else:
+        extra = yaml.safe_load(yaml_text.replace("{models}", str(toy_models["experts"][0])))
+        text = yaml.safe_dump({**data, **(extra or {})})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    out = str(tmp_path / "out")
+    if args == ["OUT_UNDER_A_FILE"]:
+        (tmp_path / "afile").write_text("")
+        out, args = str(tmp_path / "afile" / "out"), []
+    if args == ["LONG_OUT"]:
+        out, args = str(tmp_path / ("x" * 5000)), []
+    res = subprocess.run([sys.executable, "-m", "specmerge.cli", "merge", str(recipe), out, "-q",
+                          *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.startswith("error: "), res.stderr
+    assert expect in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    debug = subprocess.run([sys.executable, "-m", "specmerge.cli", "--debug", "merge",
+                            str(recipe), out, "-q", *args], capture_output=True, text=True,
+                           timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

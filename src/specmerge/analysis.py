@@ -28,10 +28,10 @@ from specmerge.engine import (
 from specmerge.errors import SpecmergeError
 from specmerge.io.plots import require_matplotlib
 from specmerge.io.report import ReportSink
-from specmerge.io.writer import check_output_path
+from specmerge.io.writer import check_output_path, output_path
 from specmerge.methods.registry import get_method
 from specmerge.plan import Plan, PlanEntry
-from specmerge.recipe import Recipe, load_recipe
+from specmerge.recipe import Recipe, load_recipe, recipe_files
 from specmerge.sources import CheckpointSource, Source
 
 # the rank ratio whose top-k trace share is reported, unless the recipe's method sets one
@@ -119,8 +119,8 @@ def analyze(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *
     require_matplotlib()
     rec, source, plan, step, backend = _prepare(recipe, dtype, device, workers, progress,
                                                 allow_nonfinite)
-    out = Path(out_dir).expanduser().resolve()
-    claim = check_output_path(out, source.paths, force)
+    out = output_path(out_dir)
+    claim = check_output_path(out, [*source.paths, *recipe_files(recipe)], force)
     entries = _matrix_entries(plan, params)
     if not entries:
         raise SpecmergeError(f"no matrix parameter under the recipe's scope (exclude "

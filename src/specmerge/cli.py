@@ -12,7 +12,7 @@ import typer
 
 from specmerge import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="specmerge: data-free model merging (SVC, SWUDI and the baselines).")
 example_app = typer.Typer(no_args_is_help=True, help="Write example checkpoints.")
 app.add_typer(example_app, name="example")
@@ -23,6 +23,8 @@ log = logging.getLogger("specmerge")
 def _fail(err: Exception) -> None:
     from specmerge.errors import Interrupted
 
+    if "--debug" in sys.argv[1:]:
+        raise err
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(128 + err.signum if isinstance(err, Interrupted) else 1)
 
@@ -38,6 +40,8 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the Python traceback of an "
+                                                        "error (see main).")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -341,8 +345,43 @@ def bench(ctx: typer.Context) -> None:
     bench_app(args=ctx.args, prog_name="specmerge bench")
 
 
+def describe(err: BaseException) -> str:
+    """The one line an error prints: its message, naming the file, tensor, field or option it
+    is about (the message of every specmerge error does), or what kind of failure it was."""
+    if isinstance(err, RecursionError):
+        return "the input nests too deeply to read (a YAML or JSON of thousands of levels?)"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        detail = str(err).splitlines()[0] if str(err) else ""
+        return ("out of memory" + (f" ({detail})" if detail else "") + ": try a smaller "
+                "--block-size, fewer --workers, or a machine with more memory")
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    message = str(err).strip() or type(err).__name__
+    return message if isinstance(err, (ValueError, OSError)) else (
+        f"{type(err).__name__}: {message} (an unexpected failure: please report it with the "
+        f"output of --debug)")
+
+
 def main() -> None:
-    app(prog_name="specmerge")
+    """The error boundary: every exception becomes ``error: …`` on one line and exit status 1
+    (128 + the signal for a signal, 130 for Ctrl-C); ``--debug`` (before the command) shows the
+    traceback instead."""
+    from specmerge.errors import Interrupted
+
+    try:
+        app(prog_name="specmerge")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if "--debug" in sys.argv[1:]:
+            raise
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except BaseException as err:
+        if "--debug" in sys.argv[1:]:
+            raise
+        typer.echo(f"error: {describe(err)}", err=True)
+        sys.exit(128 + err.signum if isinstance(err, Interrupted) else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,14 +49,14 @@ from specmerge.io.adapter import Adapter
 from specmerge.io.hf_files import check_auto_map
 from specmerge.io.peft_out import Factors, PeftDirSink
 from specmerge.io.sinks import HFDirSink, StateDictSink, Written
-from specmerge.io.writer import Region, check_output_path, parse_size
-from specmerge.linalg import is_finite, parse_dtype
+from specmerge.io.writer import Identity, Region, check_output_path, output_path, parse_size
+from specmerge.linalg import dtype_name, is_finite, parse_dtype
 from specmerge.lowrank import LowRank, TaskVector, dense, is_zero, truncate
 from specmerge.methods.registry import Method, Statistic, get_method
 from specmerge.methods.rng import CounterRNG
 from specmerge.overlap import read_ahead, write_behind
 from specmerge.plan import Plan, PlanEntry, build_plan
-from specmerge.recipe import Recipe, load_recipe
+from specmerge.recipe import Recipe, load_recipe, recipe_files
 from specmerge.sources import (
     CheckpointSource,
     Source,
@@ -221,7 +221,7 @@ class MergeStep:
             source.check_inputs(entry.name, self.rows_per_block(entry))
         check_finite(out, f"the merged tensor {entry.name!r} (from finite inputs)",
                      self.allow_nonfinite)
-        return out.to("cpu", entry.out_dtype)
+        return to_output(out, entry, self.allow_nonfinite)
 
     def method_of(self, entry: PlanEntry) -> Method | None:
         return get_method(entry.method) if entry.method is not None else None
@@ -298,7 +298,7 @@ class MergeStep:
                     if found and lazy:
                         source.check_inputs(entry.name, block)
                     bad += found
-                submit((lo, out.to("cpu", entry.out_dtype)))
+                submit((lo, to_output(out, entry, self.allow_nonfinite)))
                 del update, out, tv  # before the next block is taken
         if bad:
             raise nonfinite_error(f"the merged tensor {entry.name!r} (from finite inputs)", bad)
@@ -516,6 +516,32 @@ def make_backend(workers: int, backend: str | Backend | None = None, device: str
                       use_gpus=torch.device(device).type == "cuda")
 
 
+def to_output(x: Tensor, entry: PlanEntry, allow_nonfinite: bool) -> Tensor:
+    """``x`` (finite, in the compute dtype) cast to the entry's output dtype on the CPU. Where
+    that dtype's range is narrower (float16: ±65504), a value beyond it would be written as
+    Inf: an error naming the tensor, unless ``allow_nonfinite``."""
+    y = x.to("cpu", entry.out_dtype)
+    narrower = (y.is_floating_point() and x.is_floating_point()
+                and torch.finfo(y.dtype).max < torch.finfo(x.dtype).max)
+    if narrower and not allow_nonfinite:
+        bad = count_nonfinite(y)
+        if bad:
+            raise NonFiniteError(
+                f"the merged tensor {entry.name!r}: {bad} values exceed the range of "
+                f"{dtype_name(y.dtype)} (largest |x| = {float(x.abs().max()):.4g}, the most it "
+                f"holds is {torch.finfo(y.dtype).max:.6g}) and would be written as Inf; use "
+                f"out_dtype bfloat16 or float32, or --allow-nonfinite")
+    return y
+
+
+def parse_option_size(value: str | int, option: str) -> int:
+    """``parse_size`` whose error names the option."""
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise SpecmergeError(f"{option}: {err}") from None
+
+
 def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
           device: str | torch.device = "cpu", dtype: str | None = None,
           shard_size: str | int = "5GB", workers: int = 1, force: bool = False,
@@ -548,19 +574,19 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     start = time.perf_counter()
     rec = load_recipe(recipe, dtype=dtype, seed=seed, output=output_override(
         recipe, output_format, rank))
-    max_shard = parse_size(shard_size)
-    block = parse_size(block_size)
-    out = Path(out_dir).expanduser().resolve()
+    max_shard = parse_option_size(shard_size, "shard_size (--shard-size)")
+    block = parse_option_size(block_size, "block_size (--block-size)")
+    out = output_path(out_dir)
     backend = make_backend(workers, *backend_choice(rec, backend, ray_address, ray_gpus,
                                                     ray_cpus, str(device)))
     dev = resolve_device(device, backend.remote)
     reset_gpu_peak(dev, backend)
 
     source = CheckpointSource.from_recipe(rec, allow_nonfinite)
+    claim = check_output_path(out, [*source.paths, *recipe_files(recipe)], force)
     if rec.output is not None and rec.output.format == "peft":
-        return merge_to_adapter(rec, source, out, backend, dev, force, allow_nonfinite,
+        return merge_to_adapter(rec, source, out, backend, dev, claim, allow_nonfinite,
                                 progress, start)
-    claim = check_output_path(out, source.paths, force)
     check_auto_map(source.config_dir)
     backend.check_files(source.input_files(), "input")
     plan = plan_of(rec, source)
@@ -646,7 +672,7 @@ class AdapterStep:
 
 
 def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: Backend,
-                     dev: str, force: bool, allow_nonfinite: bool, progress: bool,
+                     dev: str, claim: Identity | None, allow_nonfinite: bool, progress: bool,
                      start: float) -> MergeResult:
     """``merge`` into a PEFT LoRA adapter: every expert must be an adapter; only the weights
     they target (factors) and save (whole tensors) are computed and written."""
@@ -670,7 +696,6 @@ def merge_to_adapter(rec: Recipe, source: CheckpointSource, out: Path, backend: 
                              "modules_to_save); write a full model (output format hf) instead")
     rank = rec.output.rank or max(ranks)
     targets = {n for a in adapters for n in a.lora} | {n for a in adapters for n in a.saved}
-    claim = check_output_path(out, source.paths, force)
     backend.check_files(source.input_files(), "input")
     plan = plan_of(rec, source)
     entries = [e for e in plan.entries if e.name in targets]

@@ -75,8 +75,8 @@ def is_mergekit(data: dict[str, Any]) -> bool:
     """A mergekit recipe: per-model ``parameters``, a mergekit-only key or method name, or
     mergekit's shared parameters with one of its method names (``gta``, specmerge's own method,
     shares parameter names with mergekit and is never read as mergekit)."""
-    if data.get("merge_method") == "gta":
-        return False
+    if data.get("merge_method") == "gta" or not isinstance(data.get("merge_method"), (str, type(None))):
+        return False  # a merge_method that is no name is refused by the recipe's validation
     models = data.get("models")
     if isinstance(models, list) and any(isinstance(m, dict) and "parameters" in m
                                         for m in models):
@@ -84,7 +84,7 @@ def is_mergekit(data: dict[str, Any]) -> bool:
     if any(k in data for k in ("slices", "tokenizer_source", "modules",
                                "chat_template")):
         return True
-    if data.get("merge_method") in MERGEKIT_ONLY:
+    if data.get("merge_method") in MERGEKIT_ONLY:  # a str (or None) here
         return True
     params = data.get("parameters")
     return (data.get("merge_method") in (*SUPPORTED, *OTHER_METHODS) and isinstance(params, dict)
@@ -101,6 +101,22 @@ def _scalar(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         raise MergekitError(f"{where}: a mapping is not supported here; give one value")
     return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A boolean parameter: a gradient, a filtered list or any non-boolean is refused by name
+    (``bool([False, False])`` is True: a list must never be read as ``true``)."""
+    value = _scalar(value, where)
+    if not isinstance(value, bool):
+        raise MergekitError(f"{where}: expected true or false, got {str(value)[:80]!r}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    value = _scalar(value, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergekitError(f"{where}: expected a number, got {str(value)[:80]!r}")
+    return float(value)
 
 
 def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
@@ -168,7 +184,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if method == "linear":
         weights = [{**defaults, **q}.get("weight", 1.0) for _, q in entries]
         total = float(sum(weights))
-        if shared.get("normalize", True):
+        if _flag(shared.get("normalize", True), "parameters.normalize"):
             if total == 0:
                 raise MergekitError("linear: the weights sum to zero")
             params["scaling"] = 1.0 / total
@@ -180,9 +196,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         params.update(GTA_PRESETS[method])
         for key in ("normalize", "rescale"):
             if key in shared:
-                params[key] = bool(shared[key])
+                params[key] = _flag(shared[key], f"parameters.{key}")
         if "lambda" in shared:
-            params["scaling"] = float(shared["lambda"])
+            params["scaling"] = _number(shared["lambda"], "parameters.lambda")
     gammas = {q["gamma"] for _, q in experts if "gamma" in q}
     if len(gammas) > 1:
         raise MergekitError("per-model gamma values differ; specmerge takes one gamma")

@@ -328,6 +328,8 @@ def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
     data = dict(data)
     if isinstance(data.get("base_model"), (str, os.PathLike)):
         data["base_model"] = fix(os.fspath(data["base_model"]))
+    if "models" in data and not isinstance(data["models"], list):
+        return data  # validation names it (a string is not iterated as paths by character)
     models = []
     for m in data.get("models") or []:
         if isinstance(m, (str, os.PathLike)):
@@ -339,6 +341,14 @@ def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
     if "models" in data:
         data["models"] = models
     return data
+
+
+def recipe_files(source: Recipe | dict[str, Any] | str | os.PathLike[str]) -> list[Path]:
+    """The recipe's own file, when it was given as one: an input like the models, which no
+    output may contain or replace."""
+    if isinstance(source, (str, os.PathLike)):
+        return [Path(source).expanduser().resolve()]
+    return []
 
 
 def load_recipe(source: Recipe | dict[str, Any] | str | os.PathLike[str],

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import stat
 import struct
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -132,8 +133,25 @@ def parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict[str, tupl
     return tensors, {str(k): v for k, v in meta.items()}
 
 
+def require_regular_file(path: Path) -> None:
+    """Refuse, before any ``open``, a weight file that is a FIFO, socket or device: opening a
+    FIFO blocks until something writes to it, so a merge would hang with no output."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: file not found") from err
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from err
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if
+                stat.S_ISSOCK(mode) else "a directory" if stat.S_ISDIR(mode) else "a device")
+        raise CheckpointError(f"{path}: is {kind}, not a regular file; a checkpoint's weights "
+                              f"must be a file")
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a safetensors header (see ``parse_safetensors_header``)."""
+    require_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -208,6 +226,7 @@ def read_tensor_bytes(info: TensorInfo, start: int = 0, stop: int | None = None,
 
 def _torch_load(path: Path) -> Mapping[str, torch.Tensor]:
     """Load a ``.bin``/``.pt`` state dict safely (weights only), memory-mapped where possible."""
+    require_regular_file(path)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

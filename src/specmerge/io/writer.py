@@ -329,12 +329,40 @@ def output_identity(path: Path) -> Identity | None:
     return st.st_dev, st.st_ino
 
 
+def output_path(out_dir: str | os.PathLike[str]) -> Path:
+    """OUT as the user named it, made absolute: the parent is resolved, the last component is
+    not, so a symbolic link at OUT stays the link (never its target; see ``check_output_path``).
+    """
+    p = Path(out_dir).expanduser()
+    if p.name in ("", ".", ".."):
+        return p.resolve()
+    return p.absolute().parent.resolve() / p.name
+
+
+# What a specmerge output holds: an HF or PEFT output its resolved recipe, an analyze report its
+# page and data. ``--force`` replaces only a directory holding one of these sets.
+OUTPUT_SIGNATURES = (("specmerge_recipe.yaml",), ("report.json", "index.html"))
+
+
+def is_specmerge_output(path: Path) -> bool:
+    return any(all((path / f).is_file() for f in sig) for sig in OUTPUT_SIGNATURES)
+
+
 def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> Identity | None:
     """Refuse an existing output without ``force``, and any overlap between output and inputs.
 
-    Returns the identity of the existing OUT that ``force`` allows to be replaced (None when
-    OUT does not exist): pass it to ``atomic_output_dir`` so that only that one is replaced.
+    OUT is the path the user named (``output_path``): a symbolic link there is refused, with
+    or without ``force``, since replacing it would replace either the link or what it points
+    to, and neither is a specmerge output. ``force`` replaces only an empty directory or a
+    previous specmerge output (``OUTPUT_SIGNATURES``); anything else is refused with what is
+    there named. Returns the identity of the existing OUT that ``force`` allows to be replaced
+    (None when OUT does not exist): pass it to ``atomic_output_dir`` so that only that one is
+    replaced.
     """
+    if out_dir.is_symlink():
+        raise OutputError(f"output {out_dir} is a symbolic link (to {os.readlink(out_dir)}); "
+                          f"specmerge writes OUT at the path named and never replaces a link "
+                          f"or its target: name the directory itself, or remove the link")
     for inp in inputs:
         # a directory input may not contain the output; a file input may not be the output
         if out_dir == inp or (inp.is_dir() and _is_within(out_dir, inp)):
@@ -348,6 +376,13 @@ def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> Ide
                           f"replace it (the old one is then deleted)")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output {out_dir} exists and is not a directory")
+    if out_dir.exists():
+        held = sorted(p.name for p in out_dir.iterdir())
+        if held and not is_specmerge_output(out_dir):
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise OutputError(f"output {out_dir} is not a specmerge output (it holds {shown}); "
+                              f"--force only replaces a previous specmerge output: name another "
+                              f"directory, or empty this one yourself")
     return output_identity(out_dir)
 
 
