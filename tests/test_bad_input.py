@@ -400,3 +400,15 @@ def test_no_error_reaches_the_user_as_a_traceback(toy_models, tmp_path, yaml_tex
                             str(recipe), out, "-q", *args], capture_output=True, text=True,
                            timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_side_file_linking_outside_the_base_is_not_copied(toy_models, tmp_path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (toy_models["base"] / "notes.txt").symlink_to(secret)
+    inside = toy_models["base"] / "real_vocab.txt"
+    inside.write_text("a b c")
+    (toy_models["base"] / "vocab.txt").symlink_to(inside)  # a link inside the base is fine
+    specmerge.merge(recipe_for(toy_models), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "notes.txt").exists()
+    assert (tmp_path / "out" / "vocab.txt").read_text() == "a b c"

@@ -40,12 +40,25 @@ def main_dtype(tensors: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str | 
     return dtype_name(max(sizes, key=lambda d: sizes[d])) if sizes else None
 
 
+def input_home(directory: Path) -> Path:
+    """The directory whose files an input may link to: the input directory itself, or, for a
+    Hugging Face cache snapshot (``models--org--name/snapshots/REV``), the repository folder
+    that holds its ``blobs``. Side files linking anywhere else are not copied."""
+    home = directory.resolve()
+    return home.parent.parent if home.parent.name == "snapshots" else home
+
+
 def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
                      out_dtype: str | None) -> None:
     """Copy the base's config and tokenizer files, set config.json's dtype, write the recipe."""
     if config_dir is not None:
+        home = input_home(config_dir)
         for f in sorted(config_dir.iterdir()):
             if f.is_file() and not NOT_COPIED.match(f.name):
+                if not f.resolve().is_relative_to(home):
+                    log.warning("not copied into the output: %s is a link to %s, outside the "
+                                "input directory %s", f, f.resolve(), home)
+                    continue
                 try:
                     shutil.copy2(f, out / f.name)
                 except OSError as err:
