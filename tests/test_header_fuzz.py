@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -137,3 +138,35 @@ def test_the_unmutated_header_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     path.write_bytes(BLOB)
     assert _ours(path) == _theirs(path) is not None
+
+
+def _raw_case(path: Path, header_text: str, data: bytes) -> None:
+    raw = header_text.encode("utf-8", "surrogatepass")
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+ENTRY = '"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'
+RAW_CASES = {
+    "duplicate field in an entry": '{"a": {' + ENTRY + ', "dtype": "F32"}}',
+    "duplicate __metadata__": '{"__metadata__": {}, "__metadata__": {}, "a": {' + ENTRY + '}}',
+    "lone surrogate": '{"__metadata__": {"k": "\\ud800"}, "a": {' + ENTRY + '}}',
+    "lone surrogate in a name": '{"a\\udc00": {' + ENTRY + '}}',
+    "-0 as an offset": '{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}',
+    "dimension product over u64": '{"a": {"dtype": "F32", "shape": [4294967296, 4294967296, 0],'
+                                  ' "data_offsets": [0, 0]}, "b": {"dtype": "F32", "shape": [2],'
+                                  ' "data_offsets": [0, 8]}}',
+    "plain (accepted)": '{"a": {' + ENTRY + '}}',
+    "repeated metadata key (accepted)": '{"__metadata__": {"k": "1", "k": "2"}, "a": {' + ENTRY
+                                        + '}}',
+}
+
+
+@pytest.mark.parametrize("name", RAW_CASES)
+def test_raw_headers_as_safetensors_reads_them(tmp_path: Path, name: str) -> None:
+    """Header variants that JSON-level fuzzing cannot write: each is accepted by us exactly
+    when ``safe_open`` accepts it."""
+    path = tmp_path / "m.safetensors"
+    _raw_case(path, RAW_CASES[name], b"\x00" * 8)
+    theirs, ours = _theirs(path), _ours(path)
+    assert (ours is None) == (theirs is None), f"{name}: {'ours' if ours else 'theirs'} accepted"
+    assert ours == theirs

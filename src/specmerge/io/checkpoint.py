@@ -70,6 +70,33 @@ def _uint(x: object, what: str) -> int:
     return x
 
 
+def _parse_int(token: str) -> int | float:
+    # serde reads "-0" as a negative number, which no u64 field accepts; Python reads 0
+    return -0.0 if token == "-0" else int(token)
+
+
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def _no_duplicate_fields(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as serde reads safetensors' header: a field of a tensor entry, or
+    ``__metadata__``, given twice is an error; a string with a lone surrogate (which UTF-8
+    cannot hold) is an error. Other repeated keys keep the last value, as serde's maps do."""
+    keys = [k for k, _ in pairs]
+    for k, v in pairs:
+        for text in (k, v) if isinstance(v, str) else (k,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HeaderError(f"the header holds a lone surrogate in {text[:40]!r}, which "
+                                  f"UTF-8 cannot encode") from None
+    is_entry = set(keys) & set(ENTRY_FIELDS)
+    for field in (ENTRY_FIELDS if is_entry else ("__metadata__",)):
+        if keys.count(field) > 1:
+            raise HeaderError(f"duplicate field {field!r} in the header")
+    return dict(pairs)
+
+
 def parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict[str, tuple[str, tuple[
         int, ...], int, int]], dict[str, str]]:
     """Validate a safetensors header as the safetensors library does; return, per tensor in
@@ -83,7 +110,8 @@ def parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict[str, tupl
     """
     try:
         text = raw.decode("utf-8")
-        header = json.loads(text, parse_constant=_reject_constant)
+        header = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
+                            object_pairs_hook=_no_duplicate_fields)
     except UnicodeDecodeError as err:
         raise HeaderError("the header is not UTF-8") from err
     except json.JSONDecodeError as err:
@@ -107,6 +135,11 @@ def parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict[str, tupl
         if not isinstance(shape, list):
             raise HeaderError(f"{where}: shape must be a list of integers")
         dims = tuple(_uint(d, f"{where}: a dimension of shape") for d in shape)
+        numel = 1
+        for d in dims:  # as safetensors multiplies, left to right, each product checked
+            numel *= d
+            if numel >= 2**64:
+                raise HeaderError(f"{where}: the product of shape {list(dims)} overflows 64 bits")
         if not isinstance(offsets, list) or len(offsets) != 2:
             raise HeaderError(f"{where}: data_offsets must be two integers [begin, end]")
         begin, end = (_uint(o, f"{where}: data_offsets") for o in offsets)
