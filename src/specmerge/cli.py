@@ -67,8 +67,9 @@ def merge(
              "threads (3K + 6 blocks in memory instead of 2K + 4 for float32 inputs); never "
              "changes the output.")] = True,
     force: Annotated[bool, typer.Option(
-        help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
-             "(only the one that was there at the start).")] = False,
+        help="Replace an existing OUT that is a previous specmerge output (or empty): the old "
+             "OUT is deleted once the new one is complete (only the one that was there at the "
+             "start). Anything else, and a symbolic link, is refused.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed override.")] = None,  # noqa: UP045
     allow_nonfinite: Annotated[bool, typer.Option(
         help="Merge even if a tensor holds NaN/Inf.")] = False,
@@ -228,8 +229,9 @@ def analyze(
         help="Compute dtype override: float32 or float64.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parameters analysed at once.")] = 1,
     force: Annotated[bool, typer.Option(
-        help="Replace an existing OUT: the old OUT is deleted once the new one is complete "
-             "(only the one that was there at the start).")] = False,
+        help="Replace an existing OUT that is a previous specmerge output (or empty): the old "
+             "OUT is deleted once the new one is complete (only the one that was there at the "
+             "start). Anything else, and a symbolic link, is refused.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Spectral report of RECIPE's merge over every matrix: inflation, task overlap, SVC's γ,
