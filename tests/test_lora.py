@@ -405,3 +405,38 @@ def test_nan_in_a_saved_module_read_by_rows_names_the_adapter(tmp_path,
         with pytest.raises(NonFiniteError, match=rf"{bad}.*lm_head.*1 NaN"):
             specmerge.merge({**recipe, "merge_method": method}, tmp_path / f"o-{method}",
                             block_size="256B", progress=False)
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    ({"r": 0}, "r must be a positive number"),
+    ({"r": 4}, "r = 4 for .* but its lora_A has rank 2; peft would refuse"),
+    ({"lora_alpha": "abc"}, "lora_alpha must be a positive number, got 'abc'"),
+    ({"alpha_pattern": {"q_proj(": 2}}, "alpha_pattern key 'q_proj\\(' is not a regular"),
+    ({"rank_pattern": {"q_proj": 3}}, "r = 3 for"),
+])
+def test_adapter_configs_peft_would_refuse_are_refused(tmp_path, change, expect) -> None:
+    base = llama(tmp_path)
+    ad = adapter(base, tmp_path / "ad", 5, r=2, lora_alpha=4, target_modules=["q_proj"])
+    cfg_path = ad / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
+    with pytest.raises(CheckpointError, match=expect) as e:
+        specmerge.merge(recipe, tmp_path / "out", progress=False)
+    assert "adapter_config.json" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(0, 32), (32,)])
+def test_rank_0_or_1d_lora_factors_are_refused(tmp_path, shape) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base = llama(tmp_path)
+    ad = adapter(base, tmp_path / "ad", 5, r=2, lora_alpha=4, target_modules=["q_proj"])
+    f = ad / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if "lora_A" in k)
+    sd[key] = torch.zeros(shape)
+    save_file(sd, str(f))
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
+    with pytest.raises(CheckpointError, match="must be 2-D with rank >= 1"):
+        specmerge.merge(recipe, tmp_path / "out", progress=False)

@@ -90,9 +90,20 @@ class Adapter:
         for name, lora in list(self.lora.items()):
             if not lora.a or not lora.b:
                 raise CheckpointError(f"{weights}: {name!r} has only one of lora_A and lora_B")
-            r = self.file.infos[lora.a].shape[0]
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name.removesuffix(".weight"),
-                                   cfg.get("lora_alpha", 8))
+            a_shape, b_shape = self.file.infos[lora.a].shape, self.file.infos[lora.b].shape
+            if len(a_shape) != 2 or len(b_shape) != 2 or 0 in a_shape or 0 in b_shape:
+                raise CheckpointError(f"{weights}: the LoRA factors of {name!r} must be 2-D with "
+                                      f"rank >= 1; found lora_A {list(a_shape)}, lora_B "
+                                      f"{list(b_shape)}")
+            r = a_shape[0]
+            module = name.removesuffix(".weight")
+            expected = _pattern_value(_mapping(cfg, "rank_pattern", cfg_path), module,
+                                      _number(cfg, "r", cfg_path, r))
+            if expected != r:
+                raise CheckpointError(f"{cfg_path}: r = {expected:g} for {module!r}, but its "
+                                      f"lora_A has rank {r}; peft would refuse this adapter")
+            alpha = _pattern_value(_mapping(cfg, "alpha_pattern", cfg_path), module,
+                                   _number(cfg, "lora_alpha", cfg_path, 8))
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             self.lora[name] = Lora(lora.a, lora.b, float(scale), lora.fan_in_fan_out)
 
@@ -144,6 +155,32 @@ class Adapter:
         if name in self.saved:
             return read(self.file, self.saved[name]).to(theta0.device, theta0.dtype).sub_(theta0)
         return torch.zeros_like(theta0)
+
+
+def _number(cfg: dict[str, object], key: str, path: Path, default: float) -> float:
+    """A positive number of the adapter config (``r``, ``lora_alpha``), the field named."""
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CheckpointError(f"{path}: {key} must be a positive number, got "
+                              f"{str(value)[:40]!r}")
+    return float(value)
+
+
+def _mapping(cfg: dict[str, object], key: str, path: Path) -> dict[str, float]:
+    """``alpha_pattern`` or ``rank_pattern``: module-name regexes to positive numbers."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{path}: {key} must map module names to numbers")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise CheckpointError(f"{path}: {key} key {pattern!r} is not a regular "
+                                  f"expression ({err})") from None
+        _number(patterns, pattern, path, 1)
+    return {k: float(v) for k, v in patterns.items()}
 
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
