@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_state_dicts, recipe_for, tree_hash, write_hf_dir
+from safetensors.torch import load_file
 
 import specmerge
 from specmerge.errors import (
@@ -412,3 +413,16 @@ def test_a_side_file_linking_outside_the_base_is_not_copied(toy_models, tmp_path
     specmerge.merge(recipe_for(toy_models), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "notes.txt").exists()
     assert (tmp_path / "out" / "vocab.txt").read_text() == "a b c"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic", "tsv_m", "swudi"])
+def test_a_zero_size_tensor_merges(tmp_path, method) -> None:
+    shapes = {"model.layers.0.mlp.up_proj.weight": (12, 8), "model.empty.weight": (0, 8)}
+    base, experts = make_state_dicts(k=2, shapes=shapes)
+    models = {"base": write_hf_dir(tmp_path / "b", base),
+              "experts": [write_hf_dir(tmp_path / f"e{i}", e) for i, e in enumerate(experts)]}
+    for extra in ({}, *([{"parameters": {"trim_scope": "global"}}] if method == "ties" else [])):
+        out = tmp_path / f"out{len(extra)}"
+        specmerge.merge({**recipe_for(models, method), **extra}, out, progress=False)
+        got = load_file(str(out / "model.safetensors"))
+        assert got["model.empty.weight"].shape == (0, 8)

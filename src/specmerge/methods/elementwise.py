@@ -341,7 +341,7 @@ def ties(task_vectors: Sequence[Tensor], *, density: float = 0.2,
         if trim_scope == "global":
             raise ValueError("ties with trim_scope=global needs whole-model thresholds; "
                              "run it through specmerge.merge, which computes them")
-        if density >= 1.0:
+        if density >= 1.0 or task_vectors[0].numel() == 0:  # nothing to trim
             thresholds = [float("-inf")] * len(task_vectors)
         else:
             k = trim_rank(task_vectors[0].numel(), density, trim_count)
