@@ -309,6 +309,23 @@ def test_stale_partial_of_a_dead_process_is_removed(toy_models, tmp_path, caplog
     assert "no longer running" in caplog.text
 
 
+
+def test_a_stale_partial_that_is_a_symlink_is_left_and_not_logged_as_removed(
+        toy_models, tmp_path, caplog) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / INCOMPLETE_MARKER).write_text(json.dumps({"pid": dead.pid,
+                                                        "host": socket.gethostname()}))
+    (target / "data.txt").write_text("keep")
+    link = tmp_path / ".out.partial-link"
+    link.symlink_to(target)
+    with caplog.at_level("WARNING"):
+        specmerge.merge(recipe_for(toy_models), tmp_path / "out", progress=False)
+    assert link.is_symlink() and (target / "data.txt").read_text() == "keep"
+    assert "removed" not in caplog.text
+
 # ---------------------------------------------------------------------------------------------
 # A full disk (a real 1 MB tmpfs when root, else ENOSPC simulated in test_bad_input)
 # ---------------------------------------------------------------------------------------------

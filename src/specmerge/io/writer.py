@@ -439,6 +439,8 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     removed = []
     host = socket.gethostname()
     for d in sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*")):
+        if d.is_symlink() or not d.is_dir():  # never ours: specmerge writes directories
+            continue
         try:
             owner = json.loads((d / INCOMPLETE_MARKER).read_text())
             pid, owner_host = int(owner["pid"]), str(owner["host"])
@@ -446,6 +448,10 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
             continue
         if owner_host == host and not _pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
+            if d.exists():
+                log.warning("could not remove %s, the unfinished output of an earlier run "
+                            "(process %d, no longer running)", d, pid)
+                continue
             log.warning("removed %s, the unfinished output of an earlier run (process %d, "
                         "no longer running)", d, pid)
             removed.append(d)
