@@ -152,6 +152,7 @@ def test_force_replaces_only_the_out_that_was_there_at_the_start(toy_models, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "specmerge_recipe.yaml").write_text("{}\n")  # a previous output: --force may replace
 
     def someone_swaps_out():
         os.rename(out, tmp_path / "moved")
@@ -163,8 +164,9 @@ def test_force_replaces_only_the_out_that_was_there_at_the_start(toy_models, tmp
         specmerge.merge(recipe_for(toy_models), out, force=True, progress=False)
     assert (out / "new.txt").read_text() == "someone else's"
     assert (tmp_path / "moved" / "old.txt").read_text() == "old"
-    # and --force with nothing in the way replaces the old OUT
+    # and --force with nothing in the way replaces the old OUT (once it is a specmerge output)
     monkeypatch.undo()
+    (out / "specmerge_recipe.yaml").write_text("{}\n")
     shutil_out = specmerge.merge(recipe_for(toy_models), out, force=True, progress=False)
     assert (shutil_out.out_dir / "model.safetensors").is_file()
     assert not (out / "new.txt").exists() and not partials(tmp_path)
@@ -490,6 +492,7 @@ def test_force_keeps_the_old_out_when_the_final_rename_fails(toy_models, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "specmerge_recipe.yaml").write_text("{}\n")  # a previous output: --force may replace
     real = writer.rename_noreplace
 
     def failing(src, dst):

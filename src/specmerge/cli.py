@@ -124,8 +124,10 @@ def plan(
 ) -> None:
     """What the merge would do to every tensor: its role, action, function and output dtype.
     Reads only the checkpoints' headers."""
-    from specmerge.engine import plan_recipe
+    from specmerge.engine import DEFAULT_BLOCK_SIZE, plan_recipe
     from specmerge.errors import SpecmergeError
+    from specmerge.io.writer import parse_size
+    from specmerge.memory import FORMULA, estimate
 
     try:
         p = plan_recipe(recipe)
@@ -151,6 +153,9 @@ def plan(
                f"{counts['copy']} copied, {counts['calibrated']} calibrated"
                + ("; (ᵀ): Conv1D weights, merged in (out, in) orientation"
                   if any(r["transposed"] for r in rows) else ""))
+    typer.echo(f"estimated peak memory with the defaults (1 worker, 8MiB blocks, prefetch): "
+               f"{estimate(p, block_size=parse_size(DEFAULT_BLOCK_SIZE)).describe()}\n"
+               f"  = {FORMULA}")
 
 
 @app.command()

@@ -52,6 +52,7 @@ from specmerge.io.sinks import HFDirSink, StateDictSink, Written
 from specmerge.io.writer import Identity, Region, check_output_path, output_path, parse_size
 from specmerge.linalg import dtype_name, is_finite, parse_dtype
 from specmerge.lowrank import LowRank, TaskVector, dense, is_zero, truncate
+from specmerge.memory import READ_AHEAD, WRITE_BEHIND, check_memory, estimate
 from specmerge.methods.registry import Method, Statistic, get_method
 from specmerge.methods.rng import CounterRNG
 from specmerge.overlap import read_ahead, write_behind
@@ -71,7 +72,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = "8MiB"  # per tensor block, in the compute dtype (docs/results/overlap.md)
 # with prefetch, blocks read ahead of the one being merged, and written blocks queued behind it
-READ_AHEAD, WRITE_BEHIND = 1, 1
 
 
 @dataclass
@@ -590,6 +590,8 @@ def merge(recipe: Recipe | dict[str, Any] | str | Path, out_dir: str | Path, *,
     check_auto_map(source.config_dir)
     backend.check_files(source.input_files(), "input")
     plan = plan_of(rec, source)
+    if not backend.remote:  # a Ray task's memory is its node's, checked there by Ray
+        check_memory(estimate(plan, block_size=block, workers=workers, prefetch=prefetch))
     counts = plan.counts()
     log.info("merging %d tensors (%s) with %s on %s", len(plan.entries), counts,
              rec.merge_method, dev)
