@@ -440,3 +440,12 @@ def test_rank_0_or_1d_lora_factors_are_refused(tmp_path, shape) -> None:
     recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
     with pytest.raises(CheckpointError, match="must be 2-D with rank >= 1"):
         specmerge.merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_a_lora_on_the_embedding_is_refused_by_name(tmp_path) -> None:
+    base = llama(tmp_path)
+    ad = adapter(base, tmp_path / "ad", 5, r=2, lora_alpha=4,
+                 target_modules=["q_proj", "embed_tokens"])
+    recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
+    with pytest.raises(CheckpointError, match="LoRA on an embedding layer .*lora_embedding"):
+        specmerge.merge(recipe, tmp_path / "out", progress=False)

@@ -78,6 +78,11 @@ class Adapter:
         self.saved: dict[str, str] = {}  # base name → tensor name (modules_to_save)
         for key in self.file.infos:
             name = key.removeprefix(PREFIX).replace(".modules_to_save.default", "")
+            if re.fullmatch(r"(.+)\.lora_embedding_[AB](?:\.default)?", name):
+                raise CheckpointError(f"{weights}: {key!r} is a LoRA on an embedding layer "
+                                      f"(lora_embedding_A/B), which specmerge does not read yet; "
+                                      f"merge that adapter into its base with peft "
+                                      f"(merge_and_unload) and give the full model")
             m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", name)
             if m is None:
                 self.saved[name] = key
@@ -128,11 +133,16 @@ class Adapter:
                     f"{name!r} does not make the base's shape {list(b.shape)}")
         for name, key in self.saved.items():
             b = base.infos.get(name)
-            if b is None or b.shape != self.file.infos[key].shape:
+            if b is None:
+                raise IncompatibleCheckpointError(
+                    f"{self.path}: the adapter holds {key!r}, which is neither a LoRA factor "
+                    f"(lora_A/lora_B) nor a saved module of a tensor the base {base.path} has "
+                    f"(no {name!r} there)")
+            if b.shape != self.file.infos[key].shape:
                 raise IncompatibleCheckpointError(
                     f"{self.path}: saved module tensor {name!r} "
                     f"{list(self.file.infos[key].shape)} does not match the base's "
-                    f"{list(b.shape) if b else 'missing'}")
+                    f"{list(b.shape)}")
 
     def factors(self, name: str, device: torch.device, dtype: torch.dtype,
                 read: Callable[[Checkpoint, str], torch.Tensor]) -> LowRank | None:
