@@ -293,33 +293,31 @@ def test_sigterm_and_sighup_clean_up(big, tmp_path, sig) -> None:
     assert not out.exists() and not partials(tmp_path)
 
 
+def _partial_of(directory: Path, pid: int | None = None) -> Path:
+    """``directory`` made to look like the partial output of process ``pid`` (default: one that
+    has exited) on this host."""
+    if pid is None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        pid = dead.pid
+    directory.mkdir()
+    (directory / INCOMPLETE_MARKER).write_text(json.dumps({"pid": pid,
+                                                           "host": socket.gethostname()}))
+    return directory
+
+
 def test_stale_partial_of_a_dead_process_is_removed(toy_models, tmp_path, caplog) -> None:
-    out = tmp_path / "out"
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / ".out.partial-stale"
-    stale.mkdir()
-    (stale / INCOMPLETE_MARKER).write_text(json.dumps({"pid": dead.pid,
-                                                       "host": socket.gethostname()}))
-    alive = tmp_path / ".out.partial-alive"
-    alive.mkdir()
-    (alive / INCOMPLETE_MARKER).write_text(json.dumps({"pid": os.getpid(),
-                                                       "host": socket.gethostname()}))
+    stale = _partial_of(tmp_path / ".out.partial-stale")
+    alive = _partial_of(tmp_path / ".out.partial-alive", os.getpid())
     with caplog.at_level("WARNING"):
-        specmerge.merge(recipe_for(toy_models), out, progress=False)
+        specmerge.merge(recipe_for(toy_models), tmp_path / "out", progress=False)
     assert not stale.exists() and alive.exists()  # a live process's partial is not touched
     assert "no longer running" in caplog.text
 
 
-
 def test_a_stale_partial_that_is_a_symlink_is_left_and_not_logged_as_removed(
         toy_models, tmp_path, caplog) -> None:
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    target = tmp_path / "elsewhere"
-    target.mkdir()
-    (target / INCOMPLETE_MARKER).write_text(json.dumps({"pid": dead.pid,
-                                                        "host": socket.gethostname()}))
+    target = _partial_of(tmp_path / "elsewhere")
     (target / "data.txt").write_text("keep")
     link = tmp_path / ".out.partial-link"
     link.symlink_to(target)
