@@ -332,6 +332,7 @@ def test_a_fifo_where_a_weight_file_is_expected_is_refused_not_waited_on(toy_mod
     ("rescale", [True], "gradients"),
     ("normalize", "yes", "expected true or false"),
     ("lambda", "abc", "parameters.lambda: expected a number"),
+    ("lambda", [0.5, 1.0], "parameters.lambda: gradients"),
 ])
 def test_mergekit_flags_of_the_wrong_type_are_refused_by_name(toy_models, tmp_path, key, value,
                                                               expect) -> None:
@@ -427,3 +428,29 @@ def test_a_zero_size_tensor_merges(tmp_path, method) -> None:
         specmerge.merge({**recipe_for(models, method), **extra}, out, progress=False)
         got = load_file(str(out / "model.safetensors"))
         assert got["model.empty.weight"].shape == (0, 8)
+
+
+OOM = """
+import sys, torch
+def boom(*a, **k):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+import specmerge.methods.registry as reg
+m = reg.get_method("tsv_m")
+object.__setattr__(m, "fn", boom)
+from specmerge.cli import main
+sys.argv = ["specmerge", "merge", sys.argv[1], sys.argv[2], "-q"]
+main()
+"""
+
+
+def test_out_of_memory_in_a_method_is_one_line(toy_models, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    recipe = _recipe_file(toy_models, tmp_path / "r.yaml", "tsv_m")
+    res = subprocess.run([sys.executable, "-c", OOM, str(recipe), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: tsv_m failed on tensor 'model.layers.0.")
+    assert "out of memory" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
