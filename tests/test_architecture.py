@@ -158,3 +158,15 @@ def test_the_core_never_imports_the_benchmark() -> None:
     for f in SRC.rglob("*.py"):  # the CLI imports it inside the bench command only
         if "bench" not in f.relative_to(SRC).parts:
             assert not re.search(r"^(from|import) specmerge\.bench", f.read_text(), re.M), f
+
+
+def test_no_core_module_imports_the_package_root() -> None:
+    """No import cycle through ``specmerge/__init__`` (it imports the engine): the version
+    lives in ``specmerge._version``. Only the benchmark, a user of the public API, may."""
+    for f in SRC.rglob("*.py"):
+        if "bench" in f.relative_to(SRC).parts or f.name == "__init__.py" and f.parent == SRC:
+            continue
+        assert not re.search(r"^\s*(from specmerge import|import specmerge\s*$)", f.read_text(),
+                             re.M), f
+    code = "import specmerge.io.sinks, specmerge.cli; import specmerge; print(specmerge.__version__)"
+    subprocess.run([sys.executable, "-c", code], check=True)

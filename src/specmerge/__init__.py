@@ -10,7 +10,7 @@ Python API::
 import os
 import sys
 
-__version__ = "0.1.0"
+from specmerge._version import __version__
 
 # MKL's LAPACK (eigh, svd) slows down 100-200x when it follows torch's own parallel ops while
 # OpenMP threads spin-wait (measured on a 2-core box: eigh of a 768x768 matrix 11 s instead of

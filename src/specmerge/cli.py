@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from specmerge import __version__
+from specmerge._version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="specmerge: data-free model merging (SVC, SWUDI and the baselines).")

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from specmerge import __version__
+from specmerge._version import __version__
 from specmerge.backends import Step
 from specmerge.errors import MergeError, SpecmergeError
 from specmerge.plan import PlanEntry

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from specmerge import __version__
+from specmerge._version import __version__
 from specmerge.errors import OutputError
 from specmerge.io.writer import write_text
 from specmerge.linalg import dtype_name

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from specmerge import __version__
+from specmerge._version import __version__
 from specmerge.errors import OutputError
 from specmerge.io.adapter import PREFIX
 from specmerge.io.hf_files import base_model_id

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from specmerge import __version__
+from specmerge._version import __version__
 from specmerge.io.plots import plot_heatmaps, plot_spectrum
 from specmerge.io.sinks import CollectingSink
 from specmerge.io.writer import Identity, atomic_output_dir, write_text

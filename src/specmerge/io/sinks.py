@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from specmerge import __version__
+from specmerge._version import __version__
 from specmerge.errors import OutputError
 from specmerge.io.hf_files import main_dtype, model_card, write_side_files
 from specmerge.io.tokenizer import VocabularyUnion, write_union_tokenizer
