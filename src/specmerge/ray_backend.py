@@ -318,9 +318,3 @@ class RayBackend:
                 ray.cancel(ref, force=True)
             del step_ref, source_ref
 
-    def node_counts(self) -> dict[str, int]:
-        """Entries run per node so far (for the log and the benchmark)."""
-        per: Counter[str] = Counter()
-        for node, n in self._nodes.items():
-            per[node.describe()] += n
-        return dict(per)

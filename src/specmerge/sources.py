@@ -77,9 +77,6 @@ class Source(Protocol):
 
     def reads_rows(self, name: str) -> bool: ...
 
-    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
-                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors: ...
-
     def read_rows(self, name: str, start: int, stop: int, *,
                   buffers: list[list[Tensor]] | None = None) -> list[StoredRows]: ...
 
@@ -213,7 +210,7 @@ class CheckpointSource:
         return ckpt.read(name)
 
     def reads_rows(self, name: str) -> bool:
-        """Whether ``task_vector_rows`` reads only the rows asked for: the base and every dense
+        """Whether ``read_rows`` reads only the rows asked for: the base and every dense
         expert are safetensors, and every adapter either leaves ``name`` alone (τ = 0) or saves
         it whole in safetensors (``modules_to_save``). A weight an adapter's LoRA targets is
         read whole (τ = s·B·A, formed per tensor)."""
@@ -223,14 +220,6 @@ class CheckpointSource:
             return name not in ckpt.lora and (name not in ckpt.saved
                                                or ckpt.file.can_read_rows(ckpt.saved[name]))
         return self.base.can_read_rows(name) and all(rows_of(c) for c in self.experts)
-
-    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
-                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
-        """Rows ``start:stop`` of θ0 and of the dense τ_i of ``name`` (``reads_rows``), each
-        read with a positioned read of those rows' bytes. ``check``: NaN/Inf in them is an
-        error naming the file (the caller may instead check the output, ``check_inputs``)."""
-        return self.rows_to_task_vectors(name, self.read_rows(name, start, stop), device,
-                                         dtype, check=check)
 
     def read_rows(self, name: str, start: int, stop: int, *,
                   buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:
@@ -509,10 +498,6 @@ class StateDictSource:
 
     def reads_rows(self, name: str) -> bool:
         return False  # the tensors are in memory already
-
-    def task_vector_rows(self, name: str, start: int, stop: int, device: torch.device,
-                         dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
-        raise NotImplementedError("state dicts are merged whole")
 
     def read_rows(self, name: str, start: int, stop: int, *,
                   buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:

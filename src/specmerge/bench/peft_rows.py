@@ -104,10 +104,6 @@ class PeftMerger:
         self.model.delete_adapter(name)
         return out, secs
 
-    def base_weights(self) -> dict[str, Tensor]:
-        return {f"{name}.weight": m.get_base_layer().weight.detach()
-                for name, m in self._lora_layers()}
-
 
 def apply_deltas(model, base_state: dict[str, Tensor], deltas: dict[str, Tensor]) -> None:
     """Set ``model``'s weights to θ0 + Δ for the weights in ``deltas`` (θ0 elsewhere)."""
