@@ -333,7 +333,7 @@ def test_registry_entries() -> None:
     expected = {
         "wudi": {"iterations": 300, "lr": 1e-5, "optimizer": "adam", "init": "sum",
                  "scaling": 1.0},
-        "wudi_closed_form": {},
+        "wudi_closed_form": {"scaling": 1.0},
         "swudi": {"rank_ratio": 0.65, "exp_time": 1300.0, "init": "sum", "scaling": 1.0},
         "swudi_a": {"rank_rule": "participation_sqrt", "min_rank": 1, "max_rank_ratio": 1.0,
                     "filter": "none", "exp_time": 1300.0, "init": "sum", "scaling": 1.0},
@@ -425,3 +425,11 @@ def test_closed_form_k1_returns_tau_in_float32(shape: tuple[int, int]) -> None:
     # and the SWUDI limit keeps matching the closed form under the same cutoff
     assert rel(swudi([tau], rank_ratio=1.0, exp_time=1e12), wudi_closed_form([tau])) <= bound
     assert rel(swudi_a([tau], rank_rule="energy_1.0"), tau) <= bound
+
+
+def test_closed_form_scaling_multiplies_the_minimiser() -> None:
+    taus = make_taus(12, 9, k=3, seed=31, dtype=torch.float64)
+    exact = wudi_closed_form(taus)
+    assert torch.equal(wudi_closed_form(taus, scaling=1.0), exact)
+    torch.testing.assert_close(wudi_closed_form(taus, scaling=0.3), 0.3 * exact, rtol=1e-15,
+                               atol=0)

@@ -277,7 +277,7 @@ def test_registry_entries() -> None:
         m = get_method(name)
         assert m.family == family and m.matrix_only and "arXiv" in m.citation
     assert get_method("iso_cts").defaults() == {"common_fraction": 0.8, "scaling": 1.0}
-    assert get_method("star").defaults() == {"eta": 40.0}
+    assert get_method("star").defaults() == {"eta": 40.0, "scaling": 1.0}
     with pytest.raises(ValueError, match="eta"):
         get_method("star").validate({"eta": 0})
     with pytest.raises(ValueError, match="common_fraction"):
@@ -298,3 +298,10 @@ def test_exactly_low_rank_inputs_give_a_well_defined_merge(fn, shape) -> None:
     assert float((out32.double() - out64).norm() / out64.norm()) < 1e-4
     rows = torch.linalg.qr(torch.cat([t.mT for t in taus], dim=1)).Q  # span of the rows
     assert float((out64 - out64 @ rows @ rows.mT).norm()) < 1e-8 * float(out64.norm())
+
+
+def test_star_scaling_multiplies_the_mean() -> None:
+    gen = torch.Generator().manual_seed(41)
+    taus = [torch.randn(10, 7, generator=gen, dtype=torch.float64) for _ in range(3)]
+    assert torch.equal(star(taus, scaling=1.0), star(taus))
+    torch.testing.assert_close(star(taus, scaling=0.4), 0.4 * star(taus), rtol=1e-15, atol=0)

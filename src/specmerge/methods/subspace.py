@@ -193,16 +193,19 @@ def star_rank(sigma: Tensor, eta: float) -> int:
             "nuclear norm, rescale to keep the nuclear norm, average.",
     citation="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025, "
              "arXiv 2502.10339",
-    docs={"eta": "percentage of each task's nuclear norm kept by the truncation (paper: 40)"},
+    docs={"eta": "percentage of each task's nuclear norm kept by the truncation (paper: 40)",
+          "scaling": "multiplies the result (specmerge's addition; 1 is the paper's mean)"},
     constraints={"eta": Interval(float, 0, 100, closed="right")},
     matrix_only=True,
     factored=True,
+    recorded_if_set=("scaling",),
 )
-def star(task_vectors: Sequence[TaskVector], *, eta: float = 40.0) -> TaskVector:
+def star(task_vectors: Sequence[TaskVector], *, eta: float = 40.0,
+         scaling: float = 1.0) -> TaskVector:
     """STAR (Lee et al., arXiv 2502.10339); default ``eta`` 40 as in the paper.
 
     For each task: τ_i = U diag(σ) Vᵀ, ρ = min{ρ : Σ_{j≤ρ} σ_j ≥ (eta/100) Σ_j σ_j},
-    τ̂_i = U_ρ diag(σ_ρ · Σσ / Σσ_ρ) V_ρᵀ (nuclear norm preserved). τ = (1/K) Σ_i τ̂_i.
+    τ̂_i = U_ρ diag(σ_ρ · Σσ / Σσ_ρ) V_ρᵀ (nuclear norm preserved). τ = scaling · (1/K) Σ_i τ̂_i.
     Tensors with more than 2 dims are reshaped to (shape[0], −1) and back. A zero τ_i
     contributes zero. With eta 100 the result is the mean of the τ_i.
     """
@@ -219,4 +222,4 @@ def star(task_vectors: Sequence[TaskVector], *, eta: float = 40.0) -> TaskVector
         rho = star_rank(s, eta)
         kept = s[:rho] * (total / s[:rho].sum())
         out.add_((u[:, :rho] * kept) @ vh[:rho])
-    return space.lift(out.div_(len(taus)).reshape(shape))
+    return space.lift(out.div_(len(taus)).mul_(scaling).reshape(shape))
