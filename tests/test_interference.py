@@ -433,3 +433,21 @@ def test_closed_form_scaling_multiplies_the_minimiser() -> None:
     assert torch.equal(wudi_closed_form(taus, scaling=1.0), exact)
     torch.testing.assert_close(wudi_closed_form(taus, scaling=0.3), 0.3 * exact, rtol=1e-15,
                                atol=0)
+
+
+def test_a_rank_ratio_that_cannot_bind_is_said_with_the_numbers() -> None:
+    from specmerge.lowrank import LowRank
+    from specmerge.methods.registry import UnboundRankWarning
+
+    gen = torch.Generator().manual_seed(3)
+    taus = [LowRank(torch.randn(40, 2, generator=gen, dtype=torch.float64),
+                    torch.randn(2, 30, generator=gen, dtype=torch.float64), 1.0) for _ in range(3)]
+    with pytest.warns(UnboundRankWarning, match=r"keeps k = 20 of the 30 eigen-directions of C, "
+                                                r"but C has rank 6.*rank_ratio 0.01"):
+        swudi(taus)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnboundRankWarning)
+        swudi(taus, rank_ratio=0.1)  # k = 3 <= 6: binds, nothing said
+        swudi(make_taus(12, 9, k=3, seed=2, dtype=torch.float64))  # dense, full rank

@@ -305,3 +305,14 @@ def test_star_scaling_multiplies_the_mean() -> None:
     taus = [torch.randn(10, 7, generator=gen, dtype=torch.float64) for _ in range(3)]
     assert torch.equal(star(taus, scaling=1.0), star(taus))
     torch.testing.assert_close(star(taus, scaling=0.4), 0.4 * star(taus), rtol=1e-15, atol=0)
+
+
+def test_a_tsv_rank_that_cannot_bind_is_said() -> None:
+    from specmerge.methods.registry import UnboundRankWarning
+
+    gen = torch.Generator().manual_seed(5)
+    taus = [torch.randn(20, 2, generator=gen, dtype=torch.float64)
+            @ torch.randn(2, 16, generator=gen, dtype=torch.float64) for _ in range(2)]
+    with pytest.warns(UnboundRankWarning, match="k = ⌊r/K⌋ = 8 singular triplets, but task 1's "
+                                                "update has rank 2"):
+        tsv_m(taus)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,6 +46,8 @@ def _root(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # a method's warning (a rank setting that cannot bind, say) is one log line, once per text
+    warnings.showwarning = lambda message, category, *args, **kw: log.warning("%s", message)
 
 
 @app.command()

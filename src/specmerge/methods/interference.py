@@ -46,7 +46,7 @@ from torch import Tensor
 from specmerge.linalg import prepare_task_vectors, sym_eigh, upcast
 from specmerge.lowrank import Space, TaskVector, dense, embed
 from specmerge.methods.elementwise import weight_average
-from specmerge.methods.registry import Interval, Options, register
+from specmerge.methods.registry import Interval, Options, register, warn_unbound
 
 WEIGHT_FLOOR = 1e-12  # w_i = 1 / max(‖τ_i‖², WEIGHT_FLOOR); below it a task counts as zero
 EIG_FLOOR = 1e-8  # eigenvalues of C are floored here before any division (official SWUDI code)
@@ -498,7 +498,15 @@ def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
     """
 
     def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
-        kept = lam[:swudi_rank(lam.numel(), rank_ratio)]
+        # C's rank: eigenvalues above rounding and above the floor (null ones are floored)
+        k, rank_c = swudi_rank(lam.numel(), rank_ratio), int((lam > EIG_FLOOR).sum())
+        if k > rank_c:
+            warn_unbound(f"swudi: rank_ratio {rank_ratio} keeps k = {k} of the {lam.numel()} "
+                         f"eigen-directions of C, but C has rank {rank_c}, so the truncation "
+                         f"cannot bind and SWUDI is the filtered closed form; for low-rank "
+                         f"(LoRA) experts the official Qwen2-VL LoRA setting is rank_ratio "
+                         f"0.01, exp_time 1300, scaling 1/K")
+        kept = lam[:k]
         return exp_filter(kept, exp_time).div_(kept)
 
     return _filtered_solution(task_vectors, gain, init, scaling)

@@ -424,3 +424,16 @@ def all_methods() -> list[Method]:
 def _load_all() -> None:
     # importing the family modules runs their @register decorators
     from specmerge.methods import calibration, elementwise, interference, subspace  # noqa: F401
+
+
+class UnboundRankWarning(UserWarning):
+    """A method's rank setting keeps more directions than its input has: the truncation it
+    describes does nothing (e.g. SWUDI's rank_ratio on LoRA experts)."""
+
+
+def warn_unbound(message: str) -> None:
+    """Say once (per distinct message: Python's default warning filter) that a rank setting
+    cannot bind; the CLI routes it to the log."""
+    import warnings
+
+    warnings.warn(message, UnboundRankWarning, stacklevel=3)

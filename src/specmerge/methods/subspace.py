@@ -23,7 +23,7 @@ from torch import Tensor
 from specmerge.linalg import numerical_rank, polar, thin_svd
 from specmerge.lowrank import TaskVector, embed
 from specmerge.methods.elementwise import weighted_sum
-from specmerge.methods.registry import Interval, register
+from specmerge.methods.registry import Interval, register, warn_unbound
 
 
 def tsv_rank(r: int, num_tasks: int) -> int:
@@ -72,9 +72,14 @@ def tsv_m(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0) -> TaskVe
     space, taus = embed(task_vectors, "tsv_m")
     k = tsv_rank(min(space.shape), len(taus))
     triplets = []
-    for tau in taus:
+    for i, tau in enumerate(taus):
         u, s, vh = thin_svd(tau)
-        k_i = min(k, numerical_rank(s, space.shape))
+        rank_i = numerical_rank(s, space.shape)
+        if k > rank_i > 0:
+            warn_unbound(f"tsv_m: each task keeps k = ⌊r/K⌋ = {k} singular triplets, but task "
+                         f"{i + 1}'s update has rank {rank_i}, so its truncation cannot bind "
+                         f"(a LoRA update is kept whole)")
+        k_i = min(k, rank_i)
         if k_i:
             triplets.append((u[:, :k_i], s[:k_i], vh[:k_i]))
     if not triplets:
