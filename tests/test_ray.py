@@ -4,6 +4,7 @@ mid-merge, a driver killed mid-merge, and a node whose view of an input is wrong
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -214,6 +215,32 @@ def test_a_killed_driver_leaves_no_finished_looking_output(cluster: Any,
     specmerge.merge({**slow_recipe(slow_models), "merge_method": "task_arithmetic",
                      "calibrate": None}, out, progress=False, backend="ray")
     assert not partial.exists()  # the next run into the same OUT cleaned it up
+
+
+def test_a_sigterm_to_the_cli_driver_exits_143_and_cleans_up(cluster: Any,
+                                                              slow_models: Path) -> None:
+    """SIGTERM while the driver waits in Ray's C code (Cython turned the handler's exception
+    into a SystemError: exit 1 and a traceback-like line) is the same as a local run's."""
+    recipe = slow_models / "sigterm.yaml"
+    recipe.write_text(json.dumps(slow_recipe(slow_models)))
+    out = slow_models / "sigterm-out"
+    proc = subprocess.Popen([sys.executable, "-m", "specmerge.cli", "merge", str(recipe),
+                             str(out), "-q", "--backend", "ray", "--ray-address",
+                             cluster.address], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not list(slow_models.glob(".sigterm-out.partial-*")) and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        while not ray_tasks_running() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "SystemError" not in err
+    assert not out.exists() and not list(slow_models.glob(".sigterm-out.partial-*"))
 
 
 def test_a_worker_error_reaches_the_user_naming_the_tensor_and_node(cluster: Any, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ reused worker could compute on the GPU of an earlier task while Ray counts anoth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -45,7 +46,7 @@ import torch
 
 from specmerge._version import __version__
 from specmerge.backends import Step
-from specmerge.errors import MergeError, SpecmergeError
+from specmerge.errors import Interrupted, MergeError, SpecmergeError
 from specmerge.plan import PlanEntry
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,21 @@ def probe(paths: Sequence[str]) -> tuple[NodeInfo | None, dict[str, str], dict[s
     except Exception:  # the driver, outside a Ray worker
         node = None
     return node, versions(), {p: file_view(p) for p in paths}
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Around Ray's blocking calls: a SIGTERM or SIGHUP that lands while Ray's C code waits
+    raises ``Interrupted`` in the handler, which Cython reports as a SystemError with it
+    attached. Re-raise the Interrupted, so that the run cleans up and exits with 128 + the
+    signal like a local one."""
+    try:
+        yield
+    except SystemError as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, Interrupted):
+            raise cause from None
+        raise
 
 
 def run_group(step: Step[Any], entries: Sequence[PlanEntry], source: Any, threads: int
@@ -278,7 +294,8 @@ class RayBackend:
         """``ray.get`` with a task's error re-raised as the user's error, naming the node."""
         ray = self.connect()
         try:
-            return ray.get(ref)
+            with interruptible():
+                return ray.get(ref)
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, SpecmergeError):
@@ -302,7 +319,8 @@ class RayBackend:
         ran: Counter[str] = Counter()
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                with interruptible():
+                    done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     group = pending.pop(ref)
                     node, results = self.get(ref, f"tensors {group[0].name!r}..{group[-1].name!r}")
@@ -315,6 +333,6 @@ class RayBackend:
                      ", ".join(f"{where} ({n} tensors)" for where, n in sorted(ran.items())))
         finally:
             for ref in pending:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref, force=False)
             del step_ref, source_ref
 

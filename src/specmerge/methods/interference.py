@@ -157,9 +157,12 @@ def eigen(c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def significant(lam: Tensor) -> int:
-    """How many leading eigenvalues of C stand above rounding: λ_j > λ_max · n · eps of the
-    compute dtype (the relative cutoff of ``pinv``). λ descending; 0 for an all-zero C."""
-    cutoff = float(lam[0]) * lam.numel() * torch.finfo(lam.dtype).eps
+    """How many leading eigenvalues of C stand above rounding and above the floor: λ_j >
+    max(λ_max · n · eps of C's dtype (the relative cutoff of ``pinv``), EIG_FLOOR). A floored
+    eigenvalue is one of null(C) (C's own rounding noise there is ~eps · λ_max, far below the
+    floor): dividing by the floor would lift that noise by 1 / EIG_FLOOR into the result (1e-8
+    relative in float64, machine-dependent). λ descending; 0 for an all-zero C."""
+    cutoff = max(float(lam[0]) * lam.numel() * torch.finfo(lam.dtype).eps, EIG_FLOOR)
     return int((lam > cutoff).sum())
 
 
@@ -498,8 +501,7 @@ def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
     """
 
     def gain(lam: Tensor, shape: tuple[int, int]) -> Tensor:
-        # C's rank: eigenvalues above rounding and above the floor (null ones are floored)
-        k, rank_c = swudi_rank(lam.numel(), rank_ratio), int((lam > EIG_FLOOR).sum())
+        k, rank_c = swudi_rank(lam.numel(), rank_ratio), significant(lam)
         if k > rank_c:
             warn_unbound(f"swudi: rank_ratio {rank_ratio} keeps k = {k} of the {lam.numel()} "
                          f"eigen-directions of C, but C has rank {rank_c}, so the truncation "
