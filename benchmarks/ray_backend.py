@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procwatch import status_mb
+from toolkit import median_ratio, round_order, status_mb
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as tests/test_ray.py
@@ -268,8 +268,8 @@ def start_ray(nodes: int, cpus: int) -> tuple[float, Any]:
     return time.perf_counter() - start, cluster
 
 
-def median_ratio(a: Sequence[Run], b: Sequence[Run]) -> float:
-    return statistics.median(x.wall / y.wall for x, y in zip(a, b, strict=True))
+def walls(*runs: Sequence[Run]) -> list[list[float]]:
+    return [[x.wall for x in rs] for rs in runs]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -327,9 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     repeated = 0
     for r in range(args.rounds):
         for params, method in cases:
-            turn = r % len(variants)
-            order = variants[turn:] + variants[:turn]
-            for variant in order:
+            for variant in round_order(variants, r):
                 for attempt in range(1, 5):
                     run, hashes = merge_once(recipe_for(models[params], args.experts, method),
                                              out, variant)
@@ -378,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             start = statistics.median(x.peaks.driver_start_anon for x in rs)
             drss = max(x.peaks.driver_rss for x in rs)
             danon = max(x.peaks.driver_anon for x in rs)
-            cells = [f"{wall:.2f}", f"{median_ratio(rs, w1):.2f}", f"{median_ratio(rs, w2):.2f}",
+            cells = [f"{wall:.2f}", f"{median_ratio(*walls(rs, w1)):.2f}",
+                     f"{median_ratio(*walls(rs, w2)):.2f}",
                      f"{drss:.0f} / {danon:.0f} ({start:.0f})"]
             if variant.startswith("ray"):
                 wrss = max(max(x.peaks.worker_rss.values(), default=0) for x in rs)

@@ -1,7 +1,8 @@
 """Peak memory and wall time of a streaming merge of a large synthetic model.
 
 Writes (once) a Llama-shaped base and K experts with ``specmerge example synthetic``, then:
-- times reading every input once with ``cat`` to /dev/null (the I/O floor);
+- times reading every input byte once from a warm cache (``toolkit.read_floor``: 16 MiB
+  positioned reads into one buffer, the I/O floor);
 - runs ``specmerge merge`` for each method, sampling the private memory of the process
   (``RssAnon`` in /proc/PID/status, every 20 ms) and taking its peak resident set size from
   ``wait4`` (which includes file-backed pages, e.g. the page cache of mapped files);
@@ -21,20 +22,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
-from procwatch import watch
+from toolkit import read_floor, run_watched
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MB from wait4, peak sampled RssAnon in MB) of a command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run = watch(proc, t0)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
+    run, _, err = run_watched(cmd)
+    if run.returncode != 0:
         sys.exit(f"command failed: {' '.join(cmd)}\n{err[-3000:]}")
     return run.wall, run.max_rss_mb, run.peak_anon_mb
 
@@ -115,11 +112,10 @@ def main() -> None:
         subprocess.run([*exe, "example", "synthetic", str(models), "--params", args.params,
                         "--experts", str(args.experts), "--dtype", args.dtype, *extra],
                        check=True)
-    inputs = sorted(str(p) for p in models.rglob("*.safetensors"))
-    size_gb = sum(Path(p).stat().st_size for p in inputs) / 1e9
-    t0 = time.perf_counter()
-    subprocess.run(["sh", "-c", "cat \"$@\" > /dev/null", "cat", *inputs], check=True)
-    floor = time.perf_counter() - t0
+    inputs = sorted(models.rglob("*.safetensors"))
+    size_gb = sum(p.stat().st_size for p in inputs) / 1e9
+    read_floor(inputs)  # warm the cache
+    floor = read_floor(inputs)[0]
 
     rows = []
     for method in args.methods:
@@ -141,7 +137,8 @@ def main() -> None:
     print(f"\nsynthetic Llama-shaped model, {args.params} parameters{shape}, K={args.experts}, "
           f"{args.dtype}; inputs {size_gb:.1f} GB; workers={args.workers}, block size "
           f"{args.block_size}")
-    print(f"read floor (cat all inputs once, warm cache): {floor:.1f} s\n")
+    print(f"read floor (every input byte once, 16 MiB positioned reads, warm cache): "
+          f"{floor:.2f} s\n")
     print("| method | peak private memory, RssAnon (MB) | peak RSS (MB) | wall (s) | "
           "wall / read floor |")
     print("|---|---|---|---|---|")

@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -53,13 +52,13 @@ from typing import Any
 
 CHILD_ENV = dict(os.environ)  # the tools' environment: the caller's, nothing added
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/: procwatch
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/: toolkit
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit  # noqa: E402
-from procwatch import drop_pages, watch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from toolkit import evict, median, read_floor, resident_bytes, round_order, watch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 4
@@ -107,46 +106,19 @@ METHODS = {"task_arithmetic": ["task_arithmetic"], "ties": ["ties", "ties_offici
 # page cache, read floor, measured runs
 # ---------------------------------------------------------------------------------------------
 
-def resident_bytes(files: list[Path]) -> int | None:
-    """Bytes of ``files`` in the page cache (util-linux ``fincore``), or None without it."""
-    if not shutil.which("fincore"):
-        return None
-    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
-                          *map(str, files)], capture_output=True, text=True)
-    if res.returncode:
-        return None
-    return sum(int(x) for x in res.stdout.split())
+def evict_inputs(files: list[Path], how: str) -> tuple[str, int | None]:
+    """Write back dirty pages, drop ``files`` from the page cache; (way used, bytes left)."""
+    used = evict(files, how)
+    left = resident_bytes(files) if used != "none" else None
+    return used, left[0] if left else None
 
 
-def evict(files: list[Path], how: str) -> tuple[str, int | None]:
-    """Write back dirty pages, drop ``files`` from the page cache; (method used, bytes left)."""
-    os.sync()
-    used = how
-    if how in ("auto", "drop_caches"):
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            used = "drop_caches"
-        except OSError:
-            if how == "drop_caches":
-                raise
-            used = "fadvise"
-    if used == "fadvise":
-        drop_pages(files)
-    return used, (resident_bytes(files) if used != "none" else None)
-
-
-def read_floor(files: list[Path], how: str) -> dict[str, Any]:
+def cold_read_floor(files: list[Path], how: str) -> dict[str, Any]:
     """Seconds to read every byte of ``files`` once, one after another, after eviction."""
-    used, left = evict(files, how)
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    total = 0
-    disk0, t0 = disk_bytes(), time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                total += n
-    seconds, disk1 = time.perf_counter() - t0, disk_bytes()
+    used, left = evict_inputs(files, how)
+    disk0 = disk_bytes()
+    seconds, total = read_floor(files)
+    disk1 = disk_bytes()
     return {"seconds": seconds, "bytes": total, "evict": used, "resident_after_evict": left,
             "disk_read": disk1[0] - disk0[0], "disk_written": disk1[1] - disk0[1]}
 
@@ -310,7 +282,7 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
                                        "--experts", str(K)])}
     failed: set[tuple[str, str]] = set()
     for r in range(rounds):
-        floor = read_floor(inputs, how)
+        floor = cold_read_floor(inputs, how)
         result["floors"].append(floor)
         print(f"[{size}] round {r + 1}: read floor {floor['seconds']:.2f} s "
               f"({floor['bytes'] / 1e9:.1f} GB, {floor['evict']}, resident after eviction "
@@ -318,12 +290,12 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
               f" and wrote {floor['disk_written'] / 1e9:.1f} GB meanwhile)", flush=True)
         for i, case in enumerate(cases):
             tools = [t for t in ("mergekit", "specmerge") if (t, case) in recipes]
-            for tool in (tools if r % 2 == 0 else tools[::-1]):
+            for tool in round_order(tools, r):
                 if (tool, case) in failed:
                     continue
                 out = work / f"out_{tool}_{case}"
                 shutil.rmtree(out, ignore_errors=True)
-                used, left = evict(inputs, how)
+                used, left = evict_inputs(inputs, how)
                 cmd = [a.replace("{recipe}", str(recipes[(tool, case)]))
                        .replace("{out}", str(out)) for a in cmds[tool]]
                 run = run_measured(cmd, work / f"log_{tool}_{case}.txt")
@@ -354,22 +326,18 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
 # the report
 # ---------------------------------------------------------------------------------------------
 
-def _med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def summarise(res: dict[str, Any], tool: str, case: str) -> dict[str, Any] | None:
     runs = [r for r in res["runs"] if r["tool"] == tool and r["case"] == case]
     ok = [r for r in runs if r["rc"] == 0]
     if not runs:
         return None
-    return {"n": len(ok), "failed": len(runs) - len(ok), "wall": _med([r["wall"] for r in ok]),
-            "walls": [r["wall"] for r in ok], "cpu": _med([r["cpu"] for r in ok]),
+    return {"n": len(ok), "failed": len(runs) - len(ok), "wall": median([r["wall"] for r in ok]),
+            "walls": [r["wall"] for r in ok], "cpu": median([r["cpu"] for r in ok]),
             "max_rss": max((r["tree_rss_mb"] for r in ok), default=float("nan")),
             "anon": max((r["rss_anon_mb"] for r in ok), default=float("nan")),
-            "others": _med([r["others_cpu"] / r["wall"] for r in ok]),
-            "disk": f"{_med([r.get('disk_read', 0) / 1e9 for r in ok]):.1f} / "
-                    f"{_med([r.get('disk_written', 0) / 1e9 for r in ok]):.1f}",
+            "others": median([r["others_cpu"] / r["wall"] for r in ok]),
+            "disk": f"{median([r.get('disk_read', 0) / 1e9 for r in ok]):.1f} / "
+                    f"{median([r.get('disk_written', 0) / 1e9 for r in ok]):.1f}",
             "error": next((r["error"] for r in runs if r["rc"]), "")}
 
 
@@ -460,10 +428,10 @@ def report(results: dict[str, Any], out: Path) -> None:
         per = ([r["wall"] / f["seconds"] for r, f in zip(
             [r for r in res["runs"] if r["tool"] == "specmerge" and r["case"] == "task_arithmetic"
              and r["rc"] == 0], res["floors"], strict=False)] if ta else [])
-        lines.append(f"| {s} | {res['input_bytes'] / 1e9:.2f} | {_med(floors):.2f} | "
+        lines.append(f"| {s} | {res['input_bytes'] / 1e9:.2f} | {median(floors):.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in floors)} | "
-                     f"{res['input_bytes'] / 1e9 / _med(floors):.2f} | "
-                     + (f"{ta['wall'] / _med(floors):.2f}× | "
+                     f"{res['input_bytes'] / 1e9 / median(floors):.2f} | "
+                     + (f"{ta['wall'] / median(floors):.2f}× | "
                         f"{', '.join(f'{x:.2f}' for x in per)} | " if ta and ta["n"]
                         else "– | – | ")
                      + ", ".join(f"{(f.get('disk_read', f['bytes']) - f['bytes']) / 1e9:.1f} + "
