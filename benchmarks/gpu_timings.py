@@ -1,6 +1,8 @@
-"""The GPU path, measured: per-matrix timings at Llama-7B shapes, an end-to-end merge, a 7B projection.
+"""Llama-7B's matrix shapes, measured (GPU or CPU): per-matrix timings, wide vs tall, an end-to-end merge, a 7B projection.
 
-``benchmarks/gpu_check.sh`` runs the subcommands in order and writes ``gpu.md``; each can run alone.
+The one script for the 7B shapes (``LLAMA7B_MODULES``; ``lora_factored.py`` takes them from
+here). ``benchmarks/gpu_check.sh`` runs matrices, e2e and report in order and writes ``gpu.md``;
+each can run alone.
 
     python benchmarks/gpu_timings.py matrices --device cuda --json m.json
         SVC after task arithmetic, SWUDI, SWUDI-A, TSV-M and Iso-C on K = 8 dense task vectors
@@ -17,6 +19,13 @@
     python benchmarks/gpu_timings.py report --matrices m.json --e2e e.json [--tests t.txt]
         Markdown: the tables and the 7B projection, 32 layers × (4 × 4096² + 2 × 11008×4096 +
         4096×11008) matrices at the per-matrix medians.
+    python benchmarks/gpu_timings.py wide [--k 2] [--rounds 3] [--threads N] [--scale 1.0]
+        Wide against tall (docs/results/wide_svd.md): SVC after task arithmetic, TSV-M and
+        Iso-C on 4096×11008 (down_proj) and on its transpose 11008×4096 (gate/up), with the raw
+        ``torch.linalg.svd`` of each layout as the reference. ``specmerge.linalg.thin_svd``
+        decomposes a wide matrix as its transpose, so a method's wide time should be about its
+        tall one. K dense N(0, 1) task vectors, the wide ones the transposes of the tall ones;
+        rounds interleaved (tall, wide, then wide, tall, …), medians.
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from toolkit import interleave, median, sync, time_call, timed
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -39,10 +49,17 @@ from torch import Tensor
 
 log = logging.getLogger("gpu_timings")
 
-# Llama-7B: per layer q, k, v, o (4096²), gate and up (11008 × 4096), down (4096 × 11008)
+# Llama-7B (Llama-2-7B's config.json): per layer q, k, v, o (4096²), gate and up
+# (11008 × 4096), down (4096 × 11008); 32 layers
+LLAMA7B_MODULES: dict[str, tuple[int, int]] = {
+    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008)}
 LLAMA7B_SHAPES: dict[str, tuple[int, int]] = {
-    "4096×4096": (4096, 4096), "11008×4096": (11008, 4096), "4096×11008": (4096, 11008)}
-LLAMA7B_COUNTS = {"4096×4096": 4, "11008×4096": 2, "4096×11008": 1}
+    f"{m}×{n}": (m, n) for m, n in dict.fromkeys(LLAMA7B_MODULES.values())}
+LLAMA7B_COUNTS = {label: sum(s == shape for s in LLAMA7B_MODULES.values())
+                  for label, shape in LLAMA7B_SHAPES.items()}
 LLAMA7B_LAYERS = 32
 
 Method = Callable[[Sequence[Tensor]], Any]
@@ -61,11 +78,6 @@ def methods() -> dict[str, Method]:
         "tsv_m": tsv_m,
         "iso_c": iso_c,
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hardware(device: torch.device) -> str:
@@ -97,25 +109,6 @@ def task_vectors(shape: tuple[int, int], k: int, device: torch.device,
     return out
 
 
-def time_cell(fn: Method, taus: Sequence[Tensor], device: torch.device, repeat: int,
-              allowance: float) -> tuple[float, float, int]:
-    """(warm-up s, median s, runs): one warm-up, then up to ``repeat`` timed runs, fewer when
-    the warm-up says they would not fit in ``allowance`` seconds (at least one)."""
-    sync(device)
-    start = time.perf_counter()
-    fn(taus)
-    sync(device)
-    warm = time.perf_counter() - start
-    runs = max(1, min(repeat, int(allowance // max(warm, 1e-9))))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(taus)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return warm, statistics.median(times), runs
-
-
 def cmd_matrices(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     shapes = {label: (m // args.scale, n // args.scale)
@@ -128,19 +121,46 @@ def cmd_matrices(args: argparse.Namespace) -> dict[str, Any]:
         for name, fn in table.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            warm, median, runs = time_cell(fn, taus, device, args.repeat, allowance)
+            timing = time_call(lambda fn=fn, taus=taus: fn(taus), args.repeat, allowance, device)
+            warm, med, runs = timing.warmup, timing.median, timing.runs
             peak = (torch.cuda.max_memory_allocated(device) / 2**20
                     if device.type == "cuda" else None)
             rows.append({"method": name, "shape": label, "m": shape[0], "n": shape[1],
-                         "warmup_s": warm, "median_s": median, "runs": runs,
+                         "warmup_s": warm, "median_s": med, "runs": runs,
                          "peak_gpu_mb": peak})
-            log.info("%s %s: %.3f s (median of %d, warm-up %.3f s)", name, shape, median, runs,
+            log.info("%s %s: %.3f s (median of %d, warm-up %.3f s)", name, shape, med, runs,
                      warm)
         del taus
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"device": args.device, "hardware": hardware(device), "tasks": args.tasks,
             "scale": args.scale, "repeat": args.repeat, "budget_s": args.budget, "rows": rows}
+
+
+def cmd_wide(args: argparse.Namespace) -> None:
+    """Print Markdown: each method's median on the tall 7B shape and on its transpose, and the
+    ratio."""
+    table = methods()
+    wide_methods: dict[str, Method] = {
+        "torch.linalg.svd (reference)": lambda taus: torch.linalg.svd(taus[0],
+                                                                      full_matrices=False),
+        "task_arithmetic+svc": table["task_arithmetic + svc"], "tsv_m": table["tsv_m"],
+        "iso_c": table["iso_c"]}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m, n = (int(x * args.scale) for x in LLAMA7B_MODULES["mlp.gate_proj"])
+    g = torch.Generator().manual_seed(0)
+    layouts = {"tall": [torch.randn(m, n, generator=g) for _ in range(args.k)]}
+    layouts["wide"] = [t.mT.contiguous() for t in layouts["tall"]]
+    print(f"# Wide vs tall SVD-based merges: torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.machine()}, K = {args.k}\n\n"
+          f"| method | {m}×{n} s | {n}×{m} s | wide / tall |\n|---|---:|---:|---:|")
+    for name, fn in wide_methods.items():
+        times = interleave(["tall", "wide"], args.rounds,
+                           lambda layout, _r, fn=fn: timed(lambda: fn(layouts[layout]))[0])
+        t, w = median(times["tall"]), median(times["wide"])
+        note = " (LAPACK as is, no transposition)" if name.startswith("torch") else ""
+        print(f"| {name}{note} | {t:.1f} | {w:.1f} | {w / t:.2f} |", flush=True)
 
 
 def cmd_e2e(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--generate-s", type=float, default=0.0,
                    help="seconds writing the inputs took (reported)")
     e.add_argument("--json", required=True)
+    w = sub.add_parser("wide", help="wide (4096×11008) against tall (11008×4096), CPU")
+    w.add_argument("--k", type=int, default=2, help="task vectors per matrix (default 2)")
+    w.add_argument("--rounds", type=int, default=1)
+    w.add_argument("--threads", type=int, default=None)
+    w.add_argument("--scale", type=float, default=1.0,
+                   help="shrink both dimensions (e.g. 0.25 for a quick look)")
     r = sub.add_parser("report", help="Markdown from the JSON files")
     r.add_argument("--matrices", required=True)
     r.add_argument("--e2e")
@@ -293,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda given, but torch sees no CUDA device (torch "
                  f"{torch.__version__}, built for CUDA {torch.version.cuda})")
+    if args.cmd == "wide":
+        cmd_wide(args)
+        return
     if args.cmd == "report":
         text = cmd_report(args)
         if args.out:
