@@ -167,6 +167,7 @@ def methods(
 ) -> None:
     """List the methods: family, parameters with defaults, and references."""
     from specmerge.methods import all_methods
+    from specmerge.methods.presets import presets_of
 
     ms = all_methods()
     if as_json:
@@ -176,6 +177,9 @@ def methods(
             "parameters": {p.name: {"default": p.default, "type": p.type_name, "doc": p.doc,
                                     "choices": p.choices, "range": p.range,
                                     "allowed": p.describe()} for p in m.params},
+            "presets": {s.name: {"values": s.shown(), "applies": s.applies, "source": s.citation,
+                                 "defaults": s.defaults, "notes": s.notes}
+                        for s in presets_of(m.name)},
         } for m in ms], indent=2))
         return
     family = None
@@ -195,6 +199,16 @@ def methods(
             typer.echo(f"    {p.name} = {p.default!r}  ({p.type_name}{allowed}): {p.doc}")
         if m.notes:
             typer.echo(f"  note: {m.notes}")
+        presets = presets_of(m.name)
+        if presets:
+            key = (f"calibrate: {{method: {m.name}, preset: NAME}}" if m.is_calibration
+                   else "parameters: {preset: NAME}")
+            typer.echo(f"  presets ({key}; parameters beside it win):")
+        for s in presets:
+            values = ", ".join(f"{k} {v}" for k, v in s.shown().items())
+            default = " [the defaults]" if s.defaults else ""
+            typer.echo(f"    {s.name}{default}: {values}\n      when: {s.applies}"
+                       f"\n      from: {s.citation}")
 
 
 @app.command()

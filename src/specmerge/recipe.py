@@ -25,6 +25,7 @@ from pydantic import (
 from specmerge.errors import RecipeError
 from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
 from specmerge.mergekit import MergekitError, from_mergekit, is_mergekit
+from specmerge.methods.presets import Context, apply_preset
 from specmerge.methods.registry import SCALING, Interval, get_method
 
 DENSITY = Interval(float, 0, 1)
@@ -201,7 +202,12 @@ class BackendSpec(_Strict):
 
 
 class Recipe(_Strict):
-    """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in."""
+    """A validated merge recipe. ``parameters`` and ``calibrate`` hold every default filled in.
+
+    ``preset: NAME`` among ``parameters`` (or in ``calibrate``) stands for the named official
+    setting of the method (``specmerge.methods.presets``); the parameters given beside it
+    override it, and it is resolved to its values here, so the record holds the values.
+    """
 
     base_model: str
     models: list[ModelRef]
@@ -255,8 +261,10 @@ class Recipe(_Strict):
         if method.is_calibration:
             raise ValueError(f"{self.merge_method!r} is a calibration; use it as "
                              f"calibrate: {{method: {self.merge_method}}} after a merge method")
-        self.parameters = method.validate(self.parameters)
         weights = [m.weight for m in self.models]
+        ctx = Context(len(weights), self.merge_method)
+        self.parameters = method.validate(apply_preset(self.merge_method, self.parameters, ctx,
+                                                       "parameters"))
         method.check_recipe(self.parameters, weights)
         base = os.path.realpath(self.base_model)
         for i, m in enumerate(self.models):
@@ -278,6 +286,7 @@ class Recipe(_Strict):
             cal_method = get_method(name)
             if not cal_method.is_calibration:
                 raise ValueError(f"calibrate.method {name!r} is not a calibration method")
+            cal = apply_preset(name, cal, ctx, "calibrate")
             self.calibrate = {"method": name, **cal_method.validate(cal)}
             cal_method.check_recipe(self.calibrate, weights)
         return self

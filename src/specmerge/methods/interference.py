@@ -507,7 +507,8 @@ def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
                          f"eigen-directions of C, but C has rank {rank_c}, so the truncation "
                          f"cannot bind and SWUDI is the filtered closed form; for low-rank "
                          f"(LoRA) experts the official Qwen2-VL LoRA setting is rank_ratio "
-                         f"0.01, exp_time 1300, scaling 1/K")
+                         f"0.01, exp_time 1300, scaling 1/K (parameters: {{preset: "
+                         f"qwen2vl-lora}})")
         kept = lam[:k]
         return exp_filter(kept, exp_time).div_(kept)
 
