@@ -3,8 +3,9 @@
 SWUDI, SWUDI-A and the closed form form C and D, decompose C and apply the update in float64
 (``specmerge.methods.interference.CORE_DTYPE``) whatever the compute dtype; the official code
 stays in float32. This times SWUDI and the closed form on float32 task vectors with the core in
-float64 and in float32 (the constant patched), interleaved rounds, median of ``--rounds``, and
-prints the ratio; it also prints how far the float32 core lands from the float64 one.
+float64 and in float32 (the constant patched), median of ``--rounds`` interleaved rounds, and
+prints the ratio (``toolkit.interleave``: float32 first in even rounds, float64 first in odd
+ones); it also prints how far the float32 core lands from the float64 one.
 
     python benchmarks/core_dtype.py [--shapes 1024x1024,4096x4096] [--experts 4] [--rounds 3]
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+
+from toolkit import interleave, median, timed
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -26,11 +27,12 @@ from specmerge.synthetic import structured_task_vectors
 METHODS = {"swudi": wudi.swudi, "wudi_closed_form": wudi.wudi_closed_form}
 
 
-def run(fn, taus: list[torch.Tensor], dtype: torch.dtype) -> tuple[float, torch.Tensor]:
-    wudi.CORE_DTYPE = dtype
-    start = time.perf_counter()
-    out = fn(taus)
-    return time.perf_counter() - start, out
+CORES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def run(fn, taus: list[torch.Tensor], core: str) -> tuple[float, torch.Tensor]:
+    wudi.CORE_DTYPE = CORES[core]
+    return timed(lambda: fn(taus))
 
 
 def main() -> None:
@@ -47,15 +49,11 @@ def main() -> None:
         gen = torch.Generator().manual_seed(m * n)
         taus = structured_task_vectors((m, n), args.experts, generator=gen)
         for name, fn in METHODS.items():
-            times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.float64: []}
-            outs = {}
-            for _ in range(args.rounds):
-                for dtype in times:
-                    t, outs[dtype] = run(fn, taus, dtype)
-                    times[dtype].append(t)
-            f32, f64 = (statistics.median(times[d]) for d in (torch.float32, torch.float64))
-            diff = float((outs[torch.float32] - outs[torch.float64]).norm()
-                         / outs[torch.float64].norm())
+            runs = interleave(list(CORES), args.rounds,
+                              lambda core, _r, fn=fn, taus=taus: run(fn, taus, core))
+            f32, f64 = (median([t for t, _ in runs[c]]) for c in CORES)
+            out32, out64 = runs["float32"][-1][1], runs["float64"][-1][1]
+            diff = float((out32 - out64).norm() / out64.norm())
             print(f"| {name} | {m}×{n} | {f32:.2f} | {f64:.2f} | {f64 / f32:.2f}× | {diff:.1e} |")
     wudi.CORE_DTYPE = torch.float64
 

@@ -25,12 +25,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import struct
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from gpu_timings import LLAMA7B_MODULES as MODULES
+from gpu_timings import LLAMA7B_SHAPES
+from toolkit import median, timed
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -45,7 +47,7 @@ from specmerge.methods.interference import swudi, swudi_a
 from specmerge.methods.subspace import iso_c, tsv_m
 
 RANK, ALPHA = 16, 32
-SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
+SHAPES = {label.replace("×", "x"): shape for label, shape in LLAMA7B_SHAPES.items()}
 METHODS: dict[str, Callable[[Sequence[TaskVector]], TaskVector]] = {
     "task_arithmetic+svc": lambda taus: svc(task_arithmetic(taus, scaling=0.3), taus),
     "tsv_m": tsv_m,
@@ -57,10 +59,6 @@ LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-MODULES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
-           "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
-           "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
-           "mlp.down_proj": (4096, 11008)}
 
 
 def adapters(shape: tuple[int, int], k: int, seed: int) -> list[LowRank]:
@@ -69,12 +67,6 @@ def adapters(shape: tuple[int, int], k: int, seed: int) -> list[LowRank]:
     m, n = shape
     return [LowRank(torch.randn(m, RANK, generator=g) * 0.01,
                     torch.randn(RANK, n, generator=g) / n**0.5, ALPHA / RANK) for _ in range(k)]
-
-
-def timed(fn: Callable[[], TaskVector]) -> tuple[float, TaskVector]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def per_matrix(rounds: int, dense_cells: set[tuple[str, int]]) -> list[dict]:
@@ -95,7 +87,7 @@ def per_matrix(rounds: int, dense_cells: set[tuple[str, int]]) -> list[dict]:
                         diff = float((got - dense(want).double()).norm()
                                      / dense(want).double().norm())
                 row = {"shape": shape_name, "K": k, "method": name,
-                       "factored_s": statistics.median(times), "dense_s": dense_s,
+                       "factored_s": median(times), "dense_s": dense_s,
                        "max_rel_diff": diff}
                 rows.append(row)
                 print(_row(row), flush=True)
@@ -161,9 +153,7 @@ def whole_model(workdir: Path, k: int = 8) -> dict:
     ads = [write_adapter(root, i) for i in range(k)]
     recipe = {"base_model": str(base), "models": [str(a) for a in ads], "merge_method": "swudi",
               "calibrate": {"method": "svc"}, "output": {"format": "peft"}}
-    start = time.perf_counter()
-    res = specmerge.merge(recipe, root / "merged", progress=False)
-    seconds = time.perf_counter() - start
+    seconds, res = timed(lambda: specmerge.merge(recipe, root / "merged", progress=False))
     size = (res.out_dir / "adapter_model.safetensors").stat().st_size
     return {"adapters": k, "weights": res.num_tensors, "seconds": seconds,
             "peak_rss_mb": res.peak_rss_mb, "output_mb": size / 2**20,

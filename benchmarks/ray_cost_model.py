@@ -38,11 +38,12 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+
+from toolkit import time_call
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -132,20 +133,6 @@ def fit(rows: Sequence[dict[str, Any]], method: str, min_h: int = 0) -> Fit:
     return min(only_a, only_b, key=err)
 
 
-def time_call(fn: Callable[[], object], budget: float) -> tuple[float, int]:
-    """(median seconds, timed runs): one warm-up, then up to 3 runs within ``budget``."""
-    start = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - start
-    runs = max(1, min(3, int(budget // max(warm, 1e-9))))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), runs
-
-
 def measure(ladder: Sequence[int], k_extra: int, h_extra: int, budget: float,
             down_max: int) -> list[dict[str, Any]]:
     cells = [(h, name, 8) for h in ladder for name in ASPECTS
@@ -156,8 +143,9 @@ def measure(ladder: Sequence[int], k_extra: int, h_extra: int, budget: float,
         m, n = ASPECTS[name](h)
         taus = structured_task_vectors((m, n), k, generator=torch.Generator().manual_seed(h))
         merged = swudi(taus)
-        t_swudi, runs_a = time_call(lambda taus=taus: swudi(taus), budget)
-        t_svc, runs_b = time_call(lambda merged=merged, taus=taus: svc(merged, taus), budget)
+        a = time_call(lambda taus=taus: swudi(taus), budget=budget)
+        b = time_call(lambda merged=merged, taus=taus: svc(merged, taus), budget=budget)
+        t_swudi, runs_a, t_svc, runs_b = a.median, a.runs, b.median, b.runs
         rows.append({"h": h, "aspect": name, "m": m, "n": n, "k": k, "swudi": t_swudi,
                      "svc": t_svc, "runs": [runs_a, runs_b]})
         print(f"h={h} {name} {m}×{n} K={k}: swudi {t_swudi:.3f} s ({runs_a} runs), "

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from collections.abc import Callable, Sequence
+
+from toolkit import timed
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -38,24 +39,11 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_method(fn: Method, layers: list[list[Tensor]], device: torch.device,
                 repeat: int) -> float:
     """Best wall-clock seconds of ``repeat`` full passes over ``layers`` (after one warm-up)."""
-    fn(layers[0])  # warm-up: CUDA context, solver handles, allocator
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for taus in layers:
-            fn(taus)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    timed(lambda: fn(layers[0]), device)  # warm-up: CUDA context, solver handles, allocator
+    return min(timed(lambda: [fn(taus) for taus in layers], device)[0] for _ in range(repeat))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import io
 import json
@@ -35,11 +34,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from toolkit import PeakMemory, load_average, timer
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see README, Performance
 
@@ -73,68 +73,6 @@ def checksum(layers: dict[str, list[Tensor]]) -> float:
     """A fingerprint of the first layer, to check both virtualenvs see the same tensors."""
     first = next(iter(layers.values()))
     return float(sum(t.double().abs().sum() for t in first))
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc, else psutil)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak, or RSS sampled every 1 ms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.extra = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._base = self._peak = rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.extra = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.extra = max(self._peak, rss_bytes()) - self._base
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def timer(device: torch.device, out: dict[str, float], key: str) -> Iterator[None]:
-    sync(device)
-    start = time.perf_counter()
-    yield
-    sync(device)
-    out[key] = out.get(key, 0.0) + time.perf_counter() - start
 
 
 def shapes_first(names: Sequence[str], layers: dict[str, list[Tensor]]) -> dict[tuple, str]:
@@ -176,7 +114,7 @@ def child_specmerge(args: argparse.Namespace) -> dict[str, Any]:
             tau = itf.initial_tau(taus, "sum")
             itf.adam_steps(tau, c, d, 1, 1e-5)
             t: dict[str, float] = {}
-            with timer(device, t, "s"):
+            with timer(t, "s", device):
                 itf.adam_steps(tau, c, d, args.timed_iterations, 1e-5)
             step_cost[shape] = t["s"] / args.timed_iterations
         full_estimate = sum(args.iterations * step_cost[tuple(layers[n][0].shape)]
@@ -192,7 +130,7 @@ def child_specmerge(args: argparse.Namespace) -> dict[str, Any]:
         if extrapolate:
             seconds = time_wudi_extrapolated(layers, args, device, times)
         else:
-            with timer(device, times, "total"):
+            with timer(times, "total", device):
                 for name in names:
                     out = fn(layers[name], **kwargs)
                     del out
@@ -241,11 +179,11 @@ def time_wudi_extrapolated(layers: dict[str, list[Tensor]], args: argparse.Names
     seconds = 0.0
     for index, taus_in in enumerate(layers.values()):
         t: dict[str, float] = {}
-        with timer(device, t, "build"):
+        with timer(t, "build", device):
             taus = itf.prepare(taus_in)
             c, d = itf.interference_stats(taus)
             tau = itf.initial_tau(taus, "sum")
-        with timer(device, t, "steps"):
+        with timer(t, "steps", device):
             itf.adam_steps(tau, c, d, a, 1e-5)
         if index == 0 and not torch.equal(tau, itf.wudi(taus_in, iterations=a)):
             raise RuntimeError("the timed pieces of wudi do not reproduce wudi")
@@ -276,7 +214,7 @@ def child_fusion_bench(args: argparse.Namespace) -> dict[str, Any]:
         tvs = [{name: t.to(device, dtype)} for t in layers[name]]
         t: dict[str, float] = {}
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
-                PeakMemory(device) as peak, timer(device, t, "s"):
+                PeakMemory(device) as peak, timer(t, "s", device):
             merged = wudi_merging(tvs, accelerator=device, iter_num=iters)
         return t["s"], peak.extra, merged[name].detach().cpu()
 
@@ -373,13 +311,6 @@ def spawn(python: str, child: str, args: argparse.Namespace, tmp: Path,
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"child {child} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(out.read_text())
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

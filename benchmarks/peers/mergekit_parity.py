@@ -137,7 +137,7 @@ def build_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-def substitute(obj: Any, paths: dict[str, Path]) -> Any:
+def substitute(obj: Any, paths: dict[str, Any]) -> Any:
     if isinstance(obj, dict):
         return {k: substitute(v, paths) for k, v in obj.items()}
     if isinstance(obj, list):

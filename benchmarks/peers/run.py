@@ -56,7 +56,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/: 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit  # noqa: E402
+from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit, substitute  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from toolkit import evict, median, read_floor, resident_bytes, round_order, watch  # noqa: E402
 
@@ -228,14 +228,6 @@ def compare_dirs(ours: Path, theirs: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
-
-def substitute(obj: Any, paths: dict[str, str]) -> Any:
-    if isinstance(obj, dict):
-        return {k: substitute(v, paths) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [substitute(v, paths) for v in obj]
-    return paths.get(obj, obj) if isinstance(obj, str) else obj
-
 
 def make_inputs(models: Path, size: str) -> None:
     if (models / "base").exists():
