@@ -385,3 +385,32 @@ def test_a_reference_row_missing_for_one_seed_keeps_the_other(tmp_path):
     assert full["seeds"] == [0] and full["norm"] == pytest.approx(105.0)
     assert res["timings"]["rows_compute_s"] == 2.0
     assert "(seed 0 only)" in report.markdown_table(res)
+
+
+def test_the_lambda_grid_reaches_down_to_0_05():
+    assert R.LAMBDAS[0] == 0.05 and R.LAMBDAS[-1] == 1.0
+    assert list(R.LAMBDAS) == sorted(set(R.LAMBDAS))
+    assert {0.05, 0.1, 0.15, 0.2, 0.25, 0.3} <= set(R.LAMBDAS)  # 1/K for K = 8 lies inside
+    assert {round(0.1 * i, 1) for i in range(1, 11)} <= set(R.LAMBDAS)  # the old grid stays
+
+
+def test_the_full_preset_validates_the_wudi_family_scale():
+    from specmerge.recipe import load_recipe
+
+    family = ("wudi", "wudi_closed_form", "swudi", "swudi_a")
+    assert {f"{m}@val" for m in family} <= set(R.PRESETS["full"])
+    recipes = R.default_recipes_dir()
+    assert R.validate_methods([f"{m}@val" for m in family], recipes) == [f"{m}@val"
+                                                                        for m in family]
+    for m in family:  # the sweep sets parameters.scaling, which each method accepts
+        rec = R.load_recipe(recipes, f"{m}@val", Path("/b"), [Path("/e0"), Path("/e1")])
+        rec.setdefault("parameters", {})["scaling"] = R.LAMBDAS[0]
+        assert load_recipe(rec).parameters["scaling"] == 0.05
+    assert report.label("swudi@val") == "SWUDI, λ on validation"
+    assert report.label("peft_cat@val") == "PEFT cat, weight λ on validation"
+
+
+def test_the_table_shows_a_lambda_of_0_05():
+    res = _fake_results()
+    res["rows"][-1]["lambda"] = [0.05, 0.15]
+    assert "TIES, λ on validation (λ=0.05, 0.15)" in report.markdown_table(res)

@@ -33,8 +33,9 @@ TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_iron
 def label(row: str) -> str:
     if row.endswith("+svc"):
         return f"{LABELS.get(row[:-4], row[:-4])} + SVC"
-    if row.startswith("peft_") and row.endswith("@val"):
-        return f"{LABELS.get(row[:-4], row[:-4])}, weight λ on validation"
+    if row.endswith("@val") and row not in LABELS:
+        what = "weight λ" if row.startswith("peft_") else "λ"
+        return f"{LABELS.get(row[:-4], row[:-4])}, {what} on validation"
     return LABELS.get(row, row)
 
 
@@ -63,7 +64,7 @@ def markdown_table(results: dict) -> str:
     for r in results["rows"]:
         name = label(r["name"])
         if "lambda" in r:
-            name += f" (λ={', '.join(_fmt(v) for v in r['lambda'])})"
+            name += f" (λ={', '.join(f'{v:g}' for v in r['lambda'])})"
         if r.get("seeds") is not None:
             name += f" (seed {', '.join(str(x) for x in r['seeds'])} only)"
         if r.get("errors"):

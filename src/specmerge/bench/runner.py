@@ -46,11 +46,17 @@ ZERO_SHOT, EXPERTS = "zero_shot", "experts"
 FULL_EXPERTS = "experts_full"
 BASE_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts",
                 "star", "wudi", "wudi_closed_form", "swudi", "swudi_a")
-SWEEPS = ("task_arithmetic@val", "ties@val")
+# λ on validation; the WUDI family's ``scaling`` too: its official settings range from 1 (CLIP)
+# to 0.1 (InternVL) and 1/K (LoRA experts), so only a validated scale compares it fairly.
+# (SVC's α is not swept: "@val" sweeps a merge method's ``scaling`` only.)
+SWEEPS = ("task_arithmetic@val", "ties@val", "wudi@val", "wudi_closed_form@val", "swudi@val",
+          "swudi_a@val")
 # Extra rows beyond "every method ± SVC at defaults": SVC after TSV-M with α = 1.0, the official
 # SVC run script's setting for TSV-M (the registry default α = 1/K is its setting elsewhere).
 EXTRAS = ("tsv_m+svc_a1",)
-LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+# The λ grid of every "@val" row: steps of 0.05 up to 0.3 (1/K for K = 8 is 0.125; the official
+# LoRA and MLLM scales are 0.1 to 0.3), then steps of 0.1 up to 1.
+LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PRESETS: dict[str, tuple[str, ...]] = {
     "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + EXTRAS + SWEEPS,
     # TSV-M + SVC at α = 1 (the official setting for TSV-M) beside the registry's α = 1/K
