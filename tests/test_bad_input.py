@@ -138,7 +138,7 @@ def test_output_inside_input_refused(toy_models, tmp_path) -> None:
 def test_interrupted_merge_leaves_nothing_and_inputs_untouched(toy_models, tmp_path,
                                                                monkeypatch) -> None:
     before = tree_hash(toy_models["root"])
-    import specmerge.engine as engine
+    import specmerge.engine.update as engine
 
     calls = {"n": 0}
     real = engine.merged_update

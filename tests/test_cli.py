@@ -113,10 +113,18 @@ def test_synthetic_vocab_and_hidden_options(tmp_path) -> None:
     assert res.exit_code == 1 and "multiple of 16" in res.output
 
 
-def test_the_cli_block_size_default_is_the_engines() -> None:
+def test_the_cli_leaves_the_streaming_defaults_to_the_engine() -> None:
+    """The CLI passes --block-size, --shard-size and --prefetch only when given (so that an
+    output format can refuse what it has no use for), and its help names the engine's
+    defaults."""
     import inspect
 
     from specmerge.cli import merge
     from specmerge.engine import DEFAULT_BLOCK_SIZE
+    from specmerge.engine.api import DEFAULT_SHARD_SIZE
 
-    assert inspect.signature(merge).parameters["block_size"].default == DEFAULT_BLOCK_SIZE
+    params = inspect.signature(merge).parameters
+    assert [params[p].default for p in ("block_size", "shard_size", "prefetch")] == [None] * 3
+    text = CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "300"}).output
+    assert f"{DEFAULT_BLOCK_SIZE} (the default)" in text
+    assert f"{DEFAULT_SHARD_SIZE} (the default)" in text

@@ -119,7 +119,7 @@ def test_bad_shard_index_is_refused(tmp_path, weight_map, message) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _interfere(monkeypatch, action, at: int = 3) -> None:
-    import specmerge.engine as engine
+    import specmerge.engine.update as engine
 
     real, calls = engine.merged_update, {"n": 0}
 
@@ -507,7 +507,7 @@ def test_force_keeps_the_old_out_when_the_final_rename_fails(toy_models, tmp_pat
 
 def test_in_memory_merges_leave_the_callers_signal_handlers_alone(toy_models,
                                                                    monkeypatch) -> None:
-    import specmerge.engine as engine
+    import specmerge.engine.update as engine
 
     def mine(signum, frame):  # pragma: no cover - never called
         pass

@@ -307,7 +307,7 @@ def test_example_models_are_the_same_bytes_on_another_code_path(tmp_path: Path) 
 def _scaled(name: str, factor: float) -> Any:
     """A broken ``check_finite`` of the engine: it scales the merged tensor ``name`` (in the
     compute dtype, before the cast to the output dtype) in place."""
-    from specmerge import engine
+    from specmerge.engine import steps as engine
 
     real = engine.check_finite
 
@@ -337,7 +337,7 @@ def test_the_goldens_catch_deliberate_breaks(golden_root: Path, golden: dict[str
     name = "model.layers.1.self_attn.q_proj.weight"
     tag, override = f"-{kind}-{key}", {}
     if kind == "scale-1e-4":
-        monkeypatch.setattr("specmerge.engine.check_finite", _scaled(name, 1 + 1e-4))
+        monkeypatch.setattr("specmerge.engine.steps.check_finite", _scaled(name, 1 + 1e-4))
     if kind == "svc-alpha":  # the default α = 1/K, as another default would be
         case = (case[0], case[1], case[2], {**case[3], "calibrate": {
             "method": "svc", "alpha": 1.1 / MODELS[model][1]}})

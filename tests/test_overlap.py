@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import specmerge
-import specmerge.engine as engine
+import specmerge.engine.update as engine
 import specmerge.io.checkpoint as checkpoint
 import specmerge.io.writer as writer
 from specmerge.errors import CheckpointError, Interrupted, NonFiniteError, OutputError

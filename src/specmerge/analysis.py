@@ -36,6 +36,7 @@ from specmerge.sources import CheckpointSource, Source
 
 # the rank ratio whose top-k trace share is reported, unless the recipe's method sets one
 SWUDI_METHOD = "swudi"
+CALIBRATION_METHOD = "svc"  # whose γ the report shows
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,16 @@ class AnalyzeStep:
                               rep.sigma_calibrated.tolist(), rep if self.keep_report else None)
 
 
+def calibration_params(rec: Recipe) -> dict[str, Any]:
+    """The recipe's calibration parameters with the calibration method's defaults filled in,
+    from the registry (SVC's when the recipe has no calibration: analyze reports SVC's γ)."""
+    given = dict(rec.calibrate or {})
+    method = get_method(given.pop("method", CALIBRATION_METHOD))
+    return {**method.defaults(), **given}
+
+
 def _settings(rec: Recipe) -> tuple[float | None, float]:
-    alpha = (rec.calibrate or {}).get("alpha")
+    alpha = calibration_params(rec).get("alpha")
     rank_ratio = rec.parameters.get("rank_ratio",
                                     get_method(SWUDI_METHOD).defaults()["rank_ratio"])
     return alpha, rank_ratio

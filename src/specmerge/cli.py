@@ -58,17 +58,19 @@ def merge(
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer needs Optional)
         help="Compute dtype override: float32 or float64.")] = None,
-    shard_size: Annotated[str, typer.Option(help="Max shard size, e.g. 5GB, 500MB.")] = "5GB",
+    shard_size: Annotated[str | None, typer.Option(
+        help="Max shard size, e.g. 5GB (the default), 500MB.", show_default=False)] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parameters merged at once (threads).")] = 1,
-    block_size: Annotated[str, typer.Option(
+    block_size: Annotated[str | None, typer.Option(
         help="Largest tensor block held per input, in the compute dtype, where a parameter is "
              "merged in row blocks (element-wise methods and fallbacks on safetensors "
-             "inputs), e.g. 8MiB; never changes the output.")] = "8MiB",  # DEFAULT_BLOCK_SIZE
-    prefetch: Annotated[bool, typer.Option(
+             "inputs), e.g. 8MiB (the default); never changes the output.",
+        show_default=False)] = None,
+    prefetch: Annotated[bool | None, typer.Option(
         "--prefetch/--no-prefetch",
         help="Read the next row block while one is merged, and write the last one, on two "
-             "threads (3K + 6 blocks in memory instead of 2K + 4 for float32 inputs); never "
-             "changes the output.")] = True,
+             "threads (3K + 6 blocks in memory instead of 2K + 4 for float32 inputs); on by "
+             "default; never changes the output.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         help="Replace an existing OUT that is a previous specmerge output (or empty): the old "
              "OUT is deleted once the new one is complete (only the one that was there at the "

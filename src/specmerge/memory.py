@@ -18,6 +18,7 @@ torch and the libraries: ``BASELINE``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,14 @@ def entry_bytes(entry: PlanEntry, k: int, itemsize: int, block_size: int,
     return (k + 3) * size + extra
 
 
-def estimate(plan: Plan, *, block_size: int, workers: int = 1, prefetch: bool = True) -> Estimate:
-    """The expected peak of merging ``plan`` (``FORMULA``)."""
+def estimate(plan: Plan, *, block_size: int, workers: int = 1, prefetch: bool = True,
+             entries: Sequence[PlanEntry] | None = None) -> Estimate:
+    """The expected peak of merging ``plan`` (``FORMULA``), or only its ``entries`` (an output
+    format that writes some); a factored update is counted as dense, an upper bound."""
     k = len(plan.recipe.models)
     itemsize = plan.compute_dtype.itemsize
-    sizes = {e.name: entry_bytes(e, k, itemsize, block_size, prefetch) for e in plan.entries}
+    sizes = {e.name: entry_bytes(e, k, itemsize, block_size, prefetch)
+             for e in (plan.entries if entries is None else entries)}
     largest = max(sizes, key=lambda n: sizes[n]) if sizes else "-"
     per_worker = sizes.get(largest, 0)
     return Estimate(min(workers, max(1, len(sizes))) * per_worker + BASELINE, largest,

@@ -47,12 +47,23 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
+class TensorRef:
+    """One input of a plan entry: tensor ``name`` of model ``model`` (0: the base, i: the
+    recipe's i-th expert)."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
 class PlanEntry:
-    """What happens to one parameter.
+    """What happens to one output parameter.
 
     ``method`` is the registry name of the function that computes its merged update (None: a
-    zero update, or a copy); ``kwargs`` are its bound keyword arguments; ``seeds`` the per-expert
-    RNG seeds of a method that draws random numbers.
+    zero update, or a copy); ``kwargs`` are its own bound keyword arguments (resolved per
+    tensor); ``seeds`` the per-expert RNG seeds of a method that draws random numbers;
+    ``inputs`` the tensors it is computed from, base first (``same_inputs``: the same name in
+    the base and in every expert, which is what every recipe plans today).
     """
 
     name: str
@@ -68,6 +79,7 @@ class PlanEntry:
     transpose: bool = False  # stored (in, out): matrix maths runs on the transpose
     blocks: Blocks | None = None  # a fused projection: matrix maths runs block by block
     out_rows: int | None = None  # a vocabulary-sized tensor of the union vocabulary
+    inputs: tuple[TensorRef, ...] = ()
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -76,6 +88,17 @@ class PlanEntry:
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
+
+    @property
+    def same_inputs(self) -> bool:
+        """Whether the inputs are the entry's own name in the base and in every expert, in
+        order (what the sources read today)."""
+        return all(r == TensorRef(i, self.name) for i, r in enumerate(self.inputs))
+
+
+def same_name_inputs(name: str, k: int) -> tuple[TensorRef, ...]:
+    """The inputs of a parameter merged from the same tensor of the base and K experts."""
+    return tuple(TensorRef(i, name) for i in range(k + 1))
 
 
 @dataclass(frozen=True)
@@ -162,6 +185,7 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
             entry = PlanEntry(name, p.shape, out_dtype, "method", calibrate, matrix,
                               method.name, method_kwargs, seeds, role=role, transpose=transpose,
                               blocks=blocks)
+        entry = dataclasses.replace(entry, inputs=same_name_inputs(name, recipe.num_experts))
         if vocab_rows and name in vocab_rows:
             entry = dataclasses.replace(entry, out_rows=vocab_rows[name])
         entries.append(entry)

@@ -1,13 +1,17 @@
 """Sources: where θ0 and the task vectors τ_i of one parameter come from.
 
-A source offers an ``index`` (name → shape, dtype, in the base's order) and, per parameter,
+A ``Source`` offers an ``index`` (name → shape, dtype, in the base's order) and, per parameter,
 ``task_vectors(name, device, dtype)``: θ0 and the τ_i = θ_i − θ0 on the device in the compute
 dtype. Every input tensor is checked for NaN/Inf as it is read, and the error names its file.
+A ``RowSource`` can also read a parameter by rows (``reads_rows``), which the engine uses to
+merge it in blocks; a source that says ``reads_rows`` False for every name (``StateDictSource``)
+needs none of the row members.
 
-A source is picklable (it holds paths and lazily opened readers, never open files or locks),
-so a backend can ship it to another process or machine. A τ_i is a dense tensor, or, for a LoRA
-adapter read with ``factored=True``, a ``LowRank(B, A, scale)`` that the factored methods use as
-it is (``specmerge.lowrank``).
+``CheckpointSource`` holds one base checkpoint and K experts, each behind the ``Expert``
+interface (``specmerge.experts``: dense checkpoints and LoRA adapters); it never asks which
+kind an expert is. It is picklable (paths and lazily opened readers, never open files or
+locks), so a backend can ship it to another process or machine. A τ_i is a dense tensor, or,
+read with ``factored=True``, a ``LowRank(B, A, scale)`` where the expert is factored.
 """
 
 from __future__ import annotations
@@ -22,27 +26,23 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from specmerge.errors import CheckpointError, IncompatibleCheckpointError, NonFiniteError
-from specmerge.io.adapter import Adapter, is_adapter
+from specmerge.errors import CheckpointError, IncompatibleCheckpointError
+from specmerge.experts import AdapterExpert, DenseExpert, Expert, StoredRows, open_expert
+from specmerge.io.adapter import Adapter
 from specmerge.io.checkpoint import Checkpoint, check_compatible
 from specmerge.io.tokenizer import VocabularyUnion, vocabulary_union
-from specmerge.lowrank import LowRank, TaskVector
+from specmerge.lowrank import TaskVector
+from specmerge.numerics import (  # noqa: F401  (re-exported: the checks' old home)
+    check_finite,
+    count_nonfinite,
+    nonfinite_error,
+    to_compute,
+)
 from specmerge.plan import ParamInfo
 from specmerge.recipe import Recipe
 from specmerge.roles import TIED_EMBEDDING, ModelInfo, parameter_role
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StoredRows:
-    """A row block of one input as stored (its file's dtype), with the file it came from.
-    ``rows`` None: an adapter that does not touch the tensor (its τ is zero there).
-    ``adapter``: the rows are an adapter's saved module, checked for NaN/Inf however read."""
-
-    file: Path
-    rows: Tensor | None
-    adapter: bool = False
 
 
 @dataclass
@@ -57,15 +57,14 @@ class TaskVectors:
 
 
 class Source(Protocol):
+    """What every stage needs: the index, roles, θ0, the τ_i whole, and the NaN/Inf scan."""
+
     vocab_rows: dict[str, int]  # output rows of vocabulary-sized tensors (union vocabulary)
 
     @property
     def num_experts(self) -> int: ...
 
     def index(self) -> dict[str, ParamInfo]: ...
-
-    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor]: ...
 
     def model_info(self) -> ModelInfo: ...
 
@@ -77,76 +76,44 @@ class Source(Protocol):
 
     def reads_rows(self, name: str) -> bool: ...
 
+    def check_inputs(self, name: str, block_rows: int) -> None: ...
+
+    def needs_base(self, name: str) -> bool: ...
+
+
+class RowSource(Source, Protocol):
+    """A source that reads parameters by rows where ``reads_rows`` says so, and places the
+    added tokens' rows of a union vocabulary (``placed_rows``, where ``vocab_rows`` is set)."""
+
     def read_rows(self, name: str, start: int, stop: int, *,
                   buffers: list[list[Tensor]] | None = None) -> list[StoredRows]: ...
 
     def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
                              dtype: torch.dtype, *, check: bool = True) -> TaskVectors: ...
 
-    def check_inputs(self, name: str, block_rows: int) -> None: ...
-
-    def needs_base(self, name: str) -> bool: ...
-
-
-# the dtype of the one-pass sum that proves a tensor finite (half types summed in float32)
-SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
-              torch.float32: torch.float32, torch.float64: torch.float64}
-
-
-def count_nonfinite(t: Tensor) -> int:
-    """How many NaN/Inf entries ``t`` holds (0 for a non-floating tensor).
-
-    One reduction decides the common case: a NaN or ±Inf entry makes the sum NaN or ±Inf
-    (IEEE addition propagates them in any order), so a finite sum proves every entry finite.
-    A non-finite sum (a NaN/Inf, or finite entries whose sum overflows) is counted exactly."""
-    if not t.is_floating_point():
-        return 0
-    if t.dtype in SUM_DTYPES and bool(torch.isfinite(t.sum(dtype=SUM_DTYPES[t.dtype]))):
-        return 0
-    return int((~torch.isfinite(t)).sum())
-
-
-def nonfinite_error(what: str, bad: int) -> NonFiniteError:
-    return NonFiniteError(f"{what} holds {bad} NaN/Inf value(s); pass --allow-nonfinite "
-                          f"(allow_nonfinite=True) to merge anyway")
-
-
-def to_compute(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``t`` on the device, then in the compute dtype: a bf16/fp16 input crosses to a GPU in its
-    own (half-size) dtype and is upcast there. The same values as ``t.to(device, dtype)``."""
-    return t.to(device).to(dtype)
-
-
-def check_finite(t: Tensor, what: str, allow: bool) -> None:
-    """Raise NonFiniteError naming ``what`` if ``t`` holds NaN/Inf (unless ``allow``)."""
-    if not allow:
-        bad = count_nonfinite(t)
-        if bad:
-            raise nonfinite_error(what, bad)
+    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]: ...
 
 
 class CheckpointSource:
-    """Dense checkpoints on disk: a base and K experts, read one tensor at a time."""
+    """Checkpoints on disk: a base and K experts (``Expert``), read one tensor at a time."""
 
     def __init__(self, base: str | Path, experts: Sequence[str | Path],
                  allow_nonfinite: bool = False, vocabulary: VocabularySource = "error"):
         self.base = Checkpoint(base)
-        self.experts: list[Checkpoint | Adapter] = [
-            Adapter(p) if is_adapter(Path(p).expanduser()) else Checkpoint(p) for p in experts]
         self.allow_nonfinite = allow_nonfinite
+        self.experts: list[Expert] = [open_expert(p, allow_nonfinite) for p in experts]
         info = self.model_info()
         pair = tied_pair(self.index(), info)
-        self.rows: list[dict[str, int]] = []  # per expert: tensors read up to the base's rows
-        for ckpt in self.experts:
-            if isinstance(ckpt, Adapter):
-                ckpt.check_against(self.base)
-                warn_other_base(ckpt, self.base)
-                self.rows.append({})
-                continue
-            if pair is not None:
-                match_tied_head(self.base, ckpt, *pair)
-            self.rows.append(added_token_rows(self.base, ckpt, info, vocabulary))
-            check_compatible(self.base, ckpt, other_shape=self.rows[-1])
+        for e in self.experts:
+            if isinstance(e, AdapterExpert):
+                e.adapter.check_against(self.base)
+                warn_other_base(e.adapter, self.base)
+            elif isinstance(e, DenseExpert):
+                if pair is not None:
+                    match_tied_head(self.base, e.ckpt, *pair)
+                e.rows = added_token_rows(self.base, e.ckpt, info, vocabulary)
+                check_compatible(self.base, e.ckpt, other_shape=e.rows)
         self.union: VocabularyUnion | None = None
         self.vocab_rows: dict[str, int] = {}  # output rows of the vocabulary-sized tensors
         if vocabulary == "union":
@@ -180,10 +147,7 @@ class CheckpointSource:
 
     def input_files(self) -> list[Path]:
         """Every file a worker reads tensors from (the driver alone reads config files)."""
-        files = [*self.base.files]
-        for e in self.experts:
-            files += e.file.files if isinstance(e, Adapter) else e.files
-        return files
+        return [*self.base.files, *(f for e in self.experts for f in e.files())]
 
     def index(self) -> dict[str, ParamInfo]:
         return {n: ParamInfo(i.shape, i.dtype) for n, i in self.base.infos.items()}
@@ -201,25 +165,17 @@ class CheckpointSource:
     def base_tensor(self, name: str) -> Tensor:
         return self.base.read(name)
 
-    def _read(self, ckpt: Checkpoint, name: str) -> Tensor:
-        t = ckpt.read(name)
-        check_finite(t, f"{ckpt.infos[name].file}: tensor {name!r}", self.allow_nonfinite)
+    def _base(self, name: str, check: bool) -> Tensor:
+        t = self.base.read(name)
+        if check:
+            check_finite(t, f"{self.base.infos[name].file}: tensor {name!r}",
+                         self.allow_nonfinite)
         return t
 
-    def _read_unchecked(self, ckpt: Checkpoint, name: str) -> Tensor:
-        return ckpt.read(name)
-
     def reads_rows(self, name: str) -> bool:
-        """Whether ``read_rows`` reads only the rows asked for: the base and every dense
-        expert are safetensors, and every adapter either leaves ``name`` alone (τ = 0) or saves
-        it whole in safetensors (``modules_to_save``). A weight an adapter's LoRA targets is
-        read whole (τ = s·B·A, formed per tensor)."""
-        def rows_of(ckpt: Checkpoint | Adapter) -> bool:
-            if isinstance(ckpt, Checkpoint):
-                return ckpt.can_read_rows(name)
-            return name not in ckpt.lora and (name not in ckpt.saved
-                                               or ckpt.file.can_read_rows(ckpt.saved[name]))
-        return self.base.can_read_rows(name) and all(rows_of(c) for c in self.experts)
+        """Whether ``read_rows`` reads only the rows asked for: the base and every expert can
+        (safetensors; an adapter that leaves ``name`` alone or saves it whole)."""
+        return self.base.can_read_rows(name) and all(e.reads_rows(name) for e in self.experts)
 
     def read_rows(self, name: str, start: int, stop: int, *,
                   buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:
@@ -228,20 +184,12 @@ class CheckpointSource:
         of K + 1 lists, filled on first use), so that a loop over blocks allocates nothing; the
         rows are then views of them, valid until the next read into the same buffers (which
         ``rows_to_task_vectors`` copies out of)."""
-        inputs = (self.base, *self.experts)
         if buffers is not None and not buffers:
-            buffers.extend([] for _ in inputs)
-        out = []
-        for k, ckpt in enumerate(inputs):
-            into = None if buffers is None else buffers[k]
-            if isinstance(ckpt, Adapter):
-                key = ckpt.saved.get(name)
-                out.append(StoredRows(ckpt.path, None) if key is None else StoredRows(
-                    ckpt.file.infos[key].file, ckpt.file.read_rows(key, start, stop, into=into),
-                    adapter=True))
-                continue
-            out.append(StoredRows(ckpt.infos[name].file,
-                                  ckpt.read_rows(name, start, stop, into=into)))
+            buffers.extend([] for _ in range(1 + len(self.experts)))
+        into = (lambda k: None) if buffers is None else (lambda k: buffers[k])
+        out = [StoredRows(self.base.infos[name].file,
+                          self.base.read_rows(name, start, stop, into=into(0)))]
+        out += [e.read_rows(name, start, stop, into(k + 1)) for k, e in enumerate(self.experts)]
         return out
 
     def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
@@ -278,26 +226,20 @@ class CheckpointSource:
         input is not finite, so that the error names the file."""
         if self.allow_nonfinite:
             return
-        for ckpt in (self.base, *self.experts):
-            if isinstance(ckpt, Adapter):
-                continue  # adapters' tensors are checked as they are read
-            info = ckpt.infos[name]
-            rows = info.shape[0] if info.shape else 1
-            if ckpt.can_read_rows(name):
-                bad = sum(count_nonfinite(ckpt.read_rows(name, lo, min(lo + block_rows, rows)))
-                          for lo in range(0, rows, max(1, block_rows)))
-            else:
-                bad = count_nonfinite(ckpt.read(name))
-            if bad:
-                raise nonfinite_error(f"{info.file}: tensor {name!r}", bad)
+        DenseExpert(self.base, self.allow_nonfinite, {}).check_inputs(name, block_rows)
+        for e in self.experts:
+            e.check_inputs(name, block_rows)
 
     def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor]:
         """For the union vocabulary: the union ids of the added tokens and their rows of
         ``name``, each the mean of the rows of the experts that have the token."""
         assert self.union is not None
-        full = {i: self._read(self.experts[i], name) for i in
-                sorted({i for src in self.union.sources.values() for i, _ in src})}
+        full = {}
+        for i in sorted({i for src in self.union.sources.values() for i, _ in src}):
+            expert = self.experts[i]
+            assert isinstance(expert, DenseExpert)  # only a full checkpoint adds tokens
+            full[i] = expert.read(name)
         ids, rows = [], []
         for _, _, uid in self.union.new:
             picks = []
@@ -313,11 +255,11 @@ class CheckpointSource:
     @property
     def saved_names(self) -> set[str]:
         """Tensors that some adapter stores whole (``modules_to_save``)."""
-        return {n for e in self.experts if isinstance(e, Adapter) for n in e.saved}
+        return {n for e in self.experts for n in e.saved}
 
     def needs_base(self, name: str) -> bool:
         """Whether some τ_i of ``name`` needs θ0: a full expert, or an adapter's saved module."""
-        return any(not isinstance(e, Adapter) or name in e.saved for e in self.experts)
+        return any(e.needs_base(name) for e in self.experts)
 
     def task_vectors(self, name: str, device: torch.device, dtype: torch.dtype, *,
                      factored: bool = False, base: bool = True, check: bool = True
@@ -327,39 +269,16 @@ class CheckpointSource:
         some τ_i needs it (a factored merge of adapters reads no base weight). ``check`` False:
         the dense checkpoints' tensors are not checked for NaN/Inf (the caller checks the
         output, ``check_inputs``); adapters' always are."""
-        read = self._read if check else self._read_unchecked
         theta0 = None
         if base or not factored or self.needs_base(name):
-            theta0 = to_compute(read(self.base, name), device, dtype)
-        info = self.base.infos[name]
-        taus: list[TaskVector] = []
-        for ckpt, rows in zip(self.experts, self.rows, strict=True):
-            if isinstance(ckpt, Adapter):
-                tau = ckpt.factors(name, device, dtype, self._read) if factored else None
-                if tau is not None:
-                    taus.append(tau)
-                elif factored and name not in ckpt.saved:
-                    taus.append(zero_factors(info.shape, device, dtype) if len(info.shape) == 2
-                                else torch.zeros(info.shape, device=device, dtype=dtype))
-                else:
-                    assert theta0 is not None
-                    taus.append(ckpt.task_vector(name, theta0, self._read))
-                continue
-            assert theta0 is not None
-            t = read(ckpt, name)
-            if name in rows:
-                t = t[:rows[name]]
-            taus.append(to_compute(t, device, dtype).sub_(theta0))
+            theta0 = to_compute(self._base(name, check), device, dtype)
+        shape = self.base.infos[name].shape
+        taus = [e.task_vector(name, theta0, shape, device, dtype, factored=factored,
+                              check=check) for e in self.experts]
         return TaskVectors(theta0, taus)
 
 
 VocabularySource = Literal["error", "base", "union"]
-
-
-def zero_factors(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> LowRank:
-    """τ = 0 of a 2-D weight as a rank-0 factored task vector."""
-    return LowRank(torch.zeros(shape[0], 0, device=device, dtype=dtype),
-                   torch.zeros(0, shape[1], device=device, dtype=dtype))
 
 
 def vocabulary_tensors(index: Mapping[str, ParamInfo], info: ModelInfo,
@@ -454,8 +373,9 @@ def match_tied_head(base: Checkpoint, expert: Checkpoint, head: str, embed: str)
 
 
 class StateDictSource:
-    """In-memory state dicts (``merge_state_dicts``). The caller's tensors are never modified;
-    ``config`` (a config.json as a dict) gives the parameter roles."""
+    """In-memory state dicts (``merge_state_dicts``): a ``Source``, never a ``RowSource`` (its
+    tensors are merged whole). The caller's tensors are never modified; ``config`` (a
+    config.json as a dict) gives the parameter roles."""
 
     def __init__(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
                  allow_nonfinite: bool = False, config: Mapping[str, Any] | None = None):
@@ -482,10 +402,6 @@ class StateDictSource:
     def model_info(self) -> ModelInfo:
         return ModelInfo.from_config(self.config)
 
-    def placed_rows(self, name: str, device: torch.device, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError("state dicts carry no tokenizer: no union vocabulary")
-
     def base_tensor(self, name: str) -> Tensor:
         return self.base[name].clone()
 
@@ -497,15 +413,7 @@ class StateDictSource:
         return len(self.experts)
 
     def reads_rows(self, name: str) -> bool:
-        return False  # the tensors are in memory already
-
-    def read_rows(self, name: str, start: int, stop: int, *,
-                  buffers: list[list[Tensor]] | None = None) -> list[StoredRows]:
-        raise NotImplementedError("state dicts are merged whole")
-
-    def rows_to_task_vectors(self, name: str, rows: list[StoredRows], device: torch.device,
-                             dtype: torch.dtype, *, check: bool = True) -> TaskVectors:
-        raise NotImplementedError("state dicts are merged whole")
+        return False  # the tensors are in memory already: merged whole, never by rows
 
     def check_inputs(self, name: str, block_rows: int) -> None:
         tensors = [self.base[name], *(sd[name] for sd in self.experts)]

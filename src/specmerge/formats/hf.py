@@ -1,0 +1,44 @@
+"""A full Hugging Face checkpoint (the default): safetensors shards pre-allocated and written
+at fixed offsets, row blocks straight into place, with the base's side files and a model card
+(``specmerge.io.sinks.HFDirSink``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from specmerge.formats import Target
+from specmerge.io.hf_files import check_auto_map
+from specmerge.io.sinks import HFDirSink
+from specmerge.plan import Plan, PlanEntry
+from specmerge.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    name: str = "hf"
+    desc: str = "merging"
+    writes_files: bool = True
+    refuses: dict[str, str] = field(default_factory=dict)  # it streams: every option applies
+
+    def check(self, recipe: Recipe, source: Any) -> None:
+        check_auto_map(source.config_dir)
+
+    def entries(self, plan: Plan, source: Any) -> Sequence[PlanEntry]:
+        return plan.entries
+
+    def step(self, merge: Any, plan: Plan, source: Any) -> Any:
+        return merge
+
+    def sink(self, plan: Plan, source: Any, target: Target) -> HFDirSink:
+        assert target.out is not None and target.max_shard_bytes is not None
+        return HFDirSink(target.out, plan, base_path=source.base.path,
+                         config_dir=source.config_dir, max_shard_bytes=target.max_shard_bytes,
+                         replace=target.claim, vocabulary=source.union)
+
+    def describe(self, plan: Plan, entries: Sequence[PlanEntry], source: Any) -> str:
+        return f"merging {len(entries)} tensors ({plan.counts()}) with {plan.recipe.merge_method}"
+
+
+FORMAT = HFFormat()
