@@ -29,7 +29,8 @@ def test_every_format_is_a_row_with_the_whole_interface() -> None:
 
 
 def test_the_engine_and_the_backends_name_no_format() -> None:
-    pattern = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, FORMATS)))
+    names = "|".join(map(re.escape, FORMATS))
+    pattern = re.compile(rf"""["']({names})["']""")
     files = [*(SRC / "engine").glob("*.py"), SRC / "backends.py", SRC / "ray_backend.py"]
     assert len(files) > 5
     for f in files:
