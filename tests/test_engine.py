@@ -185,6 +185,32 @@ def test_side_files_recipe_and_card(toy_models, tmp_path) -> None:
         (res.out_dir / "model.safetensors").read_bytes()
 
 
+def test_the_resolved_recipe_re_runs_to_the_same_files(toy_models, monkeypatch) -> None:
+    """Every file of OUT, model card and resolved recipe included, is the same whether the
+    recipe names its inputs relative to its own directory or absolutely, and whatever the
+    current directory: re-running OUT/specmerge_recipe.yaml reproduces OUT byte for byte."""
+    root = toy_models["root"]
+    here = root / "recipes" / "deep"
+    here.mkdir(parents=True)
+    rel = {"base_model": "../../base", "models": [f"../../{e.name}" for e in toy_models["experts"]],
+           "merge_method": "task_arithmetic"}
+    (here / "r.yaml").write_text(yaml.safe_dump(rel))
+    monkeypatch.chdir(here)
+    first = specmerge.merge(here / "r.yaml", root / "a", progress=False).out_dir
+    monkeypatch.chdir(root)  # another current directory, and the recipe in OUT
+    again = specmerge.merge(first / "specmerge_recipe.yaml", root / "x" / "b",
+                            progress=False).out_dir
+    given = specmerge.merge(recipe_for(toy_models), root / "c", progress=False).out_dir
+    files = sorted(p.name for p in first.iterdir())
+    assert "README.md" in files and "specmerge_recipe.yaml" in files
+    card = (first / "README.md").read_text()
+    assert "- base: `base`" in card and "- expert 2: `e1`" in card and str(root) not in card
+    for out in (again, given):
+        assert sorted(p.name for p in out.iterdir()) == files
+        for name in files:
+            assert (out / name).read_bytes() == (first / name).read_bytes(), (out, name)
+
+
 def test_bf16_inputs_keep_dtype_and_upcast(tmp_path) -> None:
     base, experts = make_state_dicts(2, dtype=torch.bfloat16)
     models = {"base": write_hf_dir(tmp_path / "b", base),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -142,11 +143,29 @@ def roles_table(plan: Plan) -> list[str]:
     return rows
 
 
+INPUTS_NOTE = ("Paths are relative to the inputs' common directory; `specmerge_recipe.yaml` "
+               "names them in full.")
+
+
+def input_names(recipe: Recipe) -> list[str]:
+    """The inputs, base first, as a model card names them: relative to their common directory
+    (the resolved recipe names them in full). They depend on the inputs alone, not on where the
+    recipe sits or on the current directory, so a re-run of the resolved recipe writes the same
+    card; and no absolute path reaches a card that may be published."""
+    paths = [recipe.base_model, *(m.model for m in recipe.models)]
+    try:
+        root = os.path.commonpath(paths)
+    except ValueError:  # absolute and relative paths mixed (a Recipe built by hand)
+        return paths
+    return [os.path.relpath(p, root) for p in paths]
+
+
 def model_card(plan: Plan, base_path: Path, config_dir: Path | None) -> str:
     """The model card, after the Hugging Face conventions: YAML front matter (base_model, tags,
-    library_name), the method, calibration, scope and inputs (named relative to the recipe), and
-    what happened to every tensor, by name pattern. No timings, so it is deterministic."""
+    library_name), the method, calibration, scope and inputs (``input_names``), and what
+    happened to every tensor, by name pattern. No timings, so it is deterministic."""
     recipe = plan.recipe
+    base, *experts = input_names(recipe)
     method = get_method(recipe.merge_method)
     counts = plan.counts()
     lines = [
@@ -169,10 +188,10 @@ def model_card(plan: Plan, base_path: Path, config_dir: Path | None) -> str:
         f"- **Compute dtype:** {recipe.dtype}; seed {recipe.seed}",
         f"- **Tensors:** {counts.get('method', 0)} by the method, {counts.get('fallback', 0)} by "
         f"the fallback, {counts.get('copy', 0)} copied, {counts.get('calibrated', 0)} calibrated",
-        "", "## Inputs", "", f"- base: `{recipe.relative(base_path)}`",
-        *[f"- expert {i + 1}: `{recipe.relative(m.model)}` (weight {m.weight})"
-          for i, m in enumerate(recipe.models)],
-        *(["", "Paths are relative to the recipe's directory."] if recipe._root else []), "",
+        "", "## Inputs", "", f"- base: `{base}`",
+        *[f"- expert {i + 1}: `{name}` (weight {m.weight})"
+          for i, (name, m) in enumerate(zip(experts, recipe.models, strict=True))],
+        "", INPUTS_NOTE, "",
         "## What happened to each tensor", "", *roles_table(plan), "",
         "The full resolved recipe is in `specmerge_recipe.yaml`.", "",
     ]

@@ -26,7 +26,7 @@ from torch import Tensor
 from specmerge._version import __version__
 from specmerge.errors import OutputError
 from specmerge.io.adapter import PREFIX
-from specmerge.io.hf_files import base_model_id
+from specmerge.io.hf_files import INPUTS_NOTE, base_model_id, input_names
 from specmerge.io.writer import Identity, Region, atomic_output_dir, write_safetensors, write_text
 from specmerge.methods.registry import get_method
 from specmerge.plan import Plan, PlanEntry
@@ -126,6 +126,7 @@ class PeftDirSink:
         errors = sorted(((f.error, n, f.rank) for n, f in kept.items()), reverse=True)
         zero = sorted(n for n, f in self.factors.items() if f is None or f.rank == 0)
         cal = f" + `{recipe.calibrate['method']}`" if recipe.calibrate else ""
+        base, *experts = input_names(recipe)
         lines = [
             "---", f"base_model: {json.dumps(base_model_id(self.config_dir, self.base_path))}",
             "library_name: peft", f"tags: [merge, specmerge, lora, {recipe.merge_method}]", "---",
@@ -135,9 +136,10 @@ class PeftDirSink:
             f"- **Rank:** at most {self.rank} per weight (each weight: min(rank of its merged "
             f"update, {self.rank})); scale 1 (lora_alpha = rank)",
             f"- **Weights:** {len(kept)} LoRA pairs, {len(self.saved)} saved module tensors",
-            "", "## Inputs", "", f"- base: `{recipe.relative(recipe.base_model)}`",
-            *[f"- expert {i + 1}: `{recipe.relative(m.model)}` (weight {m.weight})"
-              for i, m in enumerate(recipe.models)],
+            "", "## Inputs", "", f"- base: `{base}`",
+            *[f"- expert {i + 1}: `{name}` (weight {m.weight})"
+              for i, (name, m) in enumerate(zip(experts, recipe.models, strict=True))],
+            "", INPUTS_NOTE,
             "", "## Truncation error per weight", "",
             "‖ΔW − B A‖_F / ‖ΔW‖_F, where ΔW is the merged update the full-model output would "
             "add to the base and B, A the stored factors: the truncation, plus the rounding of "
