@@ -259,6 +259,31 @@ def test_peft_output_reads_no_base_weight(tmp_path, three_adapters, monkeypatch,
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
 
 
+def test_a_peft_output_re_runs_to_the_same_files(tmp_path, three_adapters, monkeypatch) -> None:
+    """A re-run of an adapter's resolved recipe, which sits elsewhere than the recipe it came
+    from, from another current directory, writes every file again byte for byte (the card
+    named the inputs relative to the recipe's directory)."""
+    import os
+
+    import yaml
+
+    base, ads, _ = three_adapters
+    here = tmp_path / "recipes" / "deep"
+    here.mkdir(parents=True)
+    (here / "r.yaml").write_text(yaml.safe_dump({
+        "base_model": os.path.relpath(base, here),
+        "models": [os.path.relpath(a, here) for a in ads], "merge_method": "task_arithmetic",
+        "output": {"format": "peft", "rank": 4}}))
+    first = specmerge.merge(here / "r.yaml", tmp_path / "a", progress=False).out_dir
+    monkeypatch.chdir(here)
+    again = specmerge.merge(first / "specmerge_recipe.yaml", tmp_path / "x" / "b",
+                            progress=False).out_dir
+    files = sorted(p.name for p in first.iterdir())
+    assert "README.md" in files and sorted(p.name for p in again.iterdir()) == files
+    for name in files:
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+
+
 def test_peft_output_refusals(tmp_path, three_adapters) -> None:
     base, ads, dense = three_adapters
     recipe = {"base_model": str(base), "models": [str(ads[0]), str(dense[1])],
