@@ -367,7 +367,7 @@ def test_float16_output_beyond_its_range_is_refused_not_written_as_inf(tmp_path)
     ("", ["--block-size", "0"], "block_size (--block-size): size must be positive"),
     ("", ["--shard-size", "0"], "shard_size (--shard-size): size must be positive"),
     ("parameters: {scaling: abc}", [], "'scaling'"),
-    ("", ["OUT_UNDER_A_FILE"], "Not a directory"),
+    ("", ["OUT_UNDER_A_FILE"], "afile is a file, not a directory"),
     ("", ["LONG_OUT"], "File name too long"),
 ])
 def test_no_error_reaches_the_user_as_a_traceback(toy_models, tmp_path, yaml_text, args,
@@ -403,6 +403,66 @@ def test_no_error_reaches_the_user_as_a_traceback(toy_models, tmp_path, yaml_tex
                                 str(recipe), out, "-q", *args], capture_output=True, text=True,
                                timeout=120)
         assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``specmerge.cli.main``, the real entry point, in this process (so that a test can
+    emulate what root cannot meet: a directory it may not write in)."""
+    from specmerge.cli import main
+
+    monkeypatch.setattr("sys.argv", ["specmerge", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    captured = capsys.readouterr()
+    return e.value.code, captured.err
+
+
+def _read_only(real):
+    def statvfs(path):  # the file system of every path reads as mounted read-only
+        r = real(path)
+        return os.statvfs_result((*r[:8], r.f_flag | os.ST_RDONLY, r.f_namemax))
+    return statvfs
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("parent a file", "{parent} is a file, not a directory"),
+    ("above a file", "{parent} is a file, not a directory"),
+    ("read-only mount", "{parent} is on a read-only file system"),
+    ("not writable", "{parent} is not writable (permission denied)"),
+    ("EROFS at mkdir", "cannot be created in {parent}: Read-only file system"),
+    ("EACCES at mkdir", "cannot be created in {parent}: Permission denied"),
+])
+def test_an_out_that_cannot_be_created_is_one_line_naming_it(toy_models, tmp_path, monkeypatch,
+                                                             capsys, case, expect) -> None:
+    import specmerge.io.writer as writer
+
+    recipe = _recipe_file(toy_models, tmp_path / "r.yaml")
+    parent = tmp_path / "parent"
+    out = parent / "out"
+    if case == "parent a file":
+        parent.write_text("")
+    elif case == "above a file":
+        parent.write_text("")
+        out = parent / "sub" / "out"
+    else:
+        parent.mkdir()
+    if case == "read-only mount":
+        monkeypatch.setattr(os, "statvfs", _read_only(os.statvfs))
+    if case == "not writable":
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+            False if Path(p) == parent and mode & os.W_OK else real_access(p, mode, **kw)))
+    if case.endswith("at mkdir"):  # what the check cannot see coming (a remount, an ACL)
+        code = errno.EROFS if case.startswith("EROFS") else errno.EACCES
+
+        def mkdtemp(*args, dir=None, **kw):
+            raise OSError(code, os.strerror(code), str(dir))
+        monkeypatch.setattr(writer.tempfile, "mkdtemp", mkdtemp)
+    rc, err = _main(monkeypatch, capsys, "merge", str(recipe), str(out), "-q")
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: output {out} cannot be created"), err
+    assert expect.format(parent=parent) in err and len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 
 def test_a_side_file_linking_outside_the_base_is_not_copied(toy_models, tmp_path) -> None:

@@ -383,7 +383,26 @@ def check_output_path(out_dir: Path, inputs: Sequence[Path], force: bool) -> Ide
             raise OutputError(f"output {out_dir} is not a specmerge output (it holds {shown}); "
                               f"--force only replaces a previous specmerge output: name another "
                               f"directory, or empty this one yourself")
+    check_creatable(out_dir)
     return output_identity(out_dir)
+
+
+def check_creatable(out_dir: Path) -> None:
+    """OUT can be written where it is named: the nearest existing directory above it is a
+    directory, on a file system mounted read-write, that this process may write in. Checked
+    before any tensor is read, so that the error names OUT rather than a hidden temporary."""
+    above = out_dir.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    why = None
+    if not above.is_dir():
+        why = f"{above} is a file, not a directory"
+    elif os.statvfs(above).f_flag & os.ST_RDONLY:
+        why = f"{above} is on a read-only file system"
+    elif not os.access(above, os.W_OK | os.X_OK):
+        why = f"{above} is not writable (permission denied)"
+    if why is not None:
+        raise OutputError(f"output {out_dir} cannot be created: {why}")
 
 
 AT_FDCWD, RENAME_NOREPLACE = -100, 1
@@ -470,9 +489,13 @@ def atomic_output_dir(out_dir: Path, replace: Identity | None = None) -> Iterato
     identity of the directory that was there at the start, only that directory is replaced.
     Directories follow the umask.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as err:  # check_creatable names the usual causes before any work
+        raise OutputError(f"output {out_dir} cannot be created in {out_dir.parent}: "
+                          f"{err.strerror or err}") from err
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out_dir),
