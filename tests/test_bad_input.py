@@ -465,6 +465,72 @@ def test_an_out_that_cannot_be_created_is_one_line_naming_it(toy_models, tmp_pat
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 
+def _toy_adapter(path: Path, change: dict) -> Path:
+    """A LoRA adapter of the toy base on q_proj (r 2), written by hand, with ``change`` laid
+    over its config; ``factor`` and ``embedding`` change its tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{module}.lora_A.weight": torch.ones(change.pop("factor", (2, 8))),
+               f"{module}.lora_B.weight": torch.ones(8, 2)}
+    if change.pop("embedding", False):
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.ones(2, 16)
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.ones(8, 2)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **change}))
+    return path
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("mergekit lambda gradient", "parameters.lambda: gradients"),
+    ("mergekit normalize list", "gradients"),
+    ("LoRA rank 0", "must be 2-D with rank >= 1"),
+    ("LoRA 1-D factor", "must be 2-D with rank >= 1"),
+    ("LoRA r 0", "r must be a positive number"),
+    ("LoRA alpha string", "lora_alpha must be a positive number, got 'abc'"),
+    ("LoRA alpha_pattern regex", "alpha_pattern key 'q_proj(' is not a regular"),
+    ("LoRA on the embedding", "LoRA on an embedding layer"),
+    ("out of memory before the merge", "not enough memory"),
+])
+def test_the_other_error_classes_are_one_line_through_the_cli(toy_models, tmp_path,
+                                                              monkeypatch, capsys, case,
+                                                              expect) -> None:
+    """Issue 26's failures that no test above drives through the CLI, through
+    ``specmerge.cli.main``: one line, exit status 1. With the two tests above and
+    ``test_out_of_memory_in_a_method_is_one_line``, every case of the issue is covered (the
+    Ray driver's SIGTERM: ``test_ray``)."""
+    import yaml
+
+    import specmerge.memory as memory
+
+    data = recipe_for(toy_models)
+    if case.startswith("mergekit"):
+        key, value = ("lambda", [0.5, 1.0]) if "lambda" in case else ("normalize", [False])
+        data = {"base_model": data["base_model"], "merge_method": "ties",
+                "models": [{"model": e, "parameters": {"density": 0.5, "weight": 1.0}}
+                           for e in data["models"]], "parameters": {key: value}}
+    elif case.startswith("LoRA"):
+        change = {"LoRA rank 0": {"factor": (0, 8)}, "LoRA 1-D factor": {"factor": (8,)},
+                  "LoRA r 0": {"r": 0}, "LoRA alpha string": {"lora_alpha": "abc"},
+                  "LoRA alpha_pattern regex": {"alpha_pattern": {"q_proj(": 2}},
+                  "LoRA on the embedding": {"embedding": True,
+                                            "target_modules": ["q_proj", "embed_tokens"]}}[case]
+        data["models"] = [str(_toy_adapter(tmp_path / "ad", change))]
+    else:  # 400 experts' worth of memory, emulated: a machine with 1 MiB available
+        monkeypatch.setattr(memory, "available_memory", lambda: 2**20)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    rc, err = _main(monkeypatch, capsys, "merge", str(recipe), str(tmp_path / "out"), "-q")
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert expect in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_side_file_linking_outside_the_base_is_not_copied(toy_models, tmp_path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("private key")
