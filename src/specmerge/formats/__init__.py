@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +59,25 @@ class OutputFormat(Protocol):
     def sink(self, plan: Plan, source: Any, target: Target) -> Any: ...
 
     def describe(self, plan: Plan, entries: Sequence[PlanEntry], source: Any) -> str: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    """The defaults a format overrides: every entry, the merge step as it is, no check."""
+
+    name: str = ""
+    desc: str = "merging"
+    writes_files: bool = True
+    refuses: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, recipe: Recipe, source: Any) -> None:
+        """Nothing to check."""
+
+    def entries(self, plan: Plan, source: Any) -> Sequence[PlanEntry]:
+        return plan.entries
+
+    def step(self, merge: Any, plan: Plan, source: Any) -> Any:
+        return merge
 
 
 def get_format(name: str) -> OutputFormat:

@@ -5,10 +5,10 @@ at fixed offsets, row blocks straight into place, with the base's side files and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from specmerge.formats import Target
+from specmerge.formats import Format, Target
 from specmerge.io.hf_files import check_auto_map
 from specmerge.io.sinks import HFDirSink
 from specmerge.plan import Plan, PlanEntry
@@ -16,20 +16,11 @@ from specmerge.recipe import Recipe
 
 
 @dataclass(frozen=True)
-class HFFormat:
-    name: str = "hf"
-    desc: str = "merging"
-    writes_files: bool = True
-    refuses: dict[str, str] = field(default_factory=dict)  # it streams: every option applies
+class HFFormat(Format):
+    name: str = "hf"  # it streams: every option applies
 
     def check(self, recipe: Recipe, source: Any) -> None:
         check_auto_map(source.config_dir)
-
-    def entries(self, plan: Plan, source: Any) -> Sequence[PlanEntry]:
-        return plan.entries
-
-    def step(self, merge: Any, plan: Plan, source: Any) -> Any:
-        return merge
 
     def sink(self, plan: Plan, source: Any, target: Target) -> HFDirSink:
         assert target.out is not None and target.max_shard_bytes is not None

@@ -4,7 +4,7 @@ written whole) are computed (``specmerge.io.peft_out.PeftDirSink``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from specmerge.engine.steps import MergeStep
 from specmerge.engine.update import run_method
 from specmerge.errors import MergeError, NonFiniteError, SpecmergeError
-from specmerge.formats import Target
+from specmerge.formats import Format, Target
 from specmerge.io.peft_out import Factors, PeftDirSink
 from specmerge.linalg import is_finite, parse_dtype
 from specmerge.lowrank import LowRank, is_zero, truncate
@@ -62,11 +62,10 @@ class AdapterStep:
 
 
 @dataclass(frozen=True)
-class PeftFormat:
+class PeftFormat(Format):
     name: str = "peft"
     desc: str = "merging (LoRA)"
-    writes_files: bool = True
-    refuses: dict[str, str] = field(default_factory=lambda: {
+    refuses: Mapping[str, str] = field(default_factory=lambda: {
         "block_size": WHOLE, "prefetch": WHOLE,
         "shard_size": "an adapter is written as one file, adapter_model.safetensors"})
 
