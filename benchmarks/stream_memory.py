@@ -9,6 +9,10 @@ Writes (once) a Llama-shaped base and K experts with ``specmerge example synthet
 and prints a table with both peaks, the model size, wall time and the ratio to the read floor.
 
     python benchmarks/stream_memory.py --params 500M --experts 4 --methods task_arithmetic ties
+    # LoRA experts of the same base, merged to a PEFT adapter and to a full model, with each
+    # streaming option: where the PEFT output has no use for one, the row shows the refusal
+    python benchmarks/stream_memory.py --params 500M --experts 4 --lora-rank 16 \
+        --methods ties --output peft hf --variants default workers2 block1MiB noprefetch
     # issue #13's acceptance model: a 128k vocabulary, 2 layers, bf16, K = 4
     python benchmarks/stream_memory.py --params 1.46B --vocab 128256 --hidden 4096 \
         --dtype bf16 --methods task_arithmetic ties dare
@@ -76,6 +80,94 @@ def write_lean_models(root: Path, params: str, experts: int, dtype: str,
             (tmp / "config.json").write_text(json.dumps(shape.config(dt), indent=2) + "\n")
 
 
+def write_lora_adapters(models: Path, experts: int, rank: int, dtype: str) -> None:
+    """K PEFT LoRA adapters of ``models / "base"``, rank ``rank`` on every linear projection:
+    B ~ 1e-2 · N(0, 1), A ~ N(0, 1/in), α = r (scale 1)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from specmerge.io.checkpoint import Checkpoint
+    from specmerge.linalg import parse_dtype
+
+    base = Checkpoint(models / "base")
+    dt = parse_dtype(dtype)
+    targets = [n for n, i in base.infos.items() if n.endswith("proj.weight") and len(i.shape) == 2]
+    for k in range(experts):
+        out = models / f"lora_{k + 1}"
+        if out.exists():
+            continue
+        gen = torch.Generator().manual_seed(1000 + k)
+        tensors = {}
+        for n in targets:
+            rows, cols = base.infos[n].shape
+            module = n.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (
+                torch.randn(rank, cols, generator=gen) / math.sqrt(cols)).to(dt)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (
+                1e-2 * torch.randn(rows, rank, generator=gen)).to(dt)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": rank,
+            "target_modules": sorted({n.split(".")[-2] for n in targets}),
+            "base_model_name_or_path": str(models / "base")}))
+        tmp.rename(out)
+
+
+VARIANTS = {"default": [], "workers2": ["--workers", "2"], "block1MiB": ["--block-size", "1MiB"],
+            "noprefetch": ["--no-prefetch"]}
+
+
+def run_variant(exe: list[str], recipe: Path, out: Path, extra: list[str]
+                ) -> tuple[float, float, float] | str:
+    """(wall, peak RSS, peak RssAnon) of one merge, or the one-line refusal it printed."""
+    run, _, err = run_watched([*exe, "merge", str(recipe), str(out), "--force", "--quiet",
+                               *extra])
+    if run.returncode != 0:
+        return err.strip().splitlines()[-1] if err.strip() else f"rc {run.returncode}"
+    return run.wall, run.max_rss_mb, run.peak_anon_mb
+
+
+def main_lora(args: argparse.Namespace, exe: list[str], models: Path) -> None:
+    """LoRA experts merged into each ``--output`` format with each ``--variants`` option set,
+    interleaved over ``--rounds`` rounds (medians)."""
+    from toolkit import median, round_order
+
+    write_lora_adapters(models, args.experts, args.lora_rank, args.dtype)
+    adapters = [str(models / f"lora_{i + 1}") for i in range(args.experts)]
+    cells = [(m, o, v) for m in args.methods for o in args.output for v in args.variants]
+    results: dict[tuple[str, str, str], list[tuple[float, float, float] | str]] = {
+        c: [] for c in cells}
+    for r in range(args.rounds):
+        for method, output, variant in round_order(cells, r):
+            recipe = Path(tempfile.mkdtemp()) / "recipe.yaml"
+            recipe.write_text(f"base_model: {models / 'base'}\nmodels: {adapters}\n"
+                              f"merge_method: {method}\noutput: {{format: {output}}}\n")
+            out = args.workdir / f"merged_{method}_{output}_{variant}"
+            results[(method, output, variant)].append(
+                run_variant(exe, recipe, out, VARIANTS[variant]))
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"\nsynthetic Llama-shaped base, {args.params} parameters, K={args.experts} LoRA "
+          f"adapters of rank {args.lora_rank} on every projection, {args.dtype}; "
+          f"{args.rounds} rounds, medians\n")
+    print("| method | output | option | peak private memory, RssAnon (MB) | peak RSS (MB) | "
+          "wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for cell in cells:
+        runs = results[cell]
+        refused = [x for x in runs if isinstance(x, str)]
+        if refused:
+            print(f"| {cell[0]} | {cell[1]} | {cell[2]} | refused: {refused[0]} | | |")
+            continue
+        walls, rss, anon = zip(*runs, strict=True)  # type: ignore[misc]
+        print(f"| {cell[0]} | {cell[1]} | {cell[2]} | {median(anon):.0f} | {median(rss):.0f} | "
+              f"{median(walls):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="500M")
@@ -94,6 +186,12 @@ def main() -> None:
     ap.add_argument("--prefetch", nargs="+", choices=["on", "off"], default=["on"],
                     help="Run each method with prefetch on (the default), off (--no-prefetch), "
                          "or both")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="Merge LoRA adapters of this rank (written once) instead of full "
+                         "experts, into each --output format with each of --variants")
+    ap.add_argument("--output", nargs="+", choices=["peft", "hf"], default=["peft", "hf"])
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     exe = [sys.executable, "-m", "specmerge.cli"]
@@ -112,6 +210,9 @@ def main() -> None:
         subprocess.run([*exe, "example", "synthetic", str(models), "--params", args.params,
                         "--experts", str(args.experts), "--dtype", args.dtype, *extra],
                        check=True)
+    if args.lora_rank:
+        main_lora(args, exe, models)
+        return
     inputs = sorted(models.rglob("*.safetensors"))
     size_gb = sum(p.stat().st_size for p in inputs) / 1e9
     read_floor(inputs)  # warm the cache

@@ -474,3 +474,33 @@ def test_a_lora_on_the_embedding_is_refused_by_name(tmp_path) -> None:
     recipe = {"base_model": str(base), "models": [str(ad)], "merge_method": "task_arithmetic"}
     with pytest.raises(CheckpointError, match="LoRA on an embedding layer .*lora_embedding"):
         specmerge.merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_peft_output_refuses_the_options_it_has_no_use_for(tmp_path, three_adapters) -> None:
+    """--block-size, --no-prefetch and --shard-size cannot change a PEFT adapter (whole factors,
+    one file): given, each is refused by name before anything is read; --workers is honoured
+    and gives the same bytes."""
+    import yaml
+    from conftest import tree_hash
+    from typer.testing import CliRunner
+
+    from specmerge.cli import app
+
+    base, ads, _ = three_adapters
+    recipe = {"base_model": str(base), "models": [str(a) for a in ads],
+              "merge_method": "ties", "output": {"format": "peft"}}
+    for option, value, flag in [("block_size", "1MiB", "--block-size"),
+                                ("prefetch", False, "--no-prefetch"),
+                                ("shard_size", "1GB", "--shard-size")]:
+        with pytest.raises(specmerge.SpecmergeError,
+                           match=rf"{option} \({flag}\) does not apply to output format peft"):
+            specmerge.merge(recipe, tmp_path / "x", progress=False, **{option: value})
+        assert not (tmp_path / "x").exists()
+    one = specmerge.merge(recipe, tmp_path / "w1", progress=False).out_dir
+    two = specmerge.merge(recipe, tmp_path / "w2", workers=2, progress=False).out_dir
+    assert tree_hash(one) == tree_hash(two)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "r.yaml"), str(tmp_path / "cli"),
+                                   "--block-size", "1MiB", "--quiet"])
+    assert res.exit_code == 1 and "does not apply to output format peft" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "cli").exists()
