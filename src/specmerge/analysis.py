@@ -65,7 +65,7 @@ class AnalyzeStep:
     def __call__(self, entry: PlanEntry, source: Source) -> MatrixAnalysis:
         tv = source.task_vectors(entry.name, torch.device(self.device), self.compute_dtype)
         merged = merged_update(dataclasses.replace(entry, calibrate=False), tv.taus, None,
-                               self.statistics)
+                               self.statistics, base=tv.theta0)
         # the metrics of the whole matrix in (out, in) orientation (a fused one unsplit)
         taus = [t.mT.contiguous() if entry.transpose else t for t in tv.taus]
         metrics, rep = matrix_metrics(merged.mT.contiguous() if entry.transpose else merged, taus,

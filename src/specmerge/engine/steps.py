@@ -80,7 +80,8 @@ class MergeStep:
         if all(is_zero(t) for t in tv.taus):  # no adapter touches it: every method gives 0
             out = tv.theta0
         else:
-            update = run_method(entry, tv.taus, self.calibration, self.statistics)
+            update = run_method(entry, tv.taus, self.calibration, self.statistics,
+                                base=tv.theta0)
             del tv.taus
             out = tv.theta0.add_(dense(update))
         if entry.out_rows is not None:  # the union vocabulary: place the added tokens' rows
@@ -163,7 +164,8 @@ class MergeStep:
                                                  check=not lazy)
                 del stored
                 assert tv.theta0 is not None
-                update = run_method(entry, tv.taus, None, values, offset=lo * per_row)
+                update = run_method(entry, tv.taus, None, values, offset=lo * per_row,
+                                    base=tv.theta0)
                 del tv.taus
                 out = tv.theta0.add_(dense(update))
                 if not self.allow_nonfinite:

@@ -21,7 +21,8 @@ from specmerge.sources import count_nonfinite
 
 def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                   calibration: tuple[str, Mapping[str, Any]] | None,
-                  statistics: Mapping[str, Any], offset: int = 0) -> TaskVector:
+                  statistics: Mapping[str, Any], offset: int = 0,
+                  base: Tensor | None = None) -> TaskVector:
     """The merged update τ of one parameter: its method or fallback, then its calibration.
 
     Matrix maths (a matrix method, a calibration) sees a Conv1D weight in (out, in) orientation
@@ -29,7 +30,8 @@ def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
     Factored τ_i (LoRA) reach the methods that take them (``factored`` in the registry) as they
     are, and the result may be factored; the other methods get them densified, one tensor at a
     time. ``offset``: the flat index of the first entry of ``task_vectors`` in the parameter (a
-    row block), where a counter-based generator starts.
+    row block), where a counter-based generator starts. ``base``: θ0 (of the same rows), for a
+    method that ``uses_base``.
     """
     if entry.method is None:
         return torch.zeros(task_vectors[0].shape, dtype=task_vectors[0].dtype,
@@ -41,6 +43,10 @@ def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                                 else [torch.Generator().manual_seed(s) for s in entry.seeds])
     if entry.action == "method":
         kwargs.update(statistics)
+    if method.uses_base:
+        if base is None:
+            raise MergeError(f"{method.name} needs the base weights of {entry.name!r}")
+        kwargs["base"] = base
     taus = list(task_vectors) if method.factored else [dense(t) for t in task_vectors]
     if method.matrix_only:
         merged = matrix_apply(entry, lambda ts: method.fn(ts, **kwargs), taus)
@@ -89,10 +95,11 @@ def matrix_apply(entry: PlanEntry, fn: Callable[[list[TaskVector]], TaskVector],
 
 def run_method(entry: PlanEntry, task_vectors: Sequence[TaskVector],
                calibration: tuple[str, Mapping[str, Any]] | None,
-               statistics: Mapping[str, Any], offset: int = 0) -> TaskVector:
+               statistics: Mapping[str, Any], offset: int = 0,
+               base: Tensor | None = None) -> TaskVector:
     """``merged_update`` with any failure of the maths reported against the tensor."""
     try:
-        return merged_update(entry, task_vectors, calibration, statistics, offset)
+        return merged_update(entry, task_vectors, calibration, statistics, offset, base)
     except SpecmergeError:
         raise
     except Exception as err:

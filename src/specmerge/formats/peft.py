@@ -40,11 +40,14 @@ class AdapterStep:
     def __call__(self, entry: PlanEntry, source: Source) -> Factors | Tensor | None:
         if source.needs_base(entry.name):  # a saved module: the full merged tensor
             return self.merge(entry, source)
+        method = self.merge.method_of(entry)
+        uses_base = method is not None and method.uses_base
         tv = source.task_vectors(entry.name, torch.device(self.merge.device),
-                                 self.merge.compute_dtype, factored=True, base=False)
+                                 self.merge.compute_dtype, factored=True, base=uses_base)
         if all(is_zero(t) for t in tv.taus):
             return None
-        update = run_method(entry, tv.taus, self.merge.calibration, self.merge.statistics)
+        update = run_method(entry, tv.taus, self.merge.calibration, self.merge.statistics,
+                            base=tv.theta0)
         if self.fan_in_fan_out:  # stored (in, out): PEFT's factors are of the (out, in) matrix
             update = update.mT
         parts = (update.core, update.b, update.a) if isinstance(update, LowRank) else (update,)

@@ -12,6 +12,8 @@ Calling conventions (see DESIGN.md):
 - merge methods: ``fn(task_vectors, *, <params>) -> Tensor`` (the merged update τ, not θ).
   Methods with ``uses_weights`` also take ``weights`` (one float per expert), with
   ``uses_densities`` ``densities`` (each model's ``density``, default 1); methods with
+  ``uses_base`` take ``base`` (θ0 of the same tensor or rows, read-only: weight-space methods
+  such as SLERP need the weights, not only the τ_i); methods with
   ``uses_rng`` take ``generators`` (one seeded CPU ``torch.Generator`` per expert, or with
   ``counter_rng`` one ``CounterRNG`` positioned at the block's first element); a method with
   a ``statistic`` takes its value under ``statistic.kwarg`` when the statistic is wanted.
@@ -37,7 +39,7 @@ from specmerge.lowrank import LowRank
 
 Family = Literal["elementwise", "subspace", "interference", "calibration"]
 # keyword arguments supplied by the engine, never by the user
-ENGINE_ARGS = frozenset({"weights", "densities", "generators"})
+ENGINE_ARGS = frozenset({"weights", "densities", "generators", "base"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class Method:
     uses_weights: bool = False
     uses_densities: bool = False
     uses_rng: bool = False
+    uses_base: bool = False  # takes ``base``: θ0 (its rows, in row blocks), for weight-space maths
     factored: bool = False  # accepts factored task vectors (LowRank) and may return one
     statistic: Statistic | None = None
     # row blocks: the result on rows r of every τ_i is rows r of the result on the whole, given
@@ -332,6 +335,7 @@ def register(
     uses_weights: bool = False,
     uses_densities: bool = False,
     uses_rng: bool = False,
+    uses_base: bool = False,
     factored: bool = False,
     statistic: Statistic | None = None,
     tensor_statistics: tuple[Statistic, ...] = (),
@@ -355,6 +359,9 @@ def register(
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
+        if uses_base and (matrix_only or factored):
+            raise ValueError(f"method {name!r}: uses_base is for element-wise or per-tensor "
+                             f"maths in the stored layout (not matrix_only, not factored)")
         hints = typing.get_type_hints(fn)
         engine_args = (ENGINE_ARGS | ({statistic.kwarg} if statistic is not None else set())
                        | {s.kwarg for s in tensor_statistics})
@@ -389,7 +396,8 @@ def register(
             name=name, fn=fn, family=family, summary=summary, citation=citation,
             params=tuple(params), matrix_only=matrix_only, uses_weights=uses_weights,
             uses_densities=uses_densities,
-            uses_rng=uses_rng, factored=factored, statistic=statistic, rowwise=rowwise,
+            uses_rng=uses_rng, uses_base=uses_base, factored=factored, statistic=statistic,
+            rowwise=rowwise,
             tensor_statistics=tensor_statistics, counter_rng=counter_rng,
             propagates_nonfinite=propagates_nonfinite, check=check, notes=notes,
             recorded_if_set=frozenset(recorded_if_set),
