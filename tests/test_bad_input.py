@@ -332,7 +332,7 @@ def test_a_fifo_where_a_weight_file_is_expected_is_refused_not_waited_on(toy_mod
     ("rescale", [True], "gradients"),
     ("normalize", "yes", "expected true or false"),
     ("lambda", "abc", "parameters.lambda: expected a number"),
-    ("lambda", [0.5, 1.0], "parameters.lambda: gradients"),
+    ("lambda", [0.5, "x"], "parameters.lambda: a gradient is a list of numbers"),
 ])
 def test_mergekit_flags_of_the_wrong_type_are_refused_by_name(toy_models, tmp_path, key, value,
                                                               expect) -> None:
@@ -486,7 +486,7 @@ def _toy_adapter(path: Path, change: dict) -> Path:
 
 
 @pytest.mark.parametrize(("case", "expect"), [
-    ("mergekit lambda gradient", "parameters.lambda: gradients"),
+    ("mergekit lambda gradient", "parameters.lambda: a gradient is a list of numbers"),
     ("mergekit normalize list", "gradients"),
     ("LoRA rank 0", "must be 2-D with rank >= 1"),
     ("LoRA 1-D factor", "must be 2-D with rank >= 1"),
@@ -509,7 +509,7 @@ def test_the_other_error_classes_are_one_line_through_the_cli(toy_models, tmp_pa
 
     data = recipe_for(toy_models)
     if case.startswith("mergekit"):
-        key, value = ("lambda", [0.5, 1.0]) if "lambda" in case else ("normalize", [False])
+        key, value = ("lambda", [0.5, "x"]) if "lambda" in case else ("normalize", [False])
         data = {"base_model": data["base_model"], "merge_method": "ties",
                 "models": [{"model": e, "parameters": {"density": 0.5, "weight": 1.0}}
                            for e in data["models"]], "parameters": {key: value}}

@@ -116,12 +116,13 @@ def test_mergekit_linear_is_the_weighted_average_of_the_listed_models(toy_models
 
 @pytest.mark.parametrize("change, message", [
     ({"slices": []}, "'slices' is not supported"),
-    ({"merge_method": "slerp"}, "mergekit's 'slerp' is not implemented"),
-    ({"merge_method": "della"}, "mergekit's 'della' is not implemented"),
+    ({"merge_method": "karcher"}, "mergekit's 'karcher' is not implemented"),
+    ({"merge_method": "ramplus_tl"}, "mergekit's 'ramplus_tl' is not implemented"),
     ({"tokenizer_source": "EXPERT"}, "tokenizer source 'EXPERT' is not supported yet"),
-    ({"parameters": {"weight": [0.0, 0.5, 1.0]}}, "gradients"),
-    ({"parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
-     "filtered by tensor name"),
+    ({"parameters": {"gamma": [0.01, 0.02]}}, "parameters.gamma: gradients"),
+    ({"parameters": {"gamma": [{"filter": "mlp", "value": 0.5}]}}, "filtered by tensor name"),
+    ({"parameters": {"weight": {"mlp": 0.5}}}, "parameters.weight: a mapping is not supported"),
+    ({"parameters": {"density": [{"filter": "mlp"}]}}, r"filter: NAME, value: V"),
     ({"parameters": {"epsilon": 0.1}}, r"parameters \['epsilon'\]"),
     ({"chat_template": "chatml"}, "chat templates"),
 ])

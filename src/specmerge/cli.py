@@ -7,7 +7,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -141,6 +141,11 @@ def plan(
     rows = [{"name": e.name, "shape": list(e.shape), "role": e.role, "action": e.action,
              "function": e.method, "transposed": e.transpose, "calibrated": e.calibrate,
              "out_dtype": str(e.out_dtype).removeprefix("torch.")} for e in p.entries]
+    per_tensor = p.recipe.has_schedules
+    if per_tensor:  # gradients and filters: each tensor's resolved values
+        for r, e in zip(rows, p.entries, strict=True):
+            r["values"] = {k: v for k, v in e.kwargs.items() if k not in p.recipe.parameters
+                           or isinstance(p.recipe.parameters[k], list)}
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -151,7 +156,8 @@ def plan(
         fn = (r["function"] or "-") + (" (ᵀ)" if r["transposed"] else "")
         typer.echo(f"{r['name']:<{width}}  {'×'.join(map(str, r['shape'])) or '()':<14} "
                    f"{r['role']:<9} {r['action']:<8} {fn:<16} "
-                   f"{'yes' if r['calibrated'] else '-':<11} {r['out_dtype']}")
+                   f"{'yes' if r['calibrated'] else '-':<11} {r['out_dtype']}"
+                   + (f"  {_values(r['values'])}" if r.get("values") else ""))
     counts = p.counts()
     typer.echo(f"\n{len(rows)} tensors: {counts['method']} by {p.recipe.merge_method}, "
                f"{counts['fallback']} by the fallback ({p.recipe.scope.fallback}), "
@@ -161,6 +167,14 @@ def plan(
     typer.echo(f"estimated peak memory with the defaults (1 worker, 8MiB blocks, prefetch): "
                f"{estimate(p, block_size=parse_size(DEFAULT_BLOCK_SIZE)).describe()}\n"
                f"  = {FORMULA}")
+
+
+def _values(values: dict[str, Any]) -> str:
+    """A tensor's resolved per-tensor values, short: weights=[1, 0.5] scaling=0.7."""
+    def short(v: Any) -> str:
+        return "[" + ", ".join(f"{x:g}" for x in v) + "]" if isinstance(v, list) else f"{v:g}"
+    return " ".join(f"{k}={short(v)}" for k, v in values.items()
+                    if isinstance(v, (int, float, list)) and not isinstance(v, bool))
 
 
 @app.command()

@@ -25,14 +25,18 @@ densities. ``gta`` reproduces mergekit's ties bit for bit on float32 inputs
 ``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
 with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
 base model, as mergekit does. What specmerge cannot honour is refused by name: ``slices``,
-gradients (lists of values), ``filter``-ed values, ``modules``, other tokenizer sources, and
-methods specmerge lacks.
+``modules``, other tokenizer sources, and
+methods specmerge lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
+``lambda`` are kept as they are and resolved per tensor with mergekit's rules
+(``specmerge.schedules``).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from specmerge.schedules import check_schedule, is_schedule
 
 GTA_PRESETS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"sparsification": "none", "consensus": "none", "normalize": False,
@@ -48,13 +52,26 @@ GTA_PRESETS: dict[str, dict[str, Any]] = {
     "breadcrumbs_ties": {"sparsification": "magnitude_outliers", "consensus": "sum",
                          "normalize": False, "rescale": False},
 }
-SUPPORTED = ("linear", *GTA_PRESETS)
-OTHER_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "passthrough",
-                 "della", "della_linear", "sce", "nearswap", "arcee_fusion", "core_space",
-                 "ram", "lrp", "task_adapter")
-# method names that only mergekit uses (task_arithmetic and ties are specmerge's too)
-MERGEKIT_ONLY = frozenset(SUPPORTED) - {"task_arithmetic", "ties"} | frozenset(OTHER_METHODS)
-MODEL_PARAMS = ("weight", "density", "gamma")
+# mergekit methods that are specmerge methods of the same name and meaning
+# (specmerge.methods.weightspace): mergekit's shared parameter → specmerge's (None: accepted
+# and dropped, it does not change the result); per-model weight, density and epsilon as for GTA
+NATIVE: dict[str, dict[str, str | None]] = {
+    "slerp": {"t": "t"},
+    "nearswap": {"t": "t"},
+    "model_stock": {"filter_wise": "filter_wise"},
+    "sce": {"select_topk": "select_topk", "int8_mask": None},
+    "della": {"normalize": "normalize", "rescale": "rescale", "lambda": "scaling",
+              "int8_mask": None},
+    "della_linear": {"normalize": "normalize", "rescale": "rescale", "lambda": "scaling",
+                     "int8_mask": None},
+}
+SUPPORTED = ("linear", *GTA_PRESETS, *NATIVE)
+OTHER_METHODS = ("nuslerp", "multislerp", "karcher", "passthrough", "arcee_fusion",
+                 "core_space", "ram", "ramplus_tl", "lrp", "task_adapter")
+# method names that only mergekit uses (task_arithmetic, ties and NATIVE are specmerge's too)
+MERGEKIT_ONLY = (frozenset(SUPPORTED) - {"task_arithmetic", "ties"} - frozenset(NATIVE)
+                 | frozenset(OTHER_METHODS))
+MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("normalize", "rescale", "int8_mask", "lambda")
 TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "name")
@@ -103,6 +120,20 @@ def _scalar(value: Any, where: str) -> Any:
     return value
 
 
+def _setting(value: Any, where: str) -> Any:
+    """A per-tensor value as mergekit writes it: a scalar, a gradient (list of numbers) or a
+    filtered list of {filter, value} (``specmerge.schedules``, which resolves it per tensor)."""
+    if isinstance(value, dict):
+        raise MergekitError(f"{where}: a mapping is not supported here; give a value, a "
+                            f"gradient or a list of {{filter, value}}")
+    if is_schedule(value):
+        try:
+            check_schedule(value, where)
+        except ValueError as err:
+            raise MergekitError(str(err)) from None
+    return value
+
+
 def _flag(value: Any, where: str) -> bool:
     """A boolean parameter: a gradient, a filtered list or any non-boolean is refused by name
     (``bool([False, False])`` is True: a list must never be read as ``true``)."""
@@ -134,8 +165,9 @@ def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
     if extra:
         raise MergekitError(f"models[{i}].parameters {extra} are not supported (specmerge reads "
                             f"{list(MODEL_PARAMS)})")
-    return os.fspath(entry["model"]), {k: _scalar(v, f"models[{i}].parameters.{k}")
-                                       for k, v in params.items()}
+    return os.fspath(entry["model"]), {
+        k: (_scalar if k == "gamma" else _setting)(v, f"models[{i}].parameters.{k}")
+        for k, v in params.items()}
 
 
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
@@ -158,8 +190,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise MergekitError(f"tokenizer source {tok!r} is not supported yet: 'base' (the base "
                             f"model's vocabulary) or 'union' (every model's tokens)")
     shared = dict(data.get("parameters") or {})
-    defaults = {k: _scalar(shared.pop(k), f"parameters.{k}") for k in MODEL_PARAMS if k in shared}
-    extra = sorted(set(shared) - set(SHARED_PARAMS))
+    defaults = {k: (_scalar if k == "gamma" else _setting)(shared.pop(k), f"parameters.{k}")
+                for k in MODEL_PARAMS if k in shared}
+    extra = sorted(set(shared) - set(NATIVE.get(method, SHARED_PARAMS)))
     if extra:
         raise MergekitError(f"parameters {extra} are not mergekit's shared parameters for "
                             f"{method} (specmerge reads {list(SHARED_PARAMS + MODEL_PARAMS)})")
@@ -183,6 +216,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if method == "linear":
         weights = [{**defaults, **q}.get("weight", 1.0) for _, q in entries]
+        if any(is_schedule(w) for w in weights):
+            raise MergekitError("linear with per-tensor weights (gradients, filters) is not "
+                                "supported yet: its normalization by the sum of the weights "
+                                "would vary per tensor; give one weight per model")
         total = float(sum(weights))
         if _flag(shared.get("normalize", True), "parameters.normalize"):
             if total == 0:
@@ -192,24 +229,38 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             raise MergekitError("linear with normalize: false sums Σ w_i θ_i, which is not a "
                                 "base plus task vectors unless the weights sum to 1")
         params.update(GTA_PRESETS["task_arithmetic"])
+    elif method in NATIVE:
+        for key, ours in NATIVE[method].items():
+            if key in shared and ours is not None:
+                value = _setting(shared[key], f"parameters.{key}")
+                params[ours] = (_flag(value, f"parameters.{key}") if isinstance(value, bool)
+                                else value)
     else:
         params.update(GTA_PRESETS[method])
         for key in ("normalize", "rescale"):
             if key in shared:
                 params[key] = _flag(shared[key], f"parameters.{key}")
         if "lambda" in shared:
-            params["scaling"] = _number(shared["lambda"], "parameters.lambda")
+            value = _setting(shared["lambda"], "parameters.lambda")
+            params["scaling"] = (value if is_schedule(value)
+                                 else _number(value, "parameters.lambda"))
     gammas = {q["gamma"] for _, q in experts if "gamma" in q}
     if len(gammas) > 1:
         raise MergekitError("per-model gamma values differ; specmerge takes one gamma")
     if gammas:
         params["gamma"] = gammas.pop()
+    epsilons = ({_number(q.get("epsilon", 0.15), "epsilon") for _, q in experts}  # 0.15: mergekit's
+                if any("epsilon" in q for _, q in experts) else set())
+    if len(epsilons) > 1:
+        raise MergekitError("per-model epsilon values differ; specmerge takes one epsilon")
+    if epsilons:
+        params["epsilon"] = epsilons.pop()
     out: dict[str, Any] = {
         "base_model": base,
         "models": [{"model": p, "weight": q.get("weight", 1.0),
                     **({"density": q["density"]} if "density" in q else {})}
                    for p, q in experts],
-        "merge_method": "gta", "parameters": params,
+        "merge_method": method if method in NATIVE else "gta", "parameters": params,
     }
     if tok is not None:
         out["tokenizer"] = {"source": tok}

@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import torch
 
+from specmerge.errors import RecipeError
 from specmerge.linalg import compute_dtype, parse_dtype
-from specmerge.methods.registry import Statistic, get_method
+from specmerge.methods.registry import Method, Statistic, get_method
 from specmerge.recipe import Recipe, Scope
 from specmerge.roles import (
     MATRIX_ROLES,
@@ -31,6 +32,7 @@ from specmerge.roles import (
     log_inferred,
     parameter_role,
 )
+from specmerge.schedules import NO_MATCH, layer_positions, resolve
 
 Action = Literal["method", "fallback", "copy"]
 # the scope's fallbacks, as registry methods with their bound arguments (None: keep θ0)
@@ -63,7 +65,8 @@ class PlanEntry:
     zero update, or a copy); ``kwargs`` are its own bound keyword arguments (resolved per
     tensor); ``seeds`` the per-expert RNG seeds of a method that draws random numbers;
     ``inputs`` the tensors it is computed from, base first (``same_inputs``: the same name in
-    the base and in every expert, which is what every recipe plans today).
+    the base and in every expert, which is what every recipe plans today); ``space`` the
+    recipe's merge space on a method entry (``specmerge.spaces``; "full" elsewhere).
     """
 
     name: str
@@ -80,6 +83,7 @@ class PlanEntry:
     blocks: Blocks | None = None  # a fused projection: matrix maths runs block by block
     out_rows: int | None = None  # a vocabulary-sized tensor of the union vocabulary
     inputs: tuple[TensorRef, ...] = ()
+    space: str = "full"  # where the method runs on factored τ_i: full, core, knots
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -160,6 +164,7 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
         {"weights": weights, "scaling": recipe.scope.fallback_scaling}
         if recipe.scope.fallback == "task_arithmetic" else {})
     out_override = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
+    per_tensor = PerTensor(recipe, method, index, info) if recipe.has_schedules else None
 
     entries = []
     for name, p in index.items():
@@ -177,14 +182,16 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
                               transpose=transpose, blocks=blocks)
         elif method.matrix_only and not matrix:
             entry = PlanEntry(name, p.shape, out_dtype, "fallback", calibrate, matrix,
-                              fallback_method, fallback_kwargs, role=role, transpose=transpose,
-                              blocks=blocks)
+                              fallback_method, per_tensor.fallback_kwargs(name, fallback_kwargs)
+                              if per_tensor else fallback_kwargs, role=role,
+                              transpose=transpose, blocks=blocks)
         else:
             seeds = tuple(parameter_seed(recipe.seed, name, i)
                           for i in range(recipe.num_experts)) if method.uses_rng else ()
             entry = PlanEntry(name, p.shape, out_dtype, "method", calibrate, matrix,
-                              method.name, method_kwargs, seeds, role=role, transpose=transpose,
-                              blocks=blocks)
+                              method.name, per_tensor.method_kwargs(name, method_kwargs)
+                              if per_tensor else method_kwargs, seeds, role=role,
+                              transpose=transpose, blocks=blocks, space=recipe.space)
         entry = dataclasses.replace(entry, inputs=same_name_inputs(name, recipe.num_experts))
         if vocab_rows and name in vocab_rows:
             entry = dataclasses.replace(entry, out_rows=vocab_rows[name])
@@ -195,4 +202,50 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
         cal = dict(recipe.calibrate)
         calibration = (cal.pop("method"), cal)
     stats = tuple(s for s in (method.statistic,) if s is not None and s.wanted(recipe.parameters))
+    if stats and per_tensor is not None:
+        raise RecipeError(f"{recipe.merge_method}: per-tensor values (gradients, filters) cannot "
+                          f"be combined with its whole-model statistic ({stats[0].kwarg}); "
+                          f"give scalars, or a per-tensor setting of the method")
     return Plan(recipe, tuple(entries), compute_dtype(recipe.dtype), calibration, stats)
+
+
+class PerTensor:
+    """Resolves a recipe's gradients and filtered values (``specmerge.schedules``) for each
+    tensor: its method keyword arguments and the models' weights and densities, each resolved
+    set checked by the method's constraints and cross-field checks, the tensor named."""
+
+    def __init__(self, recipe: Recipe, method: Method, index: Mapping[str, ParamInfo],
+                 info: ModelInfo):
+        self.recipe, self.merge_method = recipe, method
+        roles = {n: parameter_role(n, p.shape, p.dtype, info) for n, p in index.items()}
+        self.t = layer_positions(list(index), roles)
+        self.defaults = method.defaults()
+        self.checked: set[tuple[Any, ...]] = set()
+
+    def _value(self, value: Any, name: str, default: Any) -> Any:
+        out = resolve(value, name, self.t[name])
+        return default if out is NO_MATCH else out
+
+    def weights(self, name: str) -> list[float]:
+        return [float(self._value(m.weight, name, 1.0)) for m in self.recipe.models]
+
+    def method_kwargs(self, name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: self._value(v, name, self.defaults.get(k)) for k, v in kwargs.items()
+               if k not in ("weights", "densities")}
+        weights = self.weights(name)
+        key = (tuple(sorted(out.items())), tuple(weights))
+        if key not in self.checked:
+            try:
+                self.merge_method.check_recipe(self.merge_method.validate(out), weights)
+            except ValueError as err:
+                raise RecipeError(f"tensor {name!r}: {err}") from None
+            self.checked.add(key)
+        if "weights" in kwargs:
+            out["weights"] = weights
+        if "densities" in kwargs:
+            out["densities"] = [1.0 if d is None else float(d) for d in
+                                (self._value(m.density, name, None) for m in self.recipe.models)]
+        return out
+
+    def fallback_kwargs(self, name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return {**kwargs, "weights": self.weights(name)} if "weights" in kwargs else dict(kwargs)

@@ -27,6 +27,7 @@ from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
 from specmerge.mergekit import MergekitError, from_mergekit, is_mergekit
 from specmerge.methods.presets import Context, apply_preset
 from specmerge.methods.registry import SCALING, Interval, get_method
+from specmerge.schedules import check_schedule, is_schedule, leaves
 
 DENSITY = Interval(float, 0, 1)
 MAX_RECIPE_BYTES = 1_000_000
@@ -56,6 +57,13 @@ class _Strict(BaseModel):
         return data
 
 
+def _leaves(value: Any, what: str) -> list[Any]:
+    """The scalars of a per-tensor value (itself, for a scalar), its form checked."""
+    if is_schedule(value):
+        check_schedule(value, what)
+    return list(leaves(value))
+
+
 def _bounded(value: float, what: str) -> float:
     if not SCALING.is_satisfied_by(value):
         raise ValueError(f"{what} must be {SCALING}, got {value!r}")
@@ -67,20 +75,26 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    weight: float = 1.0
-    density: float | None = None  # per-model density, for methods that take one (gta)
+    # a number, or a gradient / filtered list resolved per tensor (specmerge.schedules)
+    weight: float | list[Any] = 1.0
+    density: float | list[Any] | None = None  # per-model density, for methods that take one
 
-    @field_validator("density")
+    @field_validator("density", mode="before")
     @classmethod
-    def _density(cls, v: float | None) -> float | None:
-        if v is not None and not DENSITY.is_satisfied_by(v):
-            raise ValueError(f"density must be {DENSITY}, got {v!r}")
+    def _density(cls, v: Any) -> Any:
+        for leaf in _leaves(v, "density"):
+            if leaf is not None and (isinstance(leaf, bool) or not DENSITY.is_satisfied_by(leaf)):
+                raise ValueError(f"density must be {DENSITY}, got {leaf!r}")
         return v
 
-    @field_validator("weight")
+    @field_validator("weight", mode="before")
     @classmethod
-    def _weight(cls, v: float) -> float:
-        return _bounded(v, "weight")
+    def _weight(cls, v: Any) -> Any:
+        for leaf in _leaves(v, "weight"):
+            if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+                raise ValueError(f"weight must be a number, got {str(leaf)[:80]!r}")
+            _bounded(leaf, "weight")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -207,6 +221,10 @@ class Recipe(_Strict):
     ``preset: NAME`` among ``parameters`` (or in ``calibrate``) stands for the named official
     setting of the method (``specmerge.methods.presets``); the parameters given beside it
     override it, and it is resolved to its values here, so the record holds the values.
+
+    ``space`` (LoRA experts only): ``full`` (the default) merges the task vectors themselves;
+    ``core`` (Core Space) and ``knots`` (KnOTS) run the method on small matrices of the
+    adapters' factors and lift the result back, factored (``specmerge.spaces``).
     """
 
     base_model: str
@@ -221,6 +239,8 @@ class Recipe(_Strict):
     tokenizer: TokenizerSpec | None = None
     output: OutputSpec | None = None
     backend: BackendSpec | None = None
+    # where the method runs on LoRA experts' updates (specmerge.spaces, docs/spaces.md)
+    space: Literal["full", "core", "knots"] = "full"
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -263,9 +283,15 @@ class Recipe(_Strict):
                              f"calibrate: {{method: {self.merge_method}}} after a merge method")
         weights = [m.weight for m in self.models]
         ctx = Context(len(weights), self.merge_method)
-        self.parameters = method.validate(apply_preset(self.merge_method, self.parameters, ctx,
-                                                       "parameters"))
-        method.check_recipe(self.parameters, weights)
+        given = apply_preset(self.merge_method, self.parameters, ctx, "parameters")
+        scheduled = {k: v for k, v in given.items() if is_schedule(v)}
+        self.parameters = method.validate({k: v for k, v in given.items() if k not in scheduled})
+        for key, value in scheduled.items():  # every value a tensor can get is validated
+            for leaf in _leaves(value, f"parameters.{key}"):
+                method.validate({**self.parameters, key: leaf})
+        self.parameters.update(scheduled)
+        if not self.has_schedules:  # per-tensor values are checked per tensor by the plan
+            method.check_recipe(self.parameters, weights)
         base = os.path.realpath(self.base_model)
         for i, m in enumerate(self.models):
             if os.path.realpath(m.model) == base:
@@ -291,7 +317,31 @@ class Recipe(_Strict):
             cal_method.check_recipe(self.calibrate, weights)
         return self
 
+    @model_validator(mode="after")
+    def _space(self) -> Recipe:
+        """A core or knots space runs the method on small matrices of the adapters' factors:
+        a method that reads the base weights, or a whole-model statistic over the full τ_i,
+        cannot run there."""
+        if self.space == "full":
+            return self
+        method = get_method(self.merge_method)
+        if method.uses_base:
+            raise ValueError(f"space {self.space!r}: method {self.merge_method!r} uses the base "
+                             f"weights, which have no {self.space} space; use space: full")
+        stat = method.statistic
+        if stat is not None and stat.wanted(self.parameters):
+            raise ValueError(f"space {self.space!r}: {self.merge_method}'s whole-model statistic "
+                             f"({stat.kwarg}) is over the full task vectors; use space: full, or "
+                             f"its per-tensor setting (ties: trim_scope: tensor)")
+        return self
+
     _root: str | None = PrivateAttr(default=None)  # the directory relative paths resolved from
+
+    @property
+    def has_schedules(self) -> bool:
+        """Whether some parameter or model weight/density is a gradient or a filtered list."""
+        return (any(is_schedule(v) for v in self.parameters.values())
+                or any(is_schedule(m.weight) or is_schedule(m.density) for m in self.models))
 
     @property
     def vocabulary(self) -> str:
@@ -323,6 +373,8 @@ class Recipe(_Strict):
         for key in ("tokenizer", "output"):
             if data.get(key) is None:
                 data.pop(key, None)
+        if data.get("space") == "full":  # the default, unrecorded: earlier records unchanged
+            data.pop("space")
         for m in data["models"]:
             if m.get("density") is None:
                 m.pop("density", None)
