@@ -251,6 +251,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         params["gamma"] = gammas.pop()
     epsilons = ({_number(q.get("epsilon", 0.15), "epsilon") for _, q in experts}  # 0.15: mergekit's
                 if any("epsilon" in q for _, q in experts) else set())
+    if epsilons and not method.startswith("della"):
+        raise MergekitError(f"parameters ['epsilon'] are not mergekit's parameters for {method} "
+                            f"(della and della_linear take it)")
     if len(epsilons) > 1:
         raise MergekitError("per-model epsilon values differ; specmerge takes one epsilon")
     if epsilons:

@@ -431,7 +431,13 @@ def all_methods() -> list[Method]:
 
 def _load_all() -> None:
     # importing the family modules runs their @register decorators
-    from specmerge.methods import calibration, elementwise, interference, subspace  # noqa: F401
+    from specmerge.methods import (  # noqa: F401
+        calibration,
+        elementwise,
+        interference,
+        subspace,
+        weightspace,
+    )
 
 
 class UnboundRankWarning(UserWarning):

@@ -1,0 +1,195 @@
+"""mergekit 0.1.5's own methods (slerp, nearswap, model_stock, sce, della, della_linear):
+closed-form values, identities, and parity with numbers that mergekit's own code computed
+(tests/golden/mergekit_methods.json, written by benchmarks/peers/mergekit_methods_golden.py;
+mergekit is not needed here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import specmerge
+from specmerge.mergekit import MERGEKIT_ONLY, NATIVE, SUPPORTED, from_mergekit
+from specmerge.methods import get_method
+from specmerge.methods.elementwise import gta
+from specmerge.methods.weightspace import (
+    della,
+    della_linear,
+    della_magprune,
+    model_stock,
+    nearswap,
+    sce,
+    slerp,
+)
+
+T = torch.tensor
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "mergekit_methods.json").read_text())
+
+
+# --- closed forms and identities -------------------------------------------------------------
+
+def test_slerp_of_orthogonal_unit_vectors_at_half_is_the_bisector() -> None:
+    a, b = T([1.0, 0.0]), T([0.0, 1.0])
+    got = a + slerp([b - a], base=a, t=0.5)
+    torch.testing.assert_close(got, T([math.sqrt(0.5), math.sqrt(0.5)]))
+    # t = 1/3 of a right angle: (cos 30°, sin 30°)
+    got = a + slerp([b - a], base=a, t=1 / 3)
+    torch.testing.assert_close(got, T([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
+
+
+def test_slerp_keeps_the_norms_path_and_ends() -> None:
+    g = torch.Generator().manual_seed(0)
+    base, other = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    tau = other - base
+    torch.testing.assert_close(slerp([tau], base=base, t=0.0), torch.zeros(5, 4))
+    torch.testing.assert_close(base + slerp([tau], base=base, t=1.0), other)
+    # near-collinear inputs take the linear branch
+    near = base * 1.0001
+    torch.testing.assert_close(slerp([near - base], base=base, t=0.3), 0.3 * (near - base))
+
+
+def test_nearswap_by_hand() -> None:
+    tau = T([0.5, 0.01, -2.0, 0.0])
+    # w = clamp(0.1 / max(|τ|, 1e-6), 0, 1) = [0.2, 1, 0.05, 1]
+    torch.testing.assert_close(nearswap([tau], t=0.1), T([0.1, 0.01, -0.1, 0.0]))
+    # |τ| is floored at 1e-6 (mergekit 0.1.5): w = 1e-7 / 1e-6 for |τ| = 5e-7
+    torch.testing.assert_close(nearswap([T([5e-7])], t=1e-7), T([5e-8]), rtol=1e-5, atol=0)
+
+
+def test_model_stock_identities() -> None:
+    g = torch.Generator().manual_seed(1)
+    tau = torch.randn(4, 3, generator=g)
+    # identical experts: cos θ = 1, t = K / K = 1: that expert
+    torch.testing.assert_close(model_stock([tau, tau, tau]), tau)
+    torch.testing.assert_close(model_stock([tau, tau], filter_wise=True), tau)
+    # orthogonal experts: cos θ = 0, t = 0: the base
+    e1, e2 = T([1.0, 0.0]), T([0.0, 2.0])
+    torch.testing.assert_close(model_stock([e1, e2]), torch.zeros(2))
+    # cos θ = 1/2 (60°), K = 2: t = 1 / 1.5
+    a, b = T([1.0, 0.0]), T([0.5, math.sqrt(0.75)])
+    torch.testing.assert_close(model_stock([a, b]), (a + b) / 2 * (2 * 0.5 / 1.5))
+
+
+def test_sce_by_hand() -> None:
+    # elected signs [+, +]; agreeing entries τ1: [1, ·], τ2: [3, 1]; w = [1, 5] / 6
+    got = sce([T([1.0, -1.0]), T([3.0, 1.0])])
+    torch.testing.assert_close(got, T([(1 / 6 + 15 / 6) / 1.0, 1.0]))
+    # variances [0, 1, 0, 4]: select_topk 0.5 keeps ⌊0.5 · 2 nonzero⌋ = 1 entry, the last
+    got = sce([T([1.0, -1.0, 2.0, 0.0]), T([1.0, 1.0, 2.0, 4.0])], select_topk=0.5)
+    torch.testing.assert_close(got, T([0.0, 0.0, 0.0, 4.0]))
+
+
+def test_della_at_density_one_is_gta_and_magprune_keeps_by_rank() -> None:
+    g = torch.Generator().manual_seed(2)
+    taus = [torch.randn(3, 4, generator=g) for _ in range(2)]
+    torch.testing.assert_close(della(taus, weights=[0.5, 2.0]),
+                               gta(taus, weights=[0.5, 2.0], consensus="sum", normalize=True))
+    torch.testing.assert_close(della_linear(taus, weights=[0.5, 2.0]),
+                               0.5 * taus[0] + 2.0 * taus[1])
+    # ε at its extreme: the smallest entry of each row is kept with p = ρ − ε, the largest ρ + ε
+    tau = T([[0.1, -3.0, 0.2]])
+    keep = torch.stack([della_magprune(tau, 0.5, 0.49999, rescale=False,
+                                       generator=torch.Generator().manual_seed(s)) != 0
+                        for s in range(200)]).float().mean(0)
+    assert keep[0, 1] > 0.97 and keep[0, 0] < 0.03 and 0.35 < keep[0, 2] < 0.65
+    with pytest.raises(ValueError, match="density ± epsilon must lie in"):
+        della_magprune(tau, 0.1, 0.15, rescale=True)
+
+
+def test_registry_entries() -> None:
+    assert get_method("slerp").uses_base and not get_method("slerp").rowwise
+    assert get_method("nearswap").rowwise
+    assert get_method("della").uses_rng and get_method("della").uses_densities
+    for name in ("slerp", "model_stock", "sce", "della", "della_linear"):
+        assert "whole tensors" in get_method(name).notes
+    with pytest.raises(ValueError, match="exactly one other model"):
+        get_method("slerp").check_recipe({"t": 0.5}, [1.0, 1.0])
+    with pytest.raises(ValueError, match="at least two other models"):
+        get_method("model_stock").check_recipe({}, [1.0])
+
+
+# --- parity with mergekit 0.1.5 --------------------------------------------------------------
+
+def _specmerge_output(case: dict) -> torch.Tensor:
+    base = T(case["base"])
+    taus = [T(m) - base for m in case["models"]]
+    method = get_method(case["method"])
+    params, kwargs = dict(case["params"]), {}
+    for mk, ours in (("weight", "weights"), ("density", "densities"), ("lambda", "scaling")):
+        if mk in params:
+            kwargs[ours] = params.pop(mk)
+    if "epsilon" in params:
+        kwargs["epsilon"] = params.pop("epsilon")[0]
+    kwargs.update(params)
+    if method.uses_base:
+        kwargs["base"] = base
+    if method.uses_rng:  # mergekit draws every expert's mask, in order, from one seeded stream
+        gen = torch.Generator().manual_seed(case["seed"])
+        kwargs["generators"] = [gen] * len(taus)
+    return base + method.fn(taus, **kwargs)
+
+
+def test_golden_was_written_by_mergekit_0_1_5() -> None:
+    assert GOLDEN["mergekit"] == "0.1.5"
+    assert {c["method"] for c in GOLDEN["cases"]} == set(NATIVE)
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
+def test_parity_with_mergekit(case) -> None:
+    got, ref = _specmerge_output(case), T(case["merged"])
+    # float32: a few ulps of the largest magnitude (mergekit's arithmetic order differs)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=4 * 1.2e-7 * float(ref.abs().max()))
+
+
+# --- mergekit recipes ------------------------------------------------------------------------
+
+def test_native_methods_are_supported_not_refused() -> None:
+    for name in NATIVE:
+        assert name in SUPPORTED and name not in MERGEKIT_ONLY
+
+
+def test_della_recipe_maps_mergekit_parameters(toy_models) -> None:
+    e = toy_models["experts"]
+    rec = from_mergekit({
+        "base_model": str(toy_models["base"]), "merge_method": "della",
+        "parameters": {"lambda": 0.9, "int8_mask": True, "normalize": False},
+        "models": [{"model": str(e[0]), "parameters": {"weight": 0.5, "density": 0.6,
+                                                        "epsilon": 0.1}},
+                   {"model": str(e[1]), "parameters": {"weight": 0.7, "density": 0.4,
+                                                        "epsilon": 0.1}}]})
+    assert rec["merge_method"] == "della"
+    assert rec["parameters"] == {"scaling": 0.9, "normalize": False, "epsilon": 0.1}
+    assert [m["density"] for m in rec["models"]] == [0.6, 0.4]
+    with pytest.raises(ValueError, match="epsilon values differ"):
+        from_mergekit({"base_model": str(toy_models["base"]), "merge_method": "della",
+                       "models": [{"model": str(e[0]), "parameters": {"epsilon": 0.1}},
+                                  str(e[1])]})
+
+
+def test_mergekit_slerp_recipe_converts_and_merges(toy_models, tmp_path) -> None:
+    from specmerge.cli import app
+
+    base, other = toy_models["base"], toy_models["experts"][0]
+    mk = {"merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+          "models": [{"model": str(base)}, {"model": str(other)}], "parameters": {"t": 0.3}}
+    p = tmp_path / "slerp.yml"
+    p.write_text(yaml.safe_dump(mk))
+    res = CliRunner().invoke(app, ["convert", str(p)])
+    assert res.exit_code == 0, res.output
+    rec = yaml.safe_load(res.output)
+    assert rec["merge_method"] == "slerp" and rec["parameters"] == {"t": 0.3}
+    out = specmerge.merge(rec, tmp_path / "out", progress=False).out_dir
+    got = load_file(str(out / "model.safetensors"))
+    b, e = toy_models["base_sd"], toy_models["expert_sds"][0]
+    for name, theta0 in b.items():
+        a, c = theta0.reshape(-1), e[name].reshape(-1)
+        omega = torch.acos(torch.dot(a, c) / (a.norm() * c.norm()))
+        ref = (torch.sin(0.7 * omega) * a + torch.sin(0.3 * omega) * c) / torch.sin(omega)
+        torch.testing.assert_close(got[name], ref.reshape(theta0.shape), rtol=1e-5, atol=1e-6)
