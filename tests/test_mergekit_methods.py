@@ -193,3 +193,7 @@ def test_mergekit_slerp_recipe_converts_and_merges(toy_models, tmp_path) -> None
         omega = torch.acos(torch.dot(a, c) / (a.norm() * c.norm()))
         ref = (torch.sin(0.7 * omega) * a + torch.sin(0.3 * omega) * c) / torch.sin(omega)
         torch.testing.assert_close(got[name], ref.reshape(theta0.shape), rtol=1e-5, atol=1e-6)
+    # the mergekit YAML itself (the base listed among its models, no per-model parameters) is
+    # recognised as mergekit's and merges to the same tensors
+    direct = specmerge.merge(p, tmp_path / "direct", progress=False).out_dir
+    assert (direct / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -103,9 +103,19 @@ def is_mergekit(data: dict[str, Any]) -> bool:
         return True
     if data.get("merge_method") in MERGEKIT_ONLY:  # a str (or None) here
         return True
+    if (data.get("merge_method") in NATIVE and isinstance(models, list)
+            and isinstance(data.get("base_model"), str)
+            and any(_path_of(m) == os.path.realpath(data["base_model"]) for m in models)):
+        return True  # mergekit lists the base among the models (slerp's t = 0 end)
     params = data.get("parameters")
     return (data.get("merge_method") in (*SUPPORTED, *OTHER_METHODS) and isinstance(params, dict)
             and any(k in params for k in SHARED_PARAMS))
+
+
+def _path_of(entry: Any) -> str | None:
+    """The real path of a ``models`` entry (a path or {model: PATH}), None if neither."""
+    path = entry.get("model") if isinstance(entry, dict) else entry
+    return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else None
 
 
 def _scalar(value: Any, where: str) -> Any:
