@@ -186,6 +186,16 @@ def plan_of(recipe: Recipe, source: Source) -> Plan:
     """``build_plan`` with everything the source knows: index, roles, union vocabulary rows.
     The sources read an entry's inputs by its own name in every model; a plan that takes
     them elsewhere (slices, passthrough) is refused by name until they can."""
+    if recipe.space != "full":  # Core Space, KnOTS: every expert a LoRA adapter
+        experts = source.experts if isinstance(source, CheckpointSource) else None
+        if experts is None:
+            raise SpecmergeError(f"space {recipe.space!r} merges LoRA adapters' factors; "
+                                 f"in-memory state dicts hold dense task vectors: use space: full")
+        for i, e in enumerate(experts):
+            if not e.targets:
+                raise SpecmergeError(f"space {recipe.space!r}: models[{i}] ({e.path}) is not a "
+                                     f"LoRA adapter; a {recipe.space} merge needs every expert's "
+                                     f"LoRA factors (use space: full)")
     plan = build_plan(recipe, source.index(), source.model_info(), source.vocab_rows)
     for e in plan.entries:
         if not e.same_inputs:

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from specmerge.errors import MergeError, NonFiniteError, SpecmergeError
 from specmerge.linalg import dtype_name
-from specmerge.lowrank import LowRank, TaskVector, dense
+from specmerge.lowrank import LowRank, TaskVector, dense, is_zero
 from specmerge.methods.registry import get_method
 from specmerge.methods.rng import CounterRNG
 from specmerge.plan import PlanEntry
 from specmerge.sources import count_nonfinite
+from specmerge.spaces import merge_in_space
 
 
 def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
@@ -47,8 +48,12 @@ def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
         if base is None:
             raise MergeError(f"{method.name} needs the base weights of {entry.name!r}")
         kwargs["base"] = base
-    taus = list(task_vectors) if method.factored else [dense(t) for t in task_vectors]
-    if method.matrix_only:
+    in_space = entry.space != "full" and any(isinstance(t, LowRank) and not is_zero(t)
+                                             for t in task_vectors)  # LoRA factors to merge
+    taus = list(task_vectors) if method.factored or in_space else [dense(t) for t in task_vectors]
+    if in_space:
+        merged = space_update(entry, lambda ts: method.fn(ts, **kwargs), taus)
+    elif method.matrix_only:
         merged = matrix_apply(entry, lambda ts: method.fn(ts, **kwargs), taus)
     else:
         merged = method.fn(taus, **kwargs)
@@ -59,6 +64,25 @@ def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
         merged = matrix_apply(entry, lambda ts: cal.fn(ts[0], ts[1:], **cal_kwargs),
                               inputs if cal.factored else [dense(t) for t in inputs])
     return merged
+
+
+def space_update(entry: PlanEntry, fn: Callable[[list[Tensor]], Tensor],
+                 task_vectors: Sequence[TaskVector]) -> TaskVector:
+    """``fn`` run on small matrices in the entry's merge space (``specmerge.spaces``: Core
+    Space, KnOTS) and lifted back factored. Every τ_i must be an adapter's factors, and the
+    weight whole (a fused projection's blocks are not)."""
+    for i, t in enumerate(task_vectors):
+        if not isinstance(t, LowRank):
+            raise MergeError(
+                f"space {entry.space!r}: models[{i}] gives tensor {entry.name!r} as a dense task "
+                f"vector (a full fine-tune, or a module its adapter saves whole), but a "
+                f"{entry.space} merge needs every expert's LoRA factors of it; use space: full")
+    if entry.blocks is not None:
+        raise MergeError(
+            f"space {entry.space!r}: tensor {entry.name!r} is a fused projection merged block by "
+            f"block; a {entry.space} merge needs the whole factors: set scope.split_fused: false")
+    return matrix_apply(entry, lambda ts: merge_in_space(entry.space, fn, ts),  # type: ignore[arg-type]
+                        task_vectors)
 
 
 def matrix_apply(entry: PlanEntry, fn: Callable[[list[TaskVector]], TaskVector],
