@@ -28,9 +28,11 @@ install-dev: install
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
 
+# the test files run on one process per core (pytest-xdist), each file's tests on one of them
+# (module fixtures, such as the goldens' merges, are built once)
 test: install-dev
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # The main job: the text8 benchmark's headline rows on the real MiniLM encoder and 8 real tasks.
 # Builds (or reuses) the experts, merges through the public API, prints the table.

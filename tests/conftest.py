@@ -21,6 +21,18 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
+def accepts_experts(method: str, k: int) -> bool:
+    """Whether ``method`` merges ``k`` experts at its defaults (slerp and nearswap take one)."""
+    from specmerge.methods.registry import get_method
+
+    m = get_method(method)
+    try:
+        m.check_recipe(m.defaults(), [1.0] * k)
+    except ValueError:
+        return False
+    return True
+
+
 def make_state_dicts(k: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
                      shapes: dict[str, tuple[int, ...]] | None = None
                      ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -126,7 +126,8 @@ PROPAGATING = [m for m in all_methods() if m.propagates_nonfinite]
 
 
 def test_which_methods_check_the_output_only() -> None:
-    assert {m.name for m in PROPAGATING} == {"weight_average", "task_arithmetic", "dare"}
+    assert {m.name for m in PROPAGATING} == {"weight_average", "task_arithmetic", "dare",
+                                              "nearswap"}
 
 
 @pytest.mark.parametrize("method", [m.name for m in PROPAGATING])
@@ -137,11 +138,13 @@ def test_propagating_methods_turn_every_nonfinite_input_into_a_nonfinite_output(
     output θ0 + τ is non-finite at that entry."""
     fn = get_method(method).fn
     gen = torch.Generator().manual_seed(2)
-    k, n = 3, 40
+    k, n = (1, 40) if method == "nearswap" else (3, 40)
     thetas = [torch.randn(n, generator=gen) for _ in range(k + 1)]
     settings: list[dict[str, Any]] = [{"weights": [1.0, 0.0, 2.0]}, {"weights": [0.5] * k}]
-    if method != "weight_average":
+    if method not in ("weight_average", "nearswap"):
         settings.append({"scaling": 0.0, "weights": [1.0] * k})
+    if method == "nearswap":  # no weights; thresholds from none to every entry
+        settings = [{"t": t} for t in (0.0, 1e-4, 0.5, 1e3)]
     if method == "dare":
         settings = [{**s, "drop_rate": p, "generators": [CounterRNG(i) for i in range(k)]}
                     for s in settings for p in (0.0, 0.9)]

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import accepts_experts
 from safetensors import safe_open
 
 import specmerge
@@ -41,9 +42,10 @@ MODELS = {"quickstart": (QUICKSTART, 3, "float32"), "synthetic": (llama_shape_fo
                                                                    "bfloat16")}
 # (case name, method, parameters, recipe extras); every case runs with and without SVC
 CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
-    (m.name, m.name, {"iterations": 20} if m.name == "wudi" else {}, {})
+    (m.name, m.name, {"iterations": 20} if m.name == "wudi" else {},
+     {} if all(accepts_experts(m.name, k) for _, k, _ in MODELS.values()) else {"experts": 1})
     for m in all_methods() if not m.is_calibration
-] + [
+] + [  # "experts": merge only the first n of the experts (slerp, nearswap take one)
     ("ties_global", "ties", {"trim_scope": "global"}, {}),
     ("dare_seed7_bf16out", "dare", {}, {"seed": 7, "out_dtype": "bfloat16"}),
     ("task_arithmetic_f64", "task_arithmetic", {}, {"dtype": "float64", "out_dtype": "float32"}),
@@ -179,9 +181,10 @@ def recipe_of(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict
               svc: bool, **override: Any) -> dict[str, Any]:
     _, method, params, extra = case
     mdir = root / model
+    extra = dict(extra)
+    k = extra.pop("experts", MODELS[model][1])
     recipe: dict[str, Any] = {"base_model": str(mdir / "base"),
-                              "models": [str(mdir / f"expert_{i + 1}")
-                                         for i in range(MODELS[model][1])],
+                              "models": [str(mdir / f"expert_{i + 1}") for i in range(k)],
                               "merge_method": method, "parameters": params, **extra, **override}
     if svc:
         recipe["calibrate"] = {"method": "svc"}

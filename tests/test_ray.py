@@ -60,13 +60,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_on_ray(root: Path, model: str, case: tuple[str, str, dict[str, Any], dict[str, Any]],
                svc: bool, tag: str = "", **kw: Any) -> dict[str, str]:
-    name, method, params, extra = case
-    k = golden.MODELS[model][1]
-    recipe: dict[str, Any] = {"base_model": str(root / model / "base"),
-                              "models": [str(root / model / f"expert_{i + 1}") for i in range(k)],
-                              "merge_method": method, "parameters": params, **extra}
-    if svc:
-        recipe["calibrate"] = {"method": "svc"}
+    name = case[0]
+    recipe = golden.recipe_of(root, model, case, svc)
     out = root / "out" / f"ray-{model}-{name}-{svc}{tag}"
     specmerge.merge(recipe, out, shard_size="300KB", progress=False, **{"backend": "ray", **kw})
     return golden.hash_dir(out, root)
