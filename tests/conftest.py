@@ -22,12 +22,13 @@ SHAPES: dict[str, tuple[int, ...]] = {
 
 
 def accepts_experts(method: str, k: int) -> bool:
-    """Whether ``method`` merges ``k`` experts at its defaults (slerp and nearswap take one)."""
-    from specmerge.methods.registry import get_method
+    """Whether a recipe of ``method`` at its defaults takes ``k`` experts (slerp and nearswap
+    take one; passthrough takes slices, not experts)."""
+    from specmerge.recipe import Recipe
 
-    m = get_method(method)
-    try:
-        m.check_recipe(m.defaults(), [1.0] * k)
+    try:  # a recipe of the method at its defaults, with k experts (paths are not read)
+        Recipe.model_validate({"base_model": "/nonexistent/base", "merge_method": method,
+                               "models": [f"/nonexistent/e{i}" for i in range(k)]})
     except ValueError:
         return False
     return True

@@ -43,9 +43,13 @@ MODELS = {"quickstart": (QUICKSTART, 3, "float32"), "synthetic": (llama_shape_fo
 # (case name, method, parameters, recipe extras); every case runs with and without SVC
 CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     (m.name, m.name, {"iterations": 20} if m.name == "wudi" else {},
-     {} if all(accepts_experts(m.name, k) for _, k, _ in MODELS.values()) else {"experts": 1})
+     {} if all(accepts_experts(m.name, k) for _, k, _ in MODELS.values())
+     else {"experts": next(n for n in (1, 2) if accepts_experts(m.name, n))})
     for m in all_methods() if not m.is_calibration
-] + [  # "experts": merge only the first n of the experts (slerp, nearswap take one)
+    and (any(accepts_experts(m.name, n) for n in (1, 2))
+         or all(accepts_experts(m.name, k) for _, k, _ in MODELS.values()))
+] + [  # "experts": merge only the first n of the experts (slerp, nearswap take one, nuslerp two);
+    # methods that take no experts (passthrough: slices) are tested in test_slices.py
     ("ties_global", "ties", {"trim_scope": "global"}, {}),
     ("dare_seed7_bf16out", "dare", {}, {"seed": 7, "out_dtype": "bfloat16"}),
     ("task_arithmetic_f64", "task_arithmetic", {}, {"dtype": "float64", "out_dtype": "float32"}),

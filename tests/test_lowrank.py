@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import accepts_experts
 
 from specmerge.engine import merged_update
 from specmerge.lowrank import LowRank, dense, embed, factored_svd, truncate
@@ -14,7 +15,10 @@ from specmerge.methods.registry import all_methods, get_method
 from specmerge.methods.subspace import iso_c
 from specmerge.plan import PlanEntry
 
-METHODS = [m.name for m in all_methods() if not m.is_calibration]
+# methods of task vectors alone that take 3 to 7 experts (slerp and nearswap read the base and
+# take one expert; passthrough copies: their tests are in test_mergekit_methods, test_slices)
+METHODS = [m.name for m in all_methods() if not m.is_calibration and not m.uses_base
+           and all(accepts_experts(m.name, k) for k in (3, 5))]
 FACTORED = {m.name for m in all_methods() if m.factored}
 # (m, n, r, K): m < n and m > n, with r·K below and above min(m, n)
 SHAPES = [(24, 40, 3, 3), (40, 24, 3, 3), (24, 40, 7, 5), (40, 24, 7, 5)]

@@ -115,7 +115,7 @@ def test_mergekit_linear_is_the_weighted_average_of_the_listed_models(toy_models
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"slices": []}, "'slices' is not supported"),
+    ({"slices": []}, "'slices' with merge_method 'ties'.*not supported yet"),
     ({"merge_method": "karcher"}, "mergekit's 'karcher' is not implemented"),
     ({"merge_method": "ramplus_tl"}, "mergekit's 'ramplus_tl' is not implemented"),
     ({"tokenizer_source": "EXPERT"}, "tokenizer source 'EXPERT' is not supported yet"),

@@ -293,7 +293,7 @@ def test_a_real_signal_while_blocks_stream_cleans_up(tmp_path: Path, sig: int) -
     """The CLI merges a model in rows of 64 bytes with prefetch; SIGTERM or Ctrl-C arrives while
     the main thread waits on the reader or the writer: the partial output is removed."""
     root = tmp_path / "models"
-    write_example_models(root, llama_shape_for(1, vocab=8000, hidden=32), 2, dtype="bfloat16",
+    write_example_models(root, llama_shape_for(1, vocab=32000, hidden=32), 2, dtype="bfloat16",
                          progress=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"base_model: {root / 'base'}\nmodels: [{root / 'expert_1'}, "
@@ -306,7 +306,7 @@ def test_a_real_signal_while_blocks_stream_cleans_up(tmp_path: Path, sig: int) -
     while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(0.5)  # well inside the 8000 blocks of the embedding
+    time.sleep(0.3)  # well inside the 32000 blocks of the embedding
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, "the merge finished before the signal; make it longer"

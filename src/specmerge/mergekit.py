@@ -66,7 +66,7 @@ NATIVE: dict[str, dict[str, str | None]] = {
                      "int8_mask": None},
 }
 SUPPORTED = ("linear", *GTA_PRESETS, *NATIVE)
-OTHER_METHODS = ("nuslerp", "multislerp", "karcher", "passthrough", "arcee_fusion",
+OTHER_METHODS = ("nuslerp", "multislerp", "karcher", "arcee_fusion",
                  "core_space", "ram", "ramplus_tl", "lrp", "task_adapter")
 # method names that only mergekit uses (task_arithmetic, ties and NATIVE are specmerge's too)
 MERGEKIT_ONLY = (frozenset(SUPPORTED) - {"task_arithmetic", "ties"} - frozenset(NATIVE)
@@ -76,7 +76,6 @@ SHARED_PARAMS = ("normalize", "rescale", "int8_mask", "lambda")
 TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "name")
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices (frankenmerges); give every expert whole, under 'models'",
     "modules": "per-module merge definitions; merge whole models",
     "chat_template": "chat templates; set it in the output's tokenizer_config.json",
 }
@@ -98,8 +97,9 @@ def is_mergekit(data: dict[str, Any]) -> bool:
     if isinstance(models, list) and any(isinstance(m, dict) and "parameters" in m
                                         for m in models):
         return True
-    if any(k in data for k in ("slices", "tokenizer_source", "modules",
-                               "chat_template")):
+    if "slices" in data:  # mergekit has slices or models, never both; specmerge's has both
+        return "models" not in data
+    if any(k in data for k in ("tokenizer_source", "modules", "chat_template")):
         return True
     if data.get("merge_method") in MERGEKIT_ONLY:  # a str (or None) here
         return True
@@ -180,8 +180,56 @@ def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
         for k, v in params.items()}
 
 
+def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
+    """A mergekit passthrough of ``slices`` (one source each) as a specmerge recipe: the base
+    is mergekit's base_model, else the first slice's model; ``models`` the other models."""
+    if data.get("merge_method") != "passthrough":
+        raise MergekitError(f"mergekit's 'slices' with merge_method {data.get('merge_method')!r} "
+                            f"(several sources merged per slice) are not supported yet; "
+                            f"passthrough slices are")
+    unknown = sorted(set(data) - {"slices", "merge_method", "base_model", "dtype", "out_dtype",
+                                  "tokenizer_source", "name"})
+    if unknown:
+        raise MergekitError(f"mergekit recipe keys {unknown} are not supported with slices")
+    slices = data["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise MergekitError("'slices' must list the output's slices")
+    out_slices = []
+    for i, sl in enumerate(slices):
+        sources = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(sources, list) or len(sources) != 1 or set(sl) - {"sources"}:
+            raise MergekitError(f"slices[{i}]: a passthrough slice has one source "
+                                f"{{sources: [{{model: PATH, layer_range: [start, stop]}}]}}")
+        src = sources[0]
+        if not isinstance(src, dict) or set(src) - {"model", "layer_range"} or not isinstance(
+                src.get("model"), (str, os.PathLike)):
+            raise MergekitError(f"slices[{i}].sources[0]: expected {{model: PATH, layer_range: "
+                                f"[start, stop]}} (per-source parameters are not supported)")
+        out_slices.append({"sources": [{"model": os.fspath(src["model"]),
+                                        "layer_range": src.get("layer_range")}]})
+    paths = list(dict.fromkeys(s["sources"][0]["model"] for s in out_slices))
+    base = data.get("base_model") or paths[0]
+    if not isinstance(base, (str, os.PathLike)):
+        raise MergekitError(f"base_model must be a path, got {str(base)[:80]!r}")
+    base = os.fspath(base)
+    out: dict[str, Any] = {
+        "base_model": base, "merge_method": "passthrough", "slices": out_slices,
+        "models": [p for p in paths if os.path.realpath(p) != os.path.realpath(base)]}
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise MergekitError(f"tokenizer source {tok!r} is not supported with slices: 'base'")
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
+        out["out_dtype"] = DTYPES[str(dtype)]
+    return out
+
+
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     """The specmerge recipe (a dict) that means what the mergekit recipe ``data`` means."""
+    if "slices" in data:
+        return _from_slices(data)
     for key, why in UNSUPPORTED_KEYS.items():
         if key in data:
             raise MergekitError(f"mergekit's '{key}' is not supported: {why}")
@@ -189,6 +237,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise MergekitError(f"mergekit recipe keys {unknown} are not supported")
     method = data.get("merge_method")
+    if method == "passthrough":
+        raise MergekitError("mergekit's passthrough is read with 'slices' (which layers of "
+                            "which model go where)")
     if method not in SUPPORTED:
         lacking = f"mergekit's {method!r} is not implemented in specmerge" if method in \
             OTHER_METHODS else f"unknown mergekit merge_method {method!r}"

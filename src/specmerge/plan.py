@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class PlanEntry:
         return int(torch.Size(self.shape).numel())
 
     @property
+    def copies_one(self) -> bool:
+        """Whether the entry is a copy of one named input (a slice's tensor)."""
+        return self.action == "copy" and len(self.inputs) == 1
+
+    @property
     def same_inputs(self) -> bool:
         """Whether the inputs are the entry's own name in the base and in every expert, in
         order (what the sources read today)."""
@@ -114,6 +120,7 @@ class Plan:
     compute_dtype: torch.dtype
     calibration: tuple[str, Mapping[str, Any]] | None
     statistics: tuple[Statistic, ...]
+    num_layers: int | None = None  # the output's layer count where slices set it
 
     def counts(self) -> dict[str, int]:
         counts = {a: sum(e.action == a for e in self.entries)
@@ -166,6 +173,8 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
     out_override = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
     per_tensor = PerTensor(recipe, method, index, info) if recipe.has_schedules else None
 
+    if recipe.slices is not None:
+        return slice_plan(recipe, index, info, out_override)
     entries = []
     for name, p in index.items():
         floating = p.dtype.is_floating_point
@@ -249,3 +258,49 @@ class PerTensor:
 
     def fallback_kwargs(self, name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {**kwargs, "weights": self.weights(name)} if "weights" in kwargs else dict(kwargs)
+
+
+LAYER_NAME = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks|block)\.)(\d+)(\..+)$")
+
+
+def slice_plan(recipe: Recipe, index: Mapping[str, ParamInfo], info: ModelInfo,
+               out_override: torch.dtype | None) -> Plan:
+    """The plan of a passthrough of ``recipe.slices`` (mergekit's semantics, mergekit/plan.py):
+    output layer j is the j-th layer of the slices' ranges taken in order, each tensor copied
+    from its slice's model (its own layer index there); the tensors outside the layers come
+    from the first slice's model (the input embedding) or the last one's (final norm, head).
+    Tensor names and shapes follow the base's layer 0 (every model is checked against them
+    when read). Model 0 is the base, model i the recipe's i-th expert."""
+    paths = [os.path.realpath(p) for p in (recipe.base_model, *(m.model for m in recipe.models))]
+    assert recipe.slices is not None
+    per_layer: dict[str, ParamInfo] = {}  # "prefix{}suffix" → info, from the base's layer 0
+    outside = {}
+    for name, p in index.items():
+        m = LAYER_NAME.match(name)
+        if m is None:
+            outside[name] = p
+        elif m.group(2) == "0":
+            per_layer[m.group(1) + "{}" + m.group(3)] = p
+
+    def entry(out: str, model: int, name: str, p: ParamInfo) -> PlanEntry:
+        dtype = out_override if (out_override is not None and p.dtype.is_floating_point) \
+            else p.dtype
+        return PlanEntry(out, p.shape, dtype, "copy", False,
+                         role=parameter_role(out, p.shape, p.dtype, info),
+                         inputs=(TensorRef(model, name),))
+
+    first = paths.index(os.path.realpath(recipe.slices[0].sources[0].model))
+    last = paths.index(os.path.realpath(recipe.slices[-1].sources[0].model))
+    entries = [entry(n, first, n, p) for n, p in outside.items()
+               if parameter_role(n, p.shape, p.dtype, info) == "embedding"]
+    j = 0
+    for sl in recipe.slices:
+        src = sl.sources[0]
+        model = paths.index(os.path.realpath(src.model))
+        for layer in range(*src.layer_range):
+            entries += [entry(t.format(j), model, t.format(layer), p)
+                        for t, p in per_layer.items()]
+            j += 1
+    entries += [entry(n, last, n, p) for n, p in outside.items()
+                if parameter_role(n, p.shape, p.dtype, info) != "embedding"]
+    return Plan(recipe, tuple(entries), compute_dtype(recipe.dtype), None, (), num_layers=j)

@@ -188,6 +188,37 @@ class OutputSpec(_Strict):
         return self
 
 
+class SliceSource(_Strict):
+    """One source of an output slice: layers ``layer_range`` = [start, stop) of ``model``."""
+
+    _where: ClassVar[str] = "a slice's 'sources'"
+    model: str
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range must be [start, stop) with 0 <= start < stop, got "
+                             f"{list(v)}")
+        return v
+
+
+class SliceSpec(_Strict):
+    """An output slice: its layers, in order, come from its sources (mergekit's ``slices``)."""
+
+    _where: ClassVar[str] = "an entry of 'slices'"
+    sources: list[SliceSource]
+
+    @field_validator("sources")
+    @classmethod
+    def _one_source(cls, v: list[SliceSource]) -> list[SliceSource]:
+        if len(v) != 1:
+            raise ValueError(f"a slice takes one source (passthrough: layers copied as they "
+                             f"are); {len(v)} sources merged per slice are not supported yet")
+        return v
+
+
 class BackendSpec(_Strict):
     """Where the merge runs (never what it computes: the output's bytes do not depend on it, and
     the resolved recipe does not record it). ``local``: this process (``--workers`` threads).
@@ -241,18 +272,33 @@ class Recipe(_Strict):
     backend: BackendSpec | None = None
     # where the method runs on LoRA experts' updates (specmerge.spaces, docs/spaces.md)
     space: Literal["full", "core", "knots"] = "full"
+    # passthrough: the output's layers, copied from chosen layers of chosen models, in order
+    slices: list[SliceSpec] | None = None
 
     @field_validator("backend", mode="before")
     @classmethod
     def _backend_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v  # backend: ray
 
-    @field_validator("models")
-    @classmethod
-    def _at_least_one(cls, v: list[ModelRef]) -> list[ModelRef]:
-        if not v:
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Recipe:
+        if not self.models and not self.slices:
             raise ValueError("'models' needs at least one expert")
-        return v
+        if self.slices is not None:
+            if self.merge_method != "passthrough":
+                raise ValueError(f"'slices' go with merge_method passthrough (layers copied as "
+                                 f"they are); slices merged with {self.merge_method!r} are not "
+                                 f"supported yet")
+            known = {os.path.realpath(p) for p in (self.base_model,
+                                                    *(m.model for m in self.models))}
+            for i, sl in enumerate(self.slices):
+                if os.path.realpath(sl.sources[0].model) not in known:
+                    raise ValueError(f"slices[{i}].sources[0].model {sl.sources[0].model!r} is "
+                                     f"neither the base_model nor one of 'models'")
+        elif self.merge_method == "passthrough":
+            raise ValueError("merge_method passthrough needs 'slices' (which layers of which "
+                             "model go where)")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -375,6 +421,8 @@ class Recipe(_Strict):
                 data.pop(key, None)
         if data.get("space") == "full":  # the default, unrecorded: earlier records unchanged
             data.pop("space")
+        if data.get("slices") is None:  # likewise: only a passthrough records its slices
+            data.pop("slices", None)
         for m in data["models"]:
             if m.get("density") is None:
                 m.pop("density", None)

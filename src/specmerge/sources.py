@@ -45,7 +45,7 @@ from specmerge.numerics import (  # noqa: F401  (re-exported: the checks' old ho
     nonfinite_error,
     to_compute,
 )
-from specmerge.plan import ParamInfo
+from specmerge.plan import ParamInfo, PlanEntry, TensorRef
 from specmerge.recipe import Recipe
 from specmerge.roles import ModelInfo
 
@@ -171,6 +171,35 @@ class CheckpointSource:
 
     def base_tensor(self, name: str) -> Tensor:
         return self.base.read(name)
+
+    def input_tensor(self, ref: TensorRef) -> Tensor:
+        """Tensor ``ref.name`` of model ``ref.model`` (0: the base) as stored, checked for
+        NaN/Inf: a copy's input."""
+        if ref.model == 0:
+            return self._base(ref.name, check=True)
+        expert = self.experts[ref.model - 1]
+        assert isinstance(expert, DenseExpert)  # checked by check_refs
+        return expert.read(ref.name)
+
+    def check_refs(self, entries: Sequence[PlanEntry]) -> None:
+        """Every input a plan entry names exists with the entry's shape (slices may name
+        layers a model does not have), in a full checkpoint."""
+        for e in entries:
+            for ref in e.inputs:
+                ckpt = self.base if ref.model == 0 else self.experts[ref.model - 1]
+                if not isinstance(ckpt, (Checkpoint, DenseExpert)):
+                    raise CheckpointError(f"{ckpt.path}: a LoRA adapter cannot be a slice's "
+                                          f"source; give a full checkpoint")
+                infos = ckpt.infos if isinstance(ckpt, Checkpoint) else ckpt.ckpt.infos
+                info = infos.get(ref.name)
+                if info is None:
+                    raise CheckpointError(f"{ckpt.path}: no tensor {ref.name!r} (wanted for "
+                                          f"{e.name!r}); does the layer_range go past its "
+                                          f"layers?")
+                if tuple(info.shape) != tuple(e.shape):
+                    raise CheckpointError(f"{info.file}: tensor {ref.name!r} has shape "
+                                          f"{list(info.shape)}, {e.name!r} needs "
+                                          f"{list(e.shape)}")
 
     def _base(self, name: str, check: bool) -> Tensor:
         t = self.base.read(name)

@@ -197,10 +197,17 @@ def plan_of(recipe: Recipe, source: Source) -> Plan:
                                      f"LoRA adapter; a {recipe.space} merge needs every expert's "
                                      f"LoRA factors (use space: full)")
     plan = build_plan(recipe, source.index(), source.model_info(), source.vocab_rows)
+    moved = [e for e in plan.entries if e.copies_one]
     for e in plan.entries:
-        if not e.same_inputs:
+        if not (e.same_inputs or e.copies_one):
             raise SpecmergeError(f"tensor {e.name!r}: its plan takes inputs from other tensors "
                                  f"({e.inputs}), which the sources cannot read yet")
+    if moved:
+        check_refs = getattr(source, "check_refs", None)
+        if check_refs is None:
+            raise SpecmergeError("slices copy tensors from checkpoints on disk; in-memory state "
+                                 "dicts cannot be sliced")
+        check_refs(moved)
     return plan
 
 

@@ -64,8 +64,12 @@ class MergeStep:
         block = self.block_rows(entry, source) if entry.action != "copy" else None
         if block is not None:
             return self.merge_rows(entry, source, block)
-        out = (source.base_tensor(entry.name) if entry.action == "copy"
-               else self.merge_whole(entry, source))
+        if entry.action == "copy":  # the base's tensor, or the one input a slice names
+            out = (to_output(source.input_tensor(entry.inputs[0]), entry,
+                             self.allow_nonfinite) if entry.copies_one
+                   else source.base_tensor(entry.name))
+        else:
+            out = self.merge_whole(entry, source)
         if self.write_whole and entry.name in self.regions:
             self.regions[entry.name].write(out)
             return Written(entry.name)

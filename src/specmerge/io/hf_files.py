@@ -49,9 +49,13 @@ def input_home(directory: Path) -> Path:
     return home.parent.parent if home.parent.name == "snapshots" else home
 
 
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
-                     out_dtype: str | None) -> None:
-    """Copy the base's config and tokenizer files, set config.json's dtype, write the recipe."""
+                     out_dtype: str | None, num_layers: int | None = None) -> None:
+    """Copy the base's config and tokenizer files, set config.json's dtype (and, for an
+    output of another depth, its layer count), write the recipe."""
     if config_dir is not None:
         home = input_home(config_dir)
         for f in sorted(config_dir.iterdir()):
@@ -71,10 +75,14 @@ def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
         except ValueError:
             log.warning("%s is not valid JSON; copied as is", config)
             cfg = None
-        if isinstance(cfg, dict) and out_dtype is not None:
-            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-            for k in keys:
-                cfg[k] = out_dtype
+        if isinstance(cfg, dict) and (out_dtype is not None or num_layers is not None):
+            if out_dtype is not None:
+                keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+                for k in keys:
+                    cfg[k] = out_dtype
+            if num_layers is not None:
+                for k in [k for k in LAYER_COUNT_KEYS if k in cfg] or ["num_hidden_layers"]:
+                    cfg[k] = num_layers
             write_text(config, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     header = f"# Resolved by specmerge {__version__}: every default filled in.\n"
     write_text(out / "specmerge_recipe.yaml",

@@ -82,7 +82,8 @@ class HFDirSink:
         self.writer.close()
         self.writer.write_index(weight_map)
         out_dtype = main_dtype([(e.shape, e.out_dtype) for e in self.plan.entries])
-        write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype)
+        write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype,
+                         self.plan.num_layers)
         if self.vocabulary is not None:
             rows = max(e.out_rows or 0 for e in self.plan.entries)
             write_union_tokenizer(self.tmp, self.vocabulary, rows)

@@ -435,6 +435,7 @@ def _load_all() -> None:
         calibration,
         elementwise,
         interference,
+        passthrough,
         subspace,
         weightspace,
     )
