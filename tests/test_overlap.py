@@ -299,9 +299,12 @@ def test_a_real_signal_while_blocks_stream_cleans_up(tmp_path: Path, sig: int) -
     recipe.write_text(f"base_model: {root / 'base'}\nmodels: [{root / 'expert_1'}, "
                       f"{root / 'expert_2'}]\nmerge_method: task_arithmetic\n")
     out = tmp_path / "out"
+    # SIGINT's default action in the child: a pytest-xdist worker ignores SIGINT, and an
+    # ignored signal stays ignored across exec (the merge then never saw the Ctrl-C)
     proc = subprocess.Popen([sys.executable, "-m", "specmerge.cli", "merge", "--quiet",
                              "--block-size", "1", str(recipe), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None:
         assert time.monotonic() < deadline

@@ -185,7 +185,7 @@ def output_override(recipe: RecipeLike, output_format: str | None,
 def plan_of(recipe: Recipe, source: Source) -> Plan:
     """``build_plan`` with everything the source knows: index, roles, union vocabulary rows.
     The sources read an entry's inputs by its own name in every model; a plan that takes
-    them elsewhere (slices, passthrough) is refused by name until they can."""
+    them elsewhere is refused by name, except copies of one input (layer slices)."""
     if recipe.space != "full":  # Core Space, KnOTS: every expert a LoRA adapter
         experts = source.experts if isinstance(source, CheckpointSource) else None
         if experts is None:
