@@ -180,6 +180,16 @@ def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
         for k, v in params.items()}
 
 
+def _with_dtype(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` with mergekit's ``out_dtype`` (else ``dtype``) as specmerge's ``out_dtype``."""
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
+        out["out_dtype"] = DTYPES[str(dtype)]
+    return out
+
+
 def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
     """A mergekit passthrough of ``slices`` (one source each) as a specmerge recipe: the base
     is mergekit's base_model, else the first slice's model; ``models`` the other models."""
@@ -218,12 +228,7 @@ def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):
         raise MergekitError(f"tokenizer source {tok!r} is not supported with slices: 'base'")
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None:
-        if str(dtype) not in DTYPES:
-            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
-        out["out_dtype"] = DTYPES[str(dtype)]
-    return out
+    return _with_dtype(data, out)
 
 
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
@@ -328,9 +333,4 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     }
     if tok is not None:
         out["tokenizer"] = {"source": tok}
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None:
-        if str(dtype) not in DTYPES:
-            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
-        out["out_dtype"] = DTYPES[str(dtype)]
-    return out
+    return _with_dtype(data, out)

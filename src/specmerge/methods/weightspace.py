@@ -209,18 +209,20 @@ DELLA_NOTES = (" Per-model weight and density as in mergekit (mergekit requires 
                "tensor.")
 
 
+DELLA_REGISTRATION: dict[str, Any] = {
+    "citation": "Deep et al., DELLA-Merging, arXiv 2406.11617; as in mergekit 0.1.5 "
+                "(mergekit/merge_methods/registry.py, generalized_task_arithmetic.py, "
+                "sparsify.py)",
+    "docs": DELLA_DOCS, "constraints": {"epsilon": Interval(float, 0, 1, closed="left")},
+    "uses_weights": True, "uses_densities": True, "uses_rng": True}
+
+
 @register(
     "della",
     family="elementwise",
     summary="DELLA-TIES: MagPrune each τ_i (keep probability rising with magnitude rank), "
             "rescale, weight, elect signs, normalise, scale.",
-    citation="Deep et al., DELLA-Merging, arXiv 2406.11617; as in mergekit 0.1.5 "
-             "(mergekit/merge_methods/registry.py, generalized_task_arithmetic.py, sparsify.py)",
-    docs=DELLA_DOCS,
-    constraints={"epsilon": Interval(float, 0, 1, closed="left")},
-    uses_weights=True,
-    uses_densities=True,
-    uses_rng=True,
+    **DELLA_REGISTRATION,
     notes="mergekit's della: sign consensus (sum), normalize and rescale on." + DELLA_NOTES,
 )
 def della(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None,
@@ -241,13 +243,7 @@ def della(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = N
     "della_linear",
     family="elementwise",
     summary="DELLA without sign election: MagPrune each τ_i, rescale, weight, sum, scale.",
-    citation="Deep et al., DELLA-Merging, arXiv 2406.11617; as in mergekit 0.1.5 "
-             "(mergekit/merge_methods/registry.py, generalized_task_arithmetic.py, sparsify.py)",
-    docs=DELLA_DOCS,
-    constraints={"epsilon": Interval(float, 0, 1, closed="left")},
-    uses_weights=True,
-    uses_densities=True,
-    uses_rng=True,
+    **DELLA_REGISTRATION,
     notes="mergekit's della_linear: no consensus, normalize off, rescale on." + DELLA_NOTES,
 )
 def della_linear(task_vectors: Sequence[Tensor], *, weights: Sequence[float] | None = None,
