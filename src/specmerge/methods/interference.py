@@ -47,6 +47,7 @@ from specmerge.linalg import prepare_task_vectors, sym_eigh, upcast
 from specmerge.lowrank import Space, TaskVector, dense, embed
 from specmerge.methods.elementwise import weight_average
 from specmerge.methods.registry import Interval, Options, register, warn_unbound
+from specmerge.methods.scale_rule import SCALING_AUTO_DOC, SCALING_OR_AUTO, Scaling, resolve_scaling
 
 WEIGHT_FLOOR = 1e-12  # w_i = 1 / max(‖τ_i‖², WEIGHT_FLOOR); below it a task counts as zero
 EIG_FLOOR = 1e-8  # eigenvalues of C are floored here before any division (official SWUDI code)
@@ -186,7 +187,7 @@ def full_spectrum(lam: Tensor, space: Space) -> Tensor:
 
 def _filtered_solution(task_vectors: Sequence[TaskVector],
                        gain: Callable[[Tensor, tuple[int, int]], Tensor],
-                       init: str, scaling: float) -> TaskVector:
+                       init: str, scaling: Scaling) -> TaskVector:
     """scaling · (τ_0 + (D − τ_0 C) Q_k diag(g) Q_kᵀ), where ``gain(λ, (m, n))`` returns g = h/λ
     for the k leading eigenvalues it keeps (λ descending, floored). The mean of the τ_i when
     every ‖τ_i‖² < 1e-12.
@@ -203,7 +204,7 @@ def _filtered_solution(task_vectors: Sequence[TaskVector],
     g = gain(full, space.shape)
     g = g[:min(significant(full), lam.numel())]  # below rounding (or on null(C)): keep τ_0
     update = spectral_update(initial_tau(taus, init, CORE_DTYPE), c, d, q[:, :g.numel()], g)
-    return space.lift(update.mul_(scaling).to(taus[0].dtype))
+    return space.lift(update.mul_(resolve_scaling(scaling, update, taus)).to(taus[0].dtype))
 
 
 def exp_filter(lam: Tensor, exp_time: float) -> Tensor:
@@ -393,16 +394,17 @@ _INIT_DOC = "τ_0: sum of the task vectors (official code), their mean, or zero"
         "lr": "learning rate (official code: 1e-5)",
         "optimizer": "adam (torch defaults, official code) or sgd (plain gradient descent)",
         "init": _INIT_DOC,
-        "scaling": "multiplies the result",
+        "scaling": SCALING_AUTO_DOC,
     },
     constraints={"iterations": Interval(int, 0, None, closed="left"),
-                 "lr": Interval(float, 0, None, closed="neither")},
+                 "lr": Interval(float, 0, None, closed="neither"),
+                 "scaling": SCALING_OR_AUTO},
     matrix_only=True,
     notes="Uses the analytic gradient 2(τC − D): one m×n×n product per step, not K.",
 )
 def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float = 1e-5,
          optimizer: Literal["adam", "sgd"] = "adam", init: Init = "sum",
-         scaling: float = 1.0) -> Tensor:
+         scaling: Scaling = 1.0) -> Tensor:
     """WUDI-Merging (Cheng et al., arXiv 2503.08099): minimise L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖²
     by ``iterations`` steps of ``optimizer`` from τ_0, then multiply by ``scaling``.
 
@@ -422,7 +424,7 @@ def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float
         return weight_average(taus)
     c, d = interference_stats(taus)
     tau = _OPTIMIZERS[optimizer](initial_tau(taus, init), c, d, iterations, lr)
-    return tau.mul_(scaling)
+    return tau.mul_(resolve_scaling(scaling, tau, taus))
 
 
 @register(
@@ -431,13 +433,17 @@ def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float
     summary="Exact minimiser of the WUDI loss, τ* = D C⁺ (data-free RegMean).",
     citation=CITE_WUDI + "; closed form as in " + CITE_SWUDI,
     docs={"scaling": "multiplies the result (1: the exact minimiser; validate it like task "
-                     "arithmetic's λ on low-rank experts)"},
+                     "arithmetic's λ on low-rank experts); 'auto': specmerge's data-free rule "
+                     "(not the papers'), per matrix the s in [0, 1] that brings s·τ closest to "
+                     "every task's own update (docs/presets.md)"},
+    constraints={"scaling": SCALING_OR_AUTO},
     matrix_only=True,
     factored=True,
     recorded_if_set=("scaling",),
     notes="SWUDI's paper reports it below iterative WUDI (82.33% vs 84.63% on ViT-B/32, 8 tasks).",
 )
-def wudi_closed_form(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0) -> TaskVector:
+def wudi_closed_form(task_vectors: Sequence[TaskVector], *,
+                     scaling: Scaling = 1.0) -> TaskVector:
     """τ* = D C⁺ = D Q_k diag(1 / λ_k) Q_kᵀ, the minimiser of the WUDI loss
     L(τ) = Σ_i w_i ‖(τ − τ_i) τ_iᵀ‖² (arXiv 2503.08099; the limit of SWUDI, arXiv 2606.07289,
     as exp_time → ∞ with rank_ratio 1).
@@ -460,7 +466,7 @@ def wudi_closed_form(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0
     lam, q = eigen(c)
     k = min(significant(full_spectrum(lam, space)), lam.numel())
     tau = (d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT
-    return space.lift(tau.mul_(scaling).to(taus[0].dtype))
+    return space.lift(tau.mul_(resolve_scaling(scaling, tau, taus)).to(taus[0].dtype))
 
 
 @register(
@@ -474,15 +480,16 @@ def wudi_closed_form(task_vectors: Sequence[TaskVector], *, scaling: float = 1.0
                       "(official code: 0.65)",
         "exp_time": "t of the filter h = 1 − exp(−tλ) (paper: 1300 for ViT-B/32, 1800 for B/16)",
         "init": _INIT_DOC,
-        "scaling": "multiplies the result",
+        "scaling": SCALING_AUTO_DOC,
     },
     constraints={"rank_ratio": Interval(float, 0, 1, closed="right"),
-                 "exp_time": Interval(float, 0, None, closed="left")},
+                 "exp_time": Interval(float, 0, None, closed="left"),
+                 "scaling": SCALING_OR_AUTO},
     matrix_only=True,
     factored=True,
 )
 def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
-          exp_time: float = 1300.0, init: Init = "sum", scaling: float = 1.0) -> TaskVector:
+          exp_time: float = 1300.0, init: Init = "sum", scaling: Scaling = 1.0) -> TaskVector:
     """SWUDI (Wei et al., arXiv 2606.07289): with C = Q Λ Qᵀ, λ floored at 1e-8 and sorted
     descending,
 
@@ -529,19 +536,20 @@ def swudi(task_vectors: Sequence[TaskVector], *, rank_ratio: float = 0.65,
         "filter": "none: h = 1 on the top k (official default); exponential: h = 1 − exp(−tλ)",
         "exp_time": "t of the exponential filter, used only with filter: exponential",
         "init": _INIT_DOC,
-        "scaling": "multiplies the result",
+        "scaling": SCALING_AUTO_DOC,
     },
     constraints={"rank_rule": RankRuleName(RANK_RULE_CHOICES),
                  "min_rank": Interval(int, 1, None, closed="left"),
                  "max_rank_ratio": Interval(float, 0, 1, closed="right"),
-                 "exp_time": Interval(float, 0, None, closed="left")},
+                 "exp_time": Interval(float, 0, None, closed="left"),
+                 "scaling": SCALING_OR_AUTO},
     matrix_only=True,
     factored=True,
 )
 def swudi_a(task_vectors: Sequence[TaskVector], *, rank_rule: str = "participation_sqrt",
             min_rank: int = 1, max_rank_ratio: float = 1.0,
             filter: Literal["none", "exponential"] = "none", exp_time: float = 1300.0,
-            init: Init = "sum", scaling: float = 1.0) -> TaskVector:
+            init: Init = "sum", scaling: Scaling = 1.0) -> TaskVector:
     """SWUDI-A (Wei et al., arXiv 2606.07289): the SWUDI estimator
 
         τ̂ = scaling · (τ_0 + (D − τ_0 C) Q diag(h/λ) Qᵀ),   h_j = 1[j < k_ℓ] · f(λ_j),

@@ -123,6 +123,23 @@ class Options:
         return ["__not_an_option__", 1]
 
 
+@dataclass(frozen=True)
+class AnyOf:
+    """A value that satisfies at least one of ``options`` (e.g. a number or "auto")."""
+
+    options: tuple[Constraint, ...]
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return any(c.is_satisfied_by(value) for c in self.options)
+
+    def __str__(self) -> str:
+        return " or ".join(str(c) for c in self.options)
+
+    def invalid_values(self) -> list[Any]:
+        return [v for c in self.options for v in c.invalid_values()
+                if not self.is_satisfied_by(v)]
+
+
 # λ: every method's ``scaling`` (and the recipe's model weights and fallback scaling) shares it;
 # far beyond any use in merging, and small enough that λ · τ stays finite in float32
 SCALING = Interval(float, -1e4, 1e4)
@@ -179,16 +196,20 @@ class Param:
         names = [t.__name__ if t is not type(None) else "null" for t in self.types]
         return " | ".join(names)
 
+    def _flat(self) -> list[Constraint]:
+        return [x for c in self.constraints
+                for x in (c.options if isinstance(c, AnyOf) else (c,))]
+
     @property
     def choices(self) -> tuple[str, ...] | None:
-        for c in self.constraints:
+        for c in self._flat():
             if isinstance(c, Options):
                 return c.values
         return None
 
     @property
     def range(self) -> str | None:
-        for c in self.constraints:
+        for c in self._flat():
             if isinstance(c, Interval):
                 return c.notation()
         return None
@@ -374,7 +395,9 @@ def register(
             if p.name not in docs:
                 raise TypeError(f"{name}: parameter {p.name!r} has no doc line")
             declared = (constraints or {}).get(p.name, COMMON_CONSTRAINTS.get(p.name))
-            cons = [c for c in (_literal_options(hints[p.name]), declared) if c is not None]
+            # a declared AnyOf already holds the annotation's Literal choices as one option
+            literal = None if isinstance(declared, AnyOf) else _literal_options(hints[p.name])
+            cons = [c for c in (literal, declared) if c is not None]
             param = Param(p.name, p.default, _types_of(hints[p.name]), docs[p.name], tuple(cons))
             param.validate(p.default, name)  # a default always satisfies its own constraints
             params.append(param)
