@@ -22,6 +22,13 @@ LABELS = {
     "task_arithmetic@val": "task arithmetic, λ on validation",
     "ties@val": "TIES, λ on validation",
     "tsv_m+svc_a1": "TSV-M + SVC (α=1, official for TSV-M)",
+    "swudi_lora": "SWUDI, Qwen2-VL LoRA preset", "swudi_a_lora": "SWUDI-A, Qwen2-VL LoRA preset",
+    "wudi_lora": "WUDI, Qwen2-VL LoRA preset", "swudi_auto": "SWUDI, scaling auto",
+    "swudi_a_auto": "SWUDI-A, scaling auto", "wudi_closed_form_auto": "WUDI closed form, "
+    "scaling auto", "wudi_auto": "WUDI, scaling auto", "ties_core": "TIES in Core Space",
+    "tsv_m_core": "TSV-M in Core Space", "iso_c_core": "Iso-C in Core Space",
+    "ties_knots": "TIES in KnOTS space", "tsv_m_knots": "TSV-M in KnOTS space",
+    "iso_c_knots": "Iso-C in KnOTS space",
     FULL_EXPERTS: "full fine-tuned experts (reference)",
     "peft_svd": "PEFT svd (rank 8)", "peft_linear": "PEFT linear", "peft_cat": "PEFT cat",
     "peft_ties": "PEFT ties (density 0.2)", "peft_dare_ties": "PEFT dare_ties (density 0.2)",
@@ -31,6 +38,8 @@ TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_iron
 
 
 def label(row: str) -> str:
+    if row.endswith("+svc@alpha"):
+        return f"{LABELS.get(row[:-10], row[:-10])} + SVC, α on validation"
     if row.endswith("+svc"):
         return f"{LABELS.get(row[:-4], row[:-4])} + SVC"
     if row.endswith("@val") and row not in LABELS:
@@ -64,7 +73,8 @@ def markdown_table(results: dict) -> str:
     for r in results["rows"]:
         name = label(r["name"])
         if "lambda" in r:
-            name += f" (λ={', '.join(f'{v:g}' for v in r['lambda'])})"
+            sym = "α" if r["name"].endswith("@alpha") else "λ"
+            name += f" ({sym}={', '.join(f'{v:g}' for v in r['lambda'])})"
         if r.get("seeds") is not None:
             name += f" (seed {', '.join(str(x) for x in r['seeds'])} only)"
         if r.get("errors"):
@@ -259,11 +269,12 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
         lines.append("")
     sw = results.get("sweeps") or {}
     if sw:
-        lines += ["## λ sweeps on validation", ""]
+        lines += ["## λ and α sweeps on validation", ""]
         for row, seeds in sw.items():
+            sym = "α" if row.endswith("@alpha") else "λ"
             for s in seeds:
                 curve = ", ".join(f"{c['lambda']:g}: {c['val_avg']:.1f}" for c in s["curve"])
-                lines.append(f"- {label(row)}, seed {s['seed']}: chose λ = {s['lambda']:g} "
+                lines.append(f"- {label(row)}, seed {s['seed']}: chose {sym} = {s['lambda']:g} "
                              f"(mean validation accuracy {curve})")
         lines.append("")
     lines += ["## Plots", "",

@@ -39,7 +39,7 @@ from . import text8 as T
 log = logging.getLogger(__name__)
 
 # Row names: "<method>" or "<method>+svc" are recipes in examples/text8 (or the packaged copy);
-# "<method>@val" sweeps the method's ``scaling`` λ on validation.
+# "<method>@val" sweeps the method's ``scaling`` λ on validation, "<row>+svc@alpha" SVC's α.
 ZERO_SHOT, EXPERTS = "zero_shot", "experts"
 # With LoRA experts: the full fine-tunes of the same tasks and seeds, for reference, when they
 # are in the cache or the shared directory (never trained for this row).
@@ -48,9 +48,18 @@ BASE_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "i
                 "star", "wudi", "wudi_closed_form", "swudi", "swudi_a")
 # λ on validation; the WUDI family's ``scaling`` too: its official settings range from 1 (CLIP)
 # to 0.1 (InternVL) and 1/K (LoRA experts), so only a validated scale compares it fairly.
-# (SVC's α is not swept: "@val" sweeps a merge method's ``scaling`` only.)
 SWEEPS = ("task_arithmetic@val", "ties@val", "wudi@val", "wudi_closed_form@val", "swudi@val",
           "swudi_a@val")
+# SVC's α on validation ("@alpha"), after the base methods SVC helps or hurts most.
+ALPHA_SWEEPS = ("task_arithmetic+svc@alpha", "tsv_m+svc@alpha", "swudi+svc@alpha")
+# The α grid of every "@alpha" row, beside 1/K (SVC's default): γ_r = K / Σ_i max(α, s_i^r), so
+# α at or above every response s_i^r shrinks every direction by 1/α.
+ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Rows for LoRA experts (issue "LoRA experts merged well"): the official LoRA presets, the
+# data-free scale rule ``scaling: auto``, and the Core Space and KnOTS spaces.
+LORA_ROWS = ("swudi_lora", "swudi_a_lora", "wudi_lora", "swudi_auto", "swudi_a_auto",
+             "wudi_closed_form_auto", "wudi_auto", "ties_core", "tsv_m_core", "iso_c_core",
+             "ties_knots", "tsv_m_knots", "iso_c_knots")
 # Extra rows beyond "every method ± SVC at defaults": SVC after TSV-M with α = 1.0, the official
 # SVC run script's setting for TSV-M (the registry default α = 1/K is its setting elsewhere).
 EXTRAS = ("tsv_m+svc_a1",)
@@ -58,7 +67,8 @@ EXTRAS = ("tsv_m+svc_a1",)
 # LoRA and MLLM scales are 0.1 to 0.3), then steps of 0.1 up to 1.
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PRESETS: dict[str, tuple[str, ...]] = {
-    "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + EXTRAS + SWEEPS,
+    "full": tuple(m for b in BASE_METHODS for m in (b, f"{b}+svc")) + EXTRAS + SWEEPS
+    + ALPHA_SWEEPS,
     # TSV-M + SVC at α = 1 (the official setting for TSV-M) beside the registry's α = 1/K
     "headline": ("task_arithmetic", "task_arithmetic+svc", "tsv_m", "tsv_m+svc", "tsv_m+svc_a1",
                  "swudi", "swudi+svc"),
@@ -69,7 +79,18 @@ QUICK_TASKS = ("subj", "trec")
 PEFT_ROWS = tuple(f"{P.PREFIX}{c}" for c in P.COMBINATIONS) + tuple(
     f"{P.PREFIX}{c}@val" for c in P.COMBINATIONS)
 LORA_EXTRAS: dict[str, tuple[str, ...]] = {
-    "full": PEFT_ROWS, "headline": ("peft_svd", "peft_cat@val"), "quick": ("peft_ties",)}
+    "full": LORA_ROWS + PEFT_ROWS,
+    "headline": ("swudi_lora", "swudi_auto", "peft_svd", "peft_cat@val"), "quick": ("peft_ties",)}
+
+
+def sweep_of(row: str) -> str | None:
+    """What a row sweeps on validation: "scaling" (@val), "alpha" (@alpha) or nothing."""
+    return "scaling" if row.endswith("@val") else "alpha" if row.endswith("@alpha") else None
+
+
+def sweep_grid(row: str, k: int) -> tuple[float, ...]:
+    """The values a sweep row tries: the λ grid, or SVC's default 1/K and the α grid."""
+    return LAMBDAS if sweep_of(row) == "scaling" else tuple(sorted({1.0 / k, *ALPHAS}))
 # Figure 2 of the SVC paper: one attention and one MLP matrix.
 SPECTRUM_PARAMS = ("encoder.layer.3.attention.self.query.weight",
                    "encoder.layer.3.intermediate.dense.weight")
@@ -152,6 +173,9 @@ def validate_methods(methods: Sequence[str], recipes: Path, lora: bool = False) 
             raise T.BenchError(f"method row {m!r}: {e}") from e
         if m.endswith("@val") and "scaling" not in get_method(rec["merge_method"]).defaults():
             raise T.BenchError(f"method row {m!r}: {rec['merge_method']} has no 'scaling' to sweep")
+        if m.endswith("@alpha") and (rec.get("calibrate") or {}).get("method") != "svc":
+            raise T.BenchError(f"method row {m!r}: '@alpha' sweeps SVC's α, but the recipe "
+                               f"{p.name} calibrates with no SVC")
         out.append(m)
     return out
 
@@ -389,7 +413,7 @@ class Bench:
         ml, tok_cache = cfg.train.max_length, cfg.cache / "tokens"
         self.test_sets = {t.name: T.tokenize_set(tok, T.subsample(t.test, cfg.test_cap, 0), ml,
                                                  tok_cache) for t in self.tasks}
-        if any(m.endswith("@val") for m in self.methods):  # PEFT's sweeps included
+        if any(sweep_of(m) for m in self.methods):  # PEFT's sweeps included
             self.val_sets = {t.name: T.tokenize_set(
                 tok, T.subsample(T.split_train_val(t, cfg.train.val_fraction)[1], cfg.val_cap,
                                  0), ml, tok_cache) for t in self.tasks}
@@ -422,9 +446,15 @@ class Bench:
 
     def _sweep(self, row: str, recipe: dict, out: Path) -> dict:
         curve, total, best = [], 0.0, None
-        for lam in tqdm(LAMBDAS, desc=f"{row} λ", leave=False, disable=not self.cfg.progress):
+        knob = sweep_of(row)
+        grid = sweep_grid(row, len(recipe["models"]))
+        for lam in tqdm(grid, desc=f"{row} {'α' if knob == 'alpha' else 'λ'}", leave=False,
+                        disable=not self.cfg.progress):
             r = copy.deepcopy(recipe)
-            r.setdefault("parameters", {})["scaling"] = lam
+            if knob == "alpha":
+                r["calibrate"] = {**r["calibrate"], "alpha": lam}
+            else:
+                r.setdefault("parameters", {})["scaling"] = lam
             d = out.with_name(f"{out.name}-{lam}")
             va, secs = self.merge_and_score(r, d, self.val_sets)
             total += secs
@@ -449,9 +479,11 @@ class Bench:
             return self.peft_row(row, seed, experts)
         recipe = load_recipe(self.recipes, row, self.base, [e.path for e in experts])
         out = self.work / f"{row.replace('+', '_').replace('@', '_')}-s{seed}"
-        sweep = row.endswith("@val")
+        sweep = sweep_of(row) is not None
         key = _row_key(row, recipe | {"base_model": None, "models": None}, experts,
                        self.sets_key, {"val": self.cfg.val_cap, "lambdas": LAMBDAS}
+                       if row.endswith("@val") else {"val": self.cfg.val_cap,
+                                                      "alphas": sweep_grid(row, len(experts))}
                        if sweep else None)
         want_spectra = seed == 0 and row in ("task_arithmetic", "task_arithmetic+svc")
         try:
@@ -618,7 +650,7 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
         ms = [x["merge_s"] for x in seeds if "merge_s" in x]
         if ms:
             row["merge_s"] = sum(ms) / len(ms)
-        if r.endswith("@val") and not errors:
+        if sweep_of(r) is not None and not errors:
             row["lambda"] = [x["lambda"] for x in seeds]
             row["sweep_s"] = sum(x["sweep_s"] for x in seeds) / len(seeds)
         rows.append(row)
