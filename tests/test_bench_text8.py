@@ -414,3 +414,47 @@ def test_the_table_shows_a_lambda_of_0_05():
     res = _fake_results()
     res["rows"][-1]["lambda"] = [0.05, 0.15]
     assert "TIES, λ on validation (λ=0.05, 0.15)" in report.markdown_table(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent runs and the sweep rows
+# ---------------------------------------------------------------------------------------------
+
+class _SavesBeside:
+    """A stand-in model/tokenizer whose save also writes the finished base into ``out``, as a
+    concurrent run (one per half of --tasks) does while this one is writing."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def save_pretrained(self, path: str, **_: object) -> None:
+        (Path(path) / "config.json").write_text("{}")
+        if not self.out.exists():
+            self.out.mkdir(parents=True)
+            (self.out / "config.json").write_text("{}")
+            (self.out / "model.safetensors").write_bytes(b"x")
+
+
+def test_ensure_base_uses_a_base_that_another_run_saved_meanwhile(tmp_path, monkeypatch):
+    out = tmp_path / "base-0123456789ab"
+    stub = _SavesBeside(out)
+    monkeypatch.setattr(T, "load_encoder", lambda _d: (stub, stub))
+    assert R.ensure_base(tmp_path, "0123456789abcdef", tmp_path) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no partial left behind
+
+
+def test_sweep_rows_name_what_they_sweep_and_their_grid():
+    assert R.sweep_of("swudi@val") == "scaling" and R.sweep_of("ties+svc@alpha") == "alpha"
+    assert R.sweep_of("swudi_auto") is None
+    assert R.sweep_grid("swudi@val", 8) == R.LAMBDAS
+    assert R.sweep_grid("tsv_m+svc@alpha", 8) == (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+    assert R.sweep_grid("tsv_m+svc@alpha", 4) == (0.25, 0.5, 1.0, 2.0, 4.0)  # 1/K is in the grid
+    with pytest.raises(T.BenchError, match="calibrates with no SVC"):
+        R.validate_methods(["tsv_m@alpha"], R.default_recipes_dir())
+
+
+def test_the_lora_rows_have_recipes_and_labels():
+    rows = R.validate_methods(R.LORA_ROWS + R.ALPHA_SWEEPS, R.default_recipes_dir(), lora=True)
+    assert rows == list(R.LORA_ROWS + R.ALPHA_SWEEPS)
+    for r in rows:
+        assert report.label(r) != r, r  # every row has a readable label

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from specmerge.errors import OutputError
 from specmerge.io.writer import atomic_output_dir, atomic_write_text, output_identity
 
 from . import peft_rows as P
@@ -190,9 +191,15 @@ def ensure_base(model_dir: Path, sha: str, cache: Path) -> Path:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     model, tok = T.load_encoder(model_dir)
-    with atomic_output_dir(out, replace=output_identity(out)) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
+    try:
+        with atomic_output_dir(out, replace=output_identity(out)) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+    except OutputError:
+        # a concurrent run (e.g. one per half of --tasks) saved the same base first: use it
+        if not ((out / "config.json").is_file() and any(out.glob("*.safetensors"))):
+            raise
+        log.info("base %s was saved by another run meanwhile; using it", out)
     return out
 
 
