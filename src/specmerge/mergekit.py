@@ -24,9 +24,13 @@ densities. ``gta`` reproduces mergekit's ties bit for bit on float32 inputs
 
 ``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
 with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
-base model, as mergekit does. What specmerge cannot honour is refused by name: ``slices``,
-``modules``, other tokenizer sources, and
-methods specmerge lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
+base model, as mergekit does. Without ``base_model``, linear's first model stands as θ0; other
+methods are refused naming the field (``MERGEKIT_METHODS``: mergekit's own base contract).
+Passthrough takes ``slices`` or one model; one slice over every layer merged with a method is
+the ``models`` form. Tokenizer keys (``tokenizer_source``, ``tokenizer``, ``chat_template``)
+become specmerge's ``tokenizer`` and ``chat_template``. What specmerge cannot honour is refused
+by name: several merged slices, ``modules``, ``pad_to_multiple_of``, and methods specmerge
+lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
 ``lambda`` are kept as they are and resolved per tensor with mergekit's rules
 (``specmerge.schedules``).
 """
