@@ -38,6 +38,29 @@ def test_methods_lists_every_method_with_defaults() -> None:
     assert ties["parameters"]["aggregate"]["default"] == "mean"
 
 
+def test_methods_say_which_stream_in_row_blocks_and_list_mergekit_s() -> None:
+    from specmerge.mergekit import MERGEKIT_METHODS, mergekit_methods
+    from specmerge.methods import all_methods
+
+    out = runner.invoke(app, ["methods"]).output
+    for m in all_methods():
+        line = next(x for x in out.splitlines() if x.startswith(f"{m.name}  ["))
+        flag = "streams in row blocks" if m.rowwise else "whole tensors"
+        assert line.endswith(f"; {flag}]"), line
+    assert "\nties  [every floating param; LoRA: densified per tensor; streams in row blocks]" in out
+    assert "\nslerp  [every floating param; LoRA: densified per tensor; whole tensors]" in out
+    assert len(MERGEKIT_METHODS) == 20
+    section = out.split("== mergekit 0.1.5's methods")[1].splitlines()[1:]
+    assert [x.split()[0] for x in section] == list(MERGEKIT_METHODS)
+    assert "  linear            gta" in section
+    data = {m["name"]: m for m in json.loads(runner.invoke(app, ["methods", "--json"]).output)}
+    assert data["ties"]["streams"] is True and data["slerp"]["streams"] is False
+    assert set(data["gta"]["mergekit"]) == {"linear", "task_arithmetic", "ties", "dare_ties",
+                                            "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+    assert {k for k, v in mergekit_methods().items() if v is not None} <= \
+        {k for m in data.values() for k in m["mergekit"]}
+
+
 def test_quickstart_end_to_end(tmp_path: Path) -> None:
     res = runner.invoke(app, ["example", "quickstart", str(tmp_path / "work" / "quickstart")])
     assert res.exit_code == 0, res.output

@@ -115,16 +115,21 @@ def test_mergekit_linear_is_the_weighted_average_of_the_listed_models(toy_models
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"slices": []}, "'slices' with merge_method 'ties'.*not supported yet"),
+    ({"slices": []}, "'slices' with merge_method 'ties'.*several merged slices are not yet"),
     ({"merge_method": "karcher"}, "mergekit's 'karcher' is not implemented"),
     ({"merge_method": "ramplus_tl"}, "mergekit's 'ramplus_tl' is not implemented"),
-    ({"tokenizer_source": "EXPERT"}, "tokenizer source 'EXPERT' is not supported yet"),
+    ({"tokenizer_source": "EXPERT"}, "tokenizer.source '.*EXPERT' is neither the base_model"),
+    ({"tokenizer": {"pad_to_multiple_of": 64}}, "pad_to_multiple_of is not supported yet"),
+    ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
     ({"parameters": {"gamma": [0.01, 0.02]}}, "parameters.gamma: gradients"),
     ({"parameters": {"gamma": [{"filter": "mlp", "value": 0.5}]}}, "filtered by tensor name"),
     ({"parameters": {"weight": {"mlp": 0.5}}}, "parameters.weight: a mapping is not supported"),
     ({"parameters": {"density": [{"filter": "mlp"}]}}, r"filter: NAME, value: V"),
     ({"parameters": {"epsilon": 0.1}}, r"parameters \['epsilon'\]"),
-    ({"chat_template": "chatml"}, "chat templates"),
+    ({"chat_template": "vicuna"}, "'vicuna': not a template name specmerge knows"),
+    ({"chat_template": "{{ x }}"}, "is not a Jinja template"),
+    ({"base_model": None}, "base_model is missing: mergekit's ties needs one"),
+    ({"base_model": None, "merge_method": "model_stock"}, "mergekit's model_stock needs one"),
 ])
 def test_unsupported_mergekit_features_are_named(toy_models, change, message) -> None:
     with pytest.raises(RecipeError, match=message):

@@ -77,12 +77,47 @@ def test_slices_that_cannot_be_read_are_refused_by_name(two, tmp_path) -> None:
             "merge_method": "passthrough"}
     with pytest.raises(SpecmergeError, match=r"no tensor 'model.layers.2.*layer_range"):
         specmerge.merge(past, tmp_path / "x", progress=False)
-    merged = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]},
-                                      {"model": str(b), "layer_range": [0, 2]}]}],
-              "merge_method": "slerp", "base_model": str(a), "parameters": {"t": 0.5}}
-    with pytest.raises(SpecmergeError, match="slerp.*not supported yet"):
-        specmerge.merge(merged, tmp_path / "x", progress=False)
-    with pytest.raises(SpecmergeError, match="passthrough needs 'slices'"):
+    part = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 1]},
+                                    {"model": str(b), "layer_range": [0, 1]}]}],
+            "merge_method": "slerp", "base_model": str(a), "parameters": {"t": 0.5}}
+    with pytest.raises(SpecmergeError, match=r"layer_range \[0, 1\] of models with 2 layers.*"
+                                             r"slerp must take every layer"):
+        specmerge.merge(part, tmp_path / "x", progress=False)
+    two_slices = {**part, "slices": part["slices"] * 2}
+    with pytest.raises(SpecmergeError, match="several merged slices are not yet"):
+        specmerge.merge(two_slices, tmp_path / "x", progress=False)
+    with pytest.raises(SpecmergeError, match="passthrough copies one model"):
         specmerge.merge({"base_model": str(a), "models": [str(b)],
                          "merge_method": "passthrough"}, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_one_merged_slice_over_every_layer_is_the_models_form(two, tmp_path) -> None:
+    """mergekit's gradient-slerp.yml pattern: one slice of two sources over every layer, with
+    a filtered gradient of t, is the models form of the same recipe, bit for bit."""
+    a, b = two
+    t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0]},
+         {"value": 0.5}]
+    sliced = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]},
+                                      {"model": str(b), "layer_range": [0, 2]}]}],
+              "merge_method": "slerp", "base_model": str(a), "parameters": {"t": t},
+              "dtype": "float32"}
+    models = {"models": [{"model": str(a)}, {"model": str(b)}], "merge_method": "slerp",
+              "base_model": str(a), "parameters": {"t": t}, "dtype": "float32"}
+    one = specmerge.merge(sliced, tmp_path / "s", progress=False).out_dir
+    other = specmerge.merge(models, tmp_path / "m", progress=False).out_dir
+    assert (one / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+    ta, tb, got = _tensors(a), _tensors(b), _tensors(one)
+    name = "model.layers.1.mlp.down_proj.weight"  # t = 0 at the last layer: a's tensor
+    assert torch.equal(got[name], ta[name]) and not torch.equal(got[name], tb[name])
+
+
+def test_a_passthrough_of_one_model_copies_it(two, tmp_path) -> None:
+    """mergekit's passthrough of 'models' (one input, no base_model): the model, in the dtype."""
+    a, _ = two
+    mk = {"models": [{"model": str(a)}], "merge_method": "passthrough", "dtype": "bfloat16"}
+    out = specmerge.merge(mk, tmp_path / "out", progress=False).out_dir
+    got, ta = _tensors(out), _tensors(a)
+    assert got.keys() == ta.keys()
+    assert all(torch.equal(got[n], t.to(torch.bfloat16)) for n, t in ta.items())
+    assert yaml.safe_load((out / "specmerge_recipe.yaml").read_text())["models"] == []

@@ -182,14 +182,18 @@ def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List the methods: family, parameters with defaults, and references."""
+    from specmerge.mergekit import mergekit_methods
     from specmerge.methods import all_methods
     from specmerge.methods.presets import presets_of
 
     ms = all_methods()
+    ours = mergekit_methods()
+    names = {m.name: [k for k, v in ours.items() if v == m.name] for m in ms}
     if as_json:
         typer.echo(json.dumps([{
             "name": m.name, "family": m.family, "summary": m.summary, "citation": m.citation,
-            "matrix_only": m.matrix_only, "factored": m.factored,
+            "matrix_only": m.matrix_only, "factored": m.factored, "streams": m.rowwise,
+            "mergekit": names[m.name],
             "parameters": {p.name: {"default": p.default, "type": p.type_name, "doc": p.doc,
                                     "choices": p.choices, "range": p.range,
                                     "allowed": p.describe()} for p in m.params},
@@ -209,7 +213,10 @@ def methods(
             not m.is_calibration else ("matrix params only" if m.is_calibration else
                                        "every floating param")
         lora = "LoRA: factored" if m.factored else "LoRA: densified per tensor"
-        typer.echo(f"\n{m.name}  [{scope}; {lora}]\n  {m.summary}\n  ref: {m.citation}")
+        stream = "streams in row blocks" if m.rowwise else "whole tensors"
+        typer.echo(f"\n{m.name}  [{scope}; {lora}; {stream}]\n  {m.summary}\n  ref: {m.citation}")
+        if names[m.name]:
+            typer.echo(f"  mergekit: {', '.join(names[m.name])}")
         for p in m.params:
             allowed = f": {p.describe()}" if p.constraints else ""
             typer.echo(f"    {p.name} = {p.default!r}  ({p.type_name}{allowed}): {p.doc}")
@@ -225,6 +232,9 @@ def methods(
             default = " [the defaults]" if s.defaults else ""
             typer.echo(f"    {s.name}{default}: {values}\n      when: {s.applies}"
                        f"\n      from: {s.citation}")
+    typer.echo("\n== mergekit 0.1.5's methods (a mergekit recipe runs them as)")
+    for k, v in ours.items():
+        typer.echo(f"  {k:<17} {v or 'not implemented: refused by name'}")
 
 
 @app.command()

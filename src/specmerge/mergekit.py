@@ -24,9 +24,13 @@ densities. ``gta`` reproduces mergekit's ties bit for bit on float32 inputs
 
 ``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
 with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
-base model, as mergekit does. What specmerge cannot honour is refused by name: ``slices``,
-``modules``, other tokenizer sources, and
-methods specmerge lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
+base model, as mergekit does. Without ``base_model``, linear's first model stands as θ0; other
+methods are refused naming the field (``MERGEKIT_METHODS``: mergekit's own base contract).
+Passthrough takes ``slices`` or one model; one slice over every layer merged with a method is
+the ``models`` form. Tokenizer keys (``tokenizer_source``, ``tokenizer``, ``chat_template``)
+become specmerge's ``tokenizer`` and ``chat_template``. What specmerge cannot honour is refused
+by name: several merged slices, ``modules``, ``pad_to_multiple_of``, and methods specmerge
+lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
 ``lambda`` are kept as they are and resolved per tensor with mergekit's rules
 (``specmerge.schedules``).
 """
@@ -74,13 +78,31 @@ MERGEKIT_ONLY = (frozenset(SUPPORTED) - {"task_arithmetic", "ties"} - frozenset(
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("normalize", "rescale", "int8_mask", "lambda")
 TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer", "name")
+            "tokenizer_source", "tokenizer", "chat_template", "name")
 UNSUPPORTED_KEYS = {
     "modules": "per-module merge definitions; merge whole models",
-    "chat_template": "chat templates; set it in the output's tokenizer_config.json",
 }
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+# mergekit 0.1.5's 20 methods (mergekit/merge_methods/registry.py), each with its
+# InputContract.base: "required" (a base_model is needed), "optional", or "ignored" (a listed
+# base is one more input, as in linear's weighted average)
+MERGEKIT_METHODS: dict[str, str] = {
+    "linear": "ignored", "passthrough": "ignored", "karcher": "ignored",
+    "nuslerp": "optional", "multislerp": "optional",
+    **dict.fromkeys(("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                     "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock",
+                     "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"), "required"),
+}
+
+
+def mergekit_methods() -> dict[str, str | None]:
+    """Each mergekit 0.1.5 method → the specmerge method a recipe of it runs (None: refused,
+    not implemented)."""
+    return {m: ("gta" if m == "linear" or m in GTA_PRESETS else m if m in NATIVE or
+                m == "passthrough" else None) for m in MERGEKIT_METHODS}
 
 
 class MergekitError(ValueError):
@@ -99,10 +121,12 @@ def is_mergekit(data: dict[str, Any]) -> bool:
         return True
     if "slices" in data:  # mergekit has slices or models, never both; specmerge's has both
         return "models" not in data
-    if any(k in data for k in ("tokenizer_source", "modules", "chat_template")):
+    if any(k in data for k in ("tokenizer_source", "modules")):  # chat_template: both
         return True
     if data.get("merge_method") in MERGEKIT_ONLY:  # a str (or None) here
         return True
+    if "base_model" not in data and data.get("merge_method") in MERGEKIT_METHODS:
+        return True  # specmerge needs a base_model; mergekit's linear, passthrough do not
     if (data.get("merge_method") in NATIVE and isinstance(models, list)
             and isinstance(data.get("base_model"), str)
             and any(_path_of(m) == os.path.realpath(data["base_model"]) for m in models)):
@@ -190,15 +214,39 @@ def _with_dtype(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merged_slice(data: dict[str, Any]) -> dict[str, Any]:
+    """One slice whose sources all take the same ``layer_range``, merged with a method: the
+    ``models`` form of the same recipe (mergekit reads ``models`` as exactly such a slice over
+    every layer, mergekit/plan.py), with the slice kept so that the plan checks that the range
+    is every layer of the models (examples/gradient-slerp.yml)."""
+    slices, method = data["slices"], data.get("merge_method")
+    sources = slices[0].get("sources") if isinstance(slices, list) and len(slices) == 1 \
+        and isinstance(slices[0], dict) and set(slices[0]) == {"sources"} else None
+    ranges = {str(s.get("layer_range")) for s in sources if isinstance(s, dict)} \
+        if isinstance(sources, list) else set()
+    if not sources or len(ranges) != 1 or not all(
+            isinstance(s, dict) and set(s) <= {"model", "layer_range", "parameters"}
+            for s in sources):
+        raise MergekitError(f"mergekit's 'slices' with merge_method {method!r}: one slice "
+                            f"whose sources share one layer_range (every layer) is supported, "
+                            f"and passthrough slices; several merged slices are not yet")
+    if "models" in data:
+        raise MergekitError("a mergekit recipe has 'slices' or 'models', not both")
+    models = [{k: v for k, v in s.items() if k != "layer_range"} for s in sources]
+    out = from_mergekit({**{k: v for k, v in data.items() if k != "slices"}, "models": models})
+    layer_range = sources[0].get("layer_range")
+    out["slices"] = [{"sources": [{"model": p, "layer_range": layer_range} for p in
+                                  (out["base_model"], *(m["model"] for m in out["models"]))]}]
+    return out
+
+
 def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
     """A mergekit passthrough of ``slices`` (one source each) as a specmerge recipe: the base
     is mergekit's base_model, else the first slice's model; ``models`` the other models."""
     if data.get("merge_method") != "passthrough":
-        raise MergekitError(f"mergekit's 'slices' with merge_method {data.get('merge_method')!r} "
-                            f"(several sources merged per slice) are not supported yet; "
-                            f"passthrough slices are")
+        return _merged_slice(data)
     unknown = sorted(set(data) - {"slices", "merge_method", "base_model", "dtype", "out_dtype",
-                                  "tokenizer_source", "name"})
+                                  "tokenizer_source", "tokenizer", "chat_template", "name"})
     if unknown:
         raise MergekitError(f"mergekit recipe keys {unknown} are not supported with slices")
     slices = data["slices"]
@@ -225,9 +273,11 @@ def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "base_model": base, "merge_method": "passthrough", "slices": out_slices,
         "models": [p for p in paths if os.path.realpath(p) != os.path.realpath(base)]}
-    tok = data.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise MergekitError(f"tokenizer source {tok!r} is not supported with slices: 'base'")
+    out = _with_tokenizer(data, out)
+    if out.get("tokenizer", {}).get("source", "base") != "base" or "tokens" in out.get(
+            "tokenizer", {}):
+        raise MergekitError(f"tokenizer {out['tokenizer']} is not supported with slices: "
+                            f"tokenizer_source base (and chat_template) are")
     return _with_dtype(data, out)
 
 
@@ -243,18 +293,12 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise MergekitError(f"mergekit recipe keys {unknown} are not supported")
     method = data.get("merge_method")
     if method == "passthrough":
-        raise MergekitError("mergekit's passthrough is read with 'slices' (which layers of "
-                            "which model go where)")
+        return _passthrough_of_one(data)
     if method not in SUPPORTED:
         lacking = f"mergekit's {method!r} is not implemented in specmerge" if method in \
             OTHER_METHODS else f"unknown mergekit merge_method {method!r}"
         raise MergekitError(f"{lacking}; supported: {list(SUPPORTED)}, or write a specmerge "
                             f"recipe (specmerge methods lists ours)")
-    tok = data.get("tokenizer_source", (data.get("tokenizer") or {}).get("source")
-                   if isinstance(data.get("tokenizer"), dict) else data.get("tokenizer"))
-    if tok not in (None, "base", "union"):
-        raise MergekitError(f"tokenizer source {tok!r} is not supported yet: 'base' (the base "
-                            f"model's vocabulary) or 'union' (every model's tokens)")
     shared = dict(data.get("parameters") or {})
     defaults = {k: (_scalar if k == "gamma" else _setting)(shared.pop(k), f"parameters.{k}")
                 for k in MODEL_PARAMS if k in shared}
@@ -270,9 +314,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if base is not None and not isinstance(base, (str, os.PathLike)):
         raise MergekitError(f"base_model must be a path, got {str(base)[:80]!r}")
     if base is None:
-        if method != "linear":
-            raise MergekitError(f"mergekit's {method} needs a base_model")
-        base = entries[0][0]
+        base = _no_base(method, entries)
     base = os.fspath(base)
     experts = [(p, {**defaults, **q}) for p, q in entries
                if os.path.realpath(p) != os.path.realpath(base)]
@@ -331,6 +373,73 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                    for p, q in experts],
         "merge_method": method if method in NATIVE else "gta", "parameters": params,
     }
-    if tok is not None:
-        out["tokenizer"] = {"source": tok}
-    return _with_dtype(data, out)
+    return _with_tokenizer(data, _with_dtype(data, out))
+
+
+def _no_base(method: str, entries: list[tuple[str, dict[str, Any]]]) -> str:
+    """The model that stands as θ0 in a recipe without ``base_model``: linear's first model
+    (Σ w_i θ_i / Σ w_i = θ_1 + Σ_{i>1} w_i τ_i / Σ w_i, with τ_i = θ_i − θ_1; mergekit also
+    takes the config and tokenizer from the first model). Other methods are refused, naming
+    the field and what mergekit 0.1.5 does (its InputContract.base)."""
+    if method == "linear":
+        return entries[0][0]
+    policy = MERGEKIT_METHODS.get(method)
+    if policy == "required":
+        raise MergekitError(f"base_model is missing: mergekit's {method} needs one (mergekit "
+                            f"0.1.5 refuses {method} without a base input too)")
+    raise MergekitError(f"base_model is missing: mergekit's {method} runs without one, "
+                        f"specmerge's {method} does not yet; give base_model")
+
+
+def _passthrough_of_one(data: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's passthrough of ``models`` (at most one input, mergekit/merge_methods/
+    passthrough.py): a copy of that one model, in the output dtype."""
+    unknown = sorted(set(data) - {"models", "merge_method", "base_model", "dtype", "out_dtype",
+                                  "tokenizer_source", "tokenizer", "chat_template", "name"})
+    if unknown:
+        raise MergekitError(f"mergekit recipe keys {unknown} are not supported with "
+                            f"passthrough")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise MergekitError("passthrough needs 'slices' (which layers of which model go "
+                            "where) or 'models' (the one model to copy)")
+    paths = [_model_path(m, i) for i, m in enumerate(models)]
+    if any(q for _, q in paths):
+        raise MergekitError("passthrough of 'models': per-model parameters are not supported "
+                            "(mergekit's scale neither)")
+    base = data.get("base_model")
+    inputs = {os.path.realpath(p) for p, _ in paths} | (
+        {os.path.realpath(base)} if isinstance(base, (str, os.PathLike)) else set())
+    if len(inputs) != 1:
+        raise MergekitError(f"passthrough copies one model; the recipe names {len(inputs)} "
+                            f"(models and base_model); use 'slices' to take layers of several")
+    out = {"base_model": paths[0][0], "merge_method": "passthrough", "models": []}
+    return _with_tokenizer(data, _with_dtype(data, out))
+
+
+def _with_tokenizer(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` with mergekit's ``tokenizer_source`` or ``tokenizer`` block (``source``, whose
+    default there is union, and ``tokens``) as specmerge's ``tokenizer``, and its
+    ``chat_template`` (mergekit/config.py, mergekit/tokenizer/config.py)."""
+    source, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if source is not None and block is not None:
+        raise MergekitError("give tokenizer_source or tokenizer, not both (mergekit refuses "
+                            "both too)")
+    if block is not None:
+        if not isinstance(block, dict):
+            raise MergekitError("tokenizer: expected a mapping {source, tokens, "
+                                "pad_to_multiple_of}")
+        unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+        if unknown:
+            raise MergekitError(f"tokenizer keys {unknown} are not mergekit's")
+        if block.get("pad_to_multiple_of") is not None:
+            raise MergekitError("tokenizer.pad_to_multiple_of is not supported yet (the "
+                                "padding rows mergekit fills with the mean embedding)")
+        out["tokenizer"] = {"source": block.get("source", "union")}
+        if block.get("tokens"):
+            out["tokenizer"]["tokens"] = block["tokens"]
+    elif source is not None:
+        out["tokenizer"] = {"source": source}
+    if data.get("chat_template") is not None:
+        out["chat_template"] = data["chat_template"]
+    return out

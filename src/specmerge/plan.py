@@ -22,7 +22,7 @@ import torch
 from specmerge.errors import RecipeError
 from specmerge.linalg import compute_dtype, parse_dtype
 from specmerge.methods.registry import Method, Statistic, get_method
-from specmerge.recipe import Recipe, Scope
+from specmerge.recipe import Recipe, Scope, SliceSource, SliceSpec
 from specmerge.roles import (
     MATRIX_ROLES,
     Blocks,
@@ -173,8 +173,10 @@ def build_plan(recipe: Recipe, index: Mapping[str, ParamInfo],
     out_override = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
     per_tensor = PerTensor(recipe, method, index, info) if recipe.has_schedules else None
 
-    if recipe.slices is not None:
+    if recipe.merge_method == "passthrough":
         return slice_plan(recipe, index, info, out_override)
+    if recipe.slices is not None:
+        check_every_layer(recipe, index)
     entries = []
     for name, p in index.items():
         floating = p.dtype.is_floating_point
@@ -263,6 +265,24 @@ class PerTensor:
 LAYER_NAME = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks|block)\.)(\d+)(\..+)$")
 
 
+def layer_count(index: Mapping[str, ParamInfo]) -> int:
+    """The number of layers of a model's index: 1 + the largest layer number in its names."""
+    return 1 + max((int(m.group(2)) for n in index if (m := LAYER_NAME.match(n))), default=-1)
+
+
+def check_every_layer(recipe: Recipe, index: Mapping[str, ParamInfo]) -> None:
+    """A slice merged with a method is the ``models`` form only where its layer_range is
+    every layer: a part of the layers would be another model, which is not supported yet."""
+    assert recipe.slices is not None
+    start, stop = recipe.slices[0].sources[0].layer_range
+    layers = layer_count(index)
+    if (start, stop) != (0, layers):
+        raise RecipeError(f"slices[0]: layer_range [{start}, {stop}] of models with {layers} "
+                          f"layers; a slice merged with {recipe.merge_method} must take every "
+                          f"layer ([0, {layers}]); merging part of the layers is not supported "
+                          f"yet")
+
+
 def slice_plan(recipe: Recipe, index: Mapping[str, ParamInfo], info: ModelInfo,
                out_override: torch.dtype | None) -> Plan:
     """The plan of a passthrough of ``recipe.slices`` (mergekit's semantics, mergekit/plan.py):
@@ -272,7 +292,8 @@ def slice_plan(recipe: Recipe, index: Mapping[str, ParamInfo], info: ModelInfo,
     Tensor names and shapes follow the base's layer 0 (every model is checked against them
     when read). Model 0 is the base, model i the recipe's i-th expert."""
     paths = [os.path.realpath(p) for p in (recipe.base_model, *(m.model for m in recipe.models))]
-    assert recipe.slices is not None
+    slices = recipe.slices or [SliceSpec(sources=[SliceSource(  # one model copied whole
+        model=recipe.base_model, layer_range=(0, max(1, layer_count(index))))])]
     per_layer: dict[str, ParamInfo] = {}  # "prefix{}suffix" → info, from the base's layer 0
     outside = {}
     for name, p in index.items():
@@ -289,12 +310,12 @@ def slice_plan(recipe: Recipe, index: Mapping[str, ParamInfo], info: ModelInfo,
                          role=parameter_role(out, p.shape, p.dtype, info),
                          inputs=(TensorRef(model, name),))
 
-    first = paths.index(os.path.realpath(recipe.slices[0].sources[0].model))
-    last = paths.index(os.path.realpath(recipe.slices[-1].sources[0].model))
+    first = paths.index(os.path.realpath(slices[0].sources[0].model))
+    last = paths.index(os.path.realpath(slices[-1].sources[0].model))
     entries = [entry(n, first, n, p) for n, p in outside.items()
                if parameter_role(n, p.shape, p.dtype, info) == "embedding"]
     j = 0
-    for sl in recipe.slices:
+    for sl in slices:
         src = sl.sources[0]
         model = paths.index(os.path.realpath(src.model))
         for layer in range(*src.layer_range):
@@ -303,4 +324,5 @@ def slice_plan(recipe: Recipe, index: Mapping[str, ParamInfo], info: ModelInfo,
             j += 1
     entries += [entry(n, last, n, p) for n, p in outside.items()
                 if parameter_role(n, p.shape, p.dtype, info) != "embedding"]
-    return Plan(recipe, tuple(entries), compute_dtype(recipe.dtype), None, (), num_layers=j)
+    return Plan(recipe, tuple(entries), compute_dtype(recipe.dtype), None, (),
+                num_layers=j if recipe.slices else None)

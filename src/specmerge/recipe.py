@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from specmerge.errors import RecipeError
+from specmerge.io.chat_template import check_chat_template
 from specmerge.linalg import COMPUTE_DTYPES, parse_dtype
 from specmerge.mergekit import MergekitError, from_mergekit, is_mergekit
 from specmerge.methods.presets import Context, apply_preset
@@ -142,25 +143,54 @@ class Scope(_Strict):
         return v
 
 
+class TokenSpec(_Strict):
+    """One token's rows (mergekit's ``tokenizer.tokens``): ``source`` a model (its own row of
+    the token), ``{kind: model_token, model, token | token_id}`` or ``{kind: zero}``;
+    ``force`` uses it whatever the models hold."""
+
+    _where: ClassVar[str] = "an entry of 'tokenizer.tokens'"
+    source: str | dict[str, Any] | None = None
+    force: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            kind = v.get("kind")
+            keys = {"zero": {"kind"}, "model_token": {"kind", "model", "token", "token_id"}}
+            if kind not in keys or set(v) - keys[kind]:
+                raise ValueError(f"a token's source is a model path, {{kind: model_token, model, "
+                                 f"token | token_id}} or {{kind: zero}}; got {str(v)[:80]}")
+            if kind == "model_token" and (not isinstance(v.get("model"), str)
+                                          or ("token" in v) == ("token_id" in v)):
+                raise ValueError("a model_token source names a model and one of token or "
+                                 "token_id")
+        return v
+
+
 class TokenizerSpec(_Strict):
-    """Which vocabulary the output has when experts add tokens (mergekit's ``tokenizer_source``).
+    """Which vocabulary and tokenizer the output has (mergekit's ``tokenizer_source`` and
+    ``tokenizer`` block).
 
     ``base``: the base's; rows past it in the experts' embeddings and heads are dropped, with a
     warning that counts them. ``union``: the base's plus every token an expert added (experts
     must extend the base's vocabulary); a new token's embedding and head rows are the mean of the
-    experts' that have it. (A model index is not supported yet.)
+    experts' that have it. A model path (the base or one of ``models``): that model's tokenizer
+    files, and its vocabulary, which must extend the base's (its added tokens placed as for
+    ``union``). ``tokens``: per-token rows with ``force`` (``specmerge.io.tokenizer``).
     """
 
     _where: ClassVar[str] = "'tokenizer'"
-    source: str | int = "base"
+    source: str = "base"
+    tokens: dict[str, TokenSpec] | None = None
 
-    @field_validator("source")
+    @field_validator("source", mode="before")
     @classmethod
-    def _source(cls, v: str | int) -> str | int:
-        if v not in ("base", "union"):
-            raise ValueError(f"tokenizer source {v!r} is not supported yet: 'base' (keep the "
-                             f"base's vocabulary) or 'union' (add every expert's new tokens)")
-        return v
+    def _source(cls, v: Any) -> Any:
+        if not isinstance(v, (str, os.PathLike)) or not str(v):
+            raise ValueError(f"tokenizer source must be 'base', 'union' or a model's path, "
+                             f"got {str(v)[:80]!r}")
+        return os.fspath(v)
 
 
 class OutputSpec(_Strict):
@@ -212,10 +242,9 @@ class SliceSpec(_Strict):
 
     @field_validator("sources")
     @classmethod
-    def _one_source(cls, v: list[SliceSource]) -> list[SliceSource]:
-        if len(v) != 1:
-            raise ValueError(f"a slice takes one source (passthrough: layers copied as they "
-                             f"are); {len(v)} sources merged per slice are not supported yet")
+    def _some_source(cls, v: list[SliceSource]) -> list[SliceSource]:
+        if not v:
+            raise ValueError("a slice needs at least one source")
         return v
 
 
@@ -274,6 +303,31 @@ class Recipe(_Strict):
     space: Literal["full", "core", "knots"] = "full"
     # passthrough: the output's layers, copied from chosen layers of chosen models, in order
     slices: list[SliceSpec] | None = None
+    # the output tokenizer's chat template: a name, auto, or Jinja text (io/chat_template.py)
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        return None if v is None else check_chat_template(v)
+
+    @model_validator(mode="after")
+    def _tokenizer_models(self) -> Recipe:
+        """A tokenizer source or token source that is a path names an input of the recipe."""
+        paths = [os.path.realpath(p) for p in (self.base_model, *(m.model for m in self.models))]
+        tok = self.tokenizer
+        named = [] if tok is None else [("tokenizer.source", tok.source)] * (
+            tok.source not in ("base", "union"))
+        for token, spec in (tok.tokens or {}).items() if tok is not None else ():
+            src = spec.source
+            model = src.get("model") if isinstance(src, dict) else src
+            if isinstance(model, str):
+                named.append((f"tokenizer.tokens[{token!r}].source", model))
+        for where, path in named:
+            if os.path.realpath(path) not in paths:
+                raise ValueError(f"{where} {path[:MAX_ECHO]!r} is neither the base_model nor "
+                                 f"one of 'models' (tokens are read from the recipe's inputs)")
+        return self
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -282,23 +336,40 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _at_least_one(self) -> Recipe:
-        if not self.models and not self.slices:
+        passthrough = self.merge_method == "passthrough"
+        if not self.models and not self.slices and not passthrough:
             raise ValueError("'models' needs at least one expert")
         if self.slices is not None:
-            if self.merge_method != "passthrough":
-                raise ValueError(f"'slices' go with merge_method passthrough (layers copied as "
-                                 f"they are); slices merged with {self.merge_method!r} are not "
-                                 f"supported yet")
             known = {os.path.realpath(p) for p in (self.base_model,
                                                     *(m.model for m in self.models))}
             for i, sl in enumerate(self.slices):
-                if os.path.realpath(sl.sources[0].model) not in known:
-                    raise ValueError(f"slices[{i}].sources[0].model {sl.sources[0].model!r} is "
-                                     f"neither the base_model nor one of 'models'")
-        elif self.merge_method == "passthrough":
-            raise ValueError("merge_method passthrough needs 'slices' (which layers of which "
-                             "model go where)")
+                for j, src in enumerate(sl.sources):
+                    if os.path.realpath(src.model) not in known:
+                        raise ValueError(f"slices[{i}].sources[{j}].model {src.model!r} is "
+                                         f"neither the base_model nor one of 'models'")
+                if passthrough and len(sl.sources) != 1:
+                    raise ValueError(f"slices[{i}]: a passthrough slice takes one source "
+                                     f"(layers copied as they are), not {len(sl.sources)}")
+            if not passthrough:
+                self._merged_slice(known)
+        elif passthrough and self.models:
+            raise ValueError("merge_method passthrough copies one model (the base_model) or "
+                             "takes 'slices' (which layers of which model go where); "
+                             "remove 'models' or give 'slices'")
         return self
+
+    def _merged_slice(self, known: set[str]) -> None:
+        """Slices merged with a method: one slice, every source the same layer_range, the
+        sources the base and every model (the plan checks that the range is every layer)."""
+        assert self.slices is not None
+        ranges = {src.layer_range for sl in self.slices for src in sl.sources}
+        models = [os.path.realpath(src.model) for src in self.slices[0].sources]
+        if len(self.slices) != 1 or len(ranges) != 1 or sorted(models) != sorted(known) or \
+                len(models) != len(known):
+            raise ValueError(f"'slices' merged with {self.merge_method!r}: one slice whose "
+                             f"sources are the base_model and every model, with one "
+                             f"layer_range, is supported; several merged slices are not yet "
+                             f"(merge_method passthrough copies layers)")
 
     @field_validator("dtype")
     @classmethod
@@ -391,8 +462,21 @@ class Recipe(_Strict):
 
     @property
     def vocabulary(self) -> str:
-        """What the sources do with added tokens: "error" unless the recipe sets a source."""
-        return "error" if self.tokenizer is None else str(self.tokenizer.source)
+        """What the sources do with added tokens: "error" unless the recipe sets a source;
+        "model" where the source is a model's path (``tokenizer_model``)."""
+        if self.tokenizer is None:
+            return "error"
+        return self.tokenizer.source if self.tokenizer.source in ("base", "union") else "model"
+
+    @property
+    def tokenizer_model(self) -> int | None:
+        """The input whose tokenizer the output takes (0: the base, i: the i-th expert), where
+        the tokenizer source is a path; else None."""
+        if self.vocabulary != "model":
+            return None
+        assert self.tokenizer is not None
+        paths = [os.path.realpath(p) for p in (self.base_model, *(m.model for m in self.models))]
+        return paths.index(os.path.realpath(self.tokenizer.source))
 
     @property
     def num_experts(self) -> int:
@@ -416,9 +500,11 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         data.pop("backend", None)  # how the merge ran, not what it computed
         data["parameters"] = self.recorded_parameters
-        for key in ("tokenizer", "output"):
+        for key in ("tokenizer", "output", "chat_template"):
             if data.get(key) is None:
                 data.pop(key, None)
+        if data.get("tokenizer") is not None and data["tokenizer"].get("tokens") is None:
+            data["tokenizer"].pop("tokens")  # unset: earlier records unchanged
         if data.get("space") == "full":  # the default, unrecorded: earlier records unchanged
             data.pop("space")
         if data.get("slices") is None:  # likewise: only a passthrough records its slices
@@ -449,6 +535,35 @@ def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
             models.append(m)
     if "models" in data:
         data["models"] = models
+    return _resolve_other_paths(data, fix)
+
+
+def _resolve_other_paths(data: dict[str, Any], fix: Any) -> dict[str, Any]:
+    """The paths in ``slices`` and ``tokenizer`` (source, tokens' sources), as the models'."""
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [
+            {**sl, "sources": [{**src, "model": fix(src["model"])}
+                               if isinstance(src, dict) and isinstance(src.get("model"), str)
+                               else src for src in sl["sources"]]}
+            if isinstance(sl, dict) and isinstance(sl.get("sources"), list) else sl
+            for sl in data["slices"]]
+    tok = data.get("tokenizer")
+    if not isinstance(tok, dict):
+        return data
+    tok = dict(tok)
+    if isinstance(tok.get("source"), str) and tok["source"] not in ("base", "union"):
+        tok["source"] = fix(tok["source"])
+    if isinstance(tok.get("tokens"), dict):
+        tokens = {}
+        for token, spec in tok["tokens"].items():
+            src = spec.get("source") if isinstance(spec, dict) else None
+            if isinstance(src, str):
+                spec = {**spec, "source": fix(src)}
+            elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                spec = {**spec, "source": {**src, "model": fix(src["model"])}}
+            tokens[token] = spec
+        tok["tokens"] = tokens
+    data["tokenizer"] = tok
     return data
 
 

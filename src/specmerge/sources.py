@@ -37,7 +37,7 @@ from specmerge.alignment import (
 from specmerge.errors import CheckpointError, IncompatibleCheckpointError
 from specmerge.experts import AdapterExpert, DenseExpert, Expert, StoredRows, open_expert
 from specmerge.io.checkpoint import Checkpoint, check_compatible
-from specmerge.io.tokenizer import VocabularyUnion, vocabulary_union
+from specmerge.io.tokenizer import VocabularyUnion, force_tokens, vocabulary_union
 from specmerge.lowrank import TaskVector
 from specmerge.numerics import (  # noqa: F401  (re-exported: the checks' old home)
     check_finite,
@@ -106,7 +106,8 @@ class CheckpointSource:
     """Checkpoints on disk: a base and K experts (``Expert``), read one tensor at a time."""
 
     def __init__(self, base: str | Path, experts: Sequence[str | Path],
-                 allow_nonfinite: bool = False, vocabulary: VocabularySource = "error"):
+                 allow_nonfinite: bool = False, vocabulary: VocabularySource = "error",
+                 tokenizer_model: int | None = None, tokens: Mapping[str, Any] | None = None):
         self.base = Checkpoint(base)
         self.allow_nonfinite = allow_nonfinite
         self.experts: list[Expert] = [open_expert(p, allow_nonfinite) for p in experts]
@@ -123,22 +124,38 @@ class CheckpointSource:
                 check_compatible(self.base, e.ckpt, other_shape=e.rows)
         self.union: VocabularyUnion | None = None
         self.vocab_rows: dict[str, int] = {}  # output rows of the vocabulary-sized tensors
-        if vocabulary == "union":
-            self.union = vocabulary_union(self.base.config_dir,
-                                          [e.config_dir for e in self.experts])
-            if self.union.new:
+        # the tokenizer source's directory where it is an expert (its files are copied)
+        self.tokenizer_dir = (None if not tokenizer_model else
+                              self.experts[tokenizer_model - 1].config_dir)
+        if vocabulary == "union" or tokens:
+            self.union = vocabulary_union(
+                self.base.config_dir, [e.config_dir for e in self.experts],
+                self.tokenizer_dir, added=vocabulary == "union")
+            if tokens:
+                force_tokens(self.union, tokens, self.config_dirs, self.paths)
+            if self.union.new or self.union.forced:
                 self.vocab_rows = vocabulary_tensors(self.index(), info, self.union.size)
             else:
-                log.info("tokenizer source union: no expert adds a token; the base's vocabulary")
+                log.info("tokenizer source: no expert adds a token; the base's vocabulary")
                 self.union = None
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointSource:
-        """The recipe's base and experts, with its tokenizer source for added tokens."""
+        """The recipe's base and experts, with its tokenizer source for added tokens (a model:
+        its vocabulary, which extends the base's; the base: the base's)."""
+        model = recipe.tokenizer_model
         vocabulary: VocabularySource = (
+            "union" if model else "base" if model == 0 else
             recipe.vocabulary if recipe.vocabulary in ("base", "union") else "error")
+        tokens = ({t: spec.model_dump() for t, spec in recipe.tokenizer.tokens.items()}
+                  if recipe.tokenizer is not None and recipe.tokenizer.tokens else None)
         return cls(recipe.base_model, [m.model for m in recipe.models], allow_nonfinite,
-                   vocabulary)
+                   vocabulary, model, tokens)
+
+    @property
+    def config_dirs(self) -> list[Path | None]:
+        """The base's directory of config files, then each expert's."""
+        return [self.base.config_dir, *(e.config_dir for e in self.experts)]
 
     @property
     def num_experts(self) -> int:
@@ -271,21 +288,29 @@ class CheckpointSource:
         """For the union vocabulary: the union ids of the added tokens and their rows of
         ``name``, each the mean of the rows of the experts that have the token."""
         assert self.union is not None
-        full = {}
-        for i in sorted({i for src in self.union.sources.values() for i, _ in src}):
-            expert = self.experts[i]
-            assert isinstance(expert, DenseExpert)  # only a full checkpoint adds tokens
-            full[i] = expert.read(name)
+        full: dict[int, Tensor] = {}  # model (0: the base, i: expert i) → its tensor
+
+        def row(model: int, j: int) -> Tensor:
+            if model not in full:
+                expert = self.experts[model - 1] if model else None
+                assert expert is None or isinstance(expert, DenseExpert)  # adds no token
+                full[model] = self.base.read(name) if expert is None else expert.read(name)
+            if j >= full[model].shape[0]:
+                path = self.experts[model - 1].path if model else self.base.path
+                raise CheckpointError(f"{path}: token id {j} has no row in {name!r} "
+                                      f"({full[model].shape[0]} rows)")
+            return to_compute(full[model][j], device, dtype)
+
         ids, rows = [], []
         for _, _, uid in self.union.new:
-            picks = []
-            for i, j in self.union.sources[uid]:
-                if j >= full[i].shape[0]:
-                    raise CheckpointError(f"{self.experts[i].path}: token id {j} has no row in "
-                                          f"{name!r} ({full[i].shape[0]} rows)")
-                picks.append(to_compute(full[i][j], device, dtype))
+            if uid not in self.union.forced:
+                ids.append(uid)
+                rows.append(torch.stack([row(i + 1, j) for i, j in
+                                         self.union.sources[uid]]).mean(0))
+        for uid, pick in self.union.forced.items():
             ids.append(uid)
-            rows.append(torch.stack(picks).mean(0))
+            rows.append(row(*pick) if pick is not None else
+                        torch.zeros(self.index()[name].shape[1:], device=device, dtype=dtype))
         return torch.tensor(ids, device=device), torch.stack(rows)
 
     @property

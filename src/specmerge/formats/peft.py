@@ -81,6 +81,9 @@ class PeftFormat(Format):
         if source.union is not None:
             raise SpecmergeError("output format peft keeps the base's vocabulary; remove "
                                  "'tokenizer: {source: union}'")
+        if recipe.chat_template is not None or source.tokenizer_dir is not None:
+            raise SpecmergeError("output format peft writes no tokenizer; remove "
+                                 "'chat_template' and a tokenizer source other than the base")
         if len({e.fan_in_fan_out for e in source.experts}) > 1:
             raise SpecmergeError("the adapters disagree on fan_in_fan_out (the weights' "
                                  "layout); merge them to a full model (output format hf) "

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -50,16 +50,32 @@ def input_home(directory: Path) -> Path:
 
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# a tokenizer's files: from the tokenizer source where it is a model, not from the base
+# (mergekit 0.1.5's list in merge.py's _copy_tokenizer, less generation_config.json)
+TOKENIZER_FILES = frozenset((
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja",
+    "chat_template.json", "spiece.model", "sentencepiece.bpe.model"))
 
 
 def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
-                     out_dtype: str | None, num_layers: int | None = None) -> None:
-    """Copy the base's config and tokenizer files, set config.json's dtype (and, for an
-    output of another depth, its layer count), write the recipe."""
+                     out_dtype: str | None, num_layers: int | None = None,
+                     tokenizer_dir: Path | None = None) -> None:
+    """Copy the base's config and tokenizer files (the tokenizer's from ``tokenizer_dir``
+    where given), set config.json's dtype (and, for an output of another depth, its layer
+    count), write the recipe."""
+    if config_dir is not None:
+        _copy_files(out, config_dir, lambda n: tokenizer_dir is None or n not in TOKENIZER_FILES)
+    if tokenizer_dir is not None:
+        _copy_files(out, tokenizer_dir, lambda n: n in TOKENIZER_FILES)
+    _write_config_and_recipe(out, recipe, out_dtype, num_layers)
+
+
+def _copy_files(out: Path, config_dir: Path, wanted: Callable[[str], bool]) -> None:
     if config_dir is not None:
         home = input_home(config_dir)
         for f in sorted(config_dir.iterdir()):
-            if f.is_file() and not NOT_COPIED.match(f.name):
+            if f.is_file() and not NOT_COPIED.match(f.name) and wanted(f.name):
                 if not f.resolve().is_relative_to(home):
                     log.warning("not copied into the output: %s is a link to %s, outside the "
                                 "input directory %s", f, f.resolve(), home)
@@ -67,7 +83,12 @@ def write_side_files(out: Path, config_dir: Path | None, recipe: Recipe,
                 try:
                     shutil.copy2(f, out / f.name)
                 except OSError as err:
-                    raise OutputError(f"{out / f.name}: cannot copy from the base: {err}") from err
+                    raise OutputError(f"{out / f.name}: cannot copy from {config_dir}: "
+                                      f"{err}") from err
+
+
+def _write_config_and_recipe(out: Path, recipe: Recipe, out_dtype: str | None,
+                             num_layers: int | None) -> None:
     config = out / "config.json"
     if config.is_file():
         try:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from specmerge._version import __version__
 from specmerge.errors import OutputError
+from specmerge.io.chat_template import write_chat_template
 from specmerge.io.hf_files import main_dtype, model_card, write_side_files
 from specmerge.io.tokenizer import VocabularyUnion, write_union_tokenizer
 from specmerge.io.writer import (
@@ -46,11 +47,13 @@ class HFDirSink:
 
     def __init__(self, out: Path, plan: Plan, *, base_path: Path, config_dir: Path | None,
                  max_shard_bytes: int, replace: Identity | None = None,
-                 vocabulary: VocabularyUnion | None = None):
+                 vocabulary: VocabularyUnion | None = None, tokenizer_dir: Path | None = None,
+                 chat_template: str | None = None):
         self.out, self.plan = out, plan
         self.base_path, self.config_dir = base_path, config_dir
         self.max_shard_bytes, self.replace = max_shard_bytes, replace
         self.vocabulary = vocabulary
+        self.tokenizer_dir, self.chat_template = tokenizer_dir, chat_template
         self._stack = contextlib.ExitStack()
         self._finished = False
 
@@ -83,10 +86,12 @@ class HFDirSink:
         self.writer.write_index(weight_map)
         out_dtype = main_dtype([(e.shape, e.out_dtype) for e in self.plan.entries])
         write_side_files(self.tmp, self.config_dir, self.plan.recipe, out_dtype,
-                         self.plan.num_layers)
+                         self.plan.num_layers, self.tokenizer_dir)
         if self.vocabulary is not None:
             rows = max(e.out_rows or 0 for e in self.plan.entries)
             write_union_tokenizer(self.tmp, self.vocabulary, rows)
+        if self.chat_template is not None:
+            write_chat_template(self.tmp, self.chat_template)
         write_text(self.tmp / "README.md",
                    model_card(self.plan, self.base_path, self.config_dir))
         self._finished = True
