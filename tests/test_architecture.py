@@ -16,7 +16,7 @@ from conftest import accepts_experts, recipe_for
 import specmerge
 from specmerge.backends import LocalBackend
 from specmerge.engine import MergeStep, run_statistics
-from specmerge.methods.registry import Interval, Options, all_methods, get_method
+from specmerge.methods.registry import AnyOf, Interval, Options, all_methods, get_method
 from specmerge.plan import build_plan
 from specmerge.recipe import load_recipe
 from specmerge.sources import CheckpointSource, StateDictSource
@@ -124,7 +124,7 @@ def test_constraints_are_declared_once_and_refuse_their_invalid_values() -> None
     for m in all_methods():
         for p in m.params:
             for c in p.constraints:
-                assert isinstance(c, (Interval, Options)), (m.name, p.name)
+                assert isinstance(c, (Interval, Options, AnyOf)), (m.name, p.name)
                 for bad in c.invalid_values():
                     with pytest.raises(ValueError, match=p.name):
                         m.validate({p.name: bad})
