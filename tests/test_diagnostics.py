@@ -106,8 +106,13 @@ def test_analyze_report_metrics_match_direct_computation(toy_models, tmp_path) -
         assert rows[name]["swudi_trace_share"] == pytest.approx(float(lam[:k].sum() / lam.sum()),
                                                                 rel=1e-4)
         assert set(rows[name]["swudi_a_ranks"]) == set(RANK_RULES)
+        assert rows[name]["rank_c"] == rows[name]["n"]  # full rank
+        assert not rows[name]["truncation_cannot_bind"]
     html = (out / "index.html").read_text()
     assert "heatmaps.png" in html and "spectrum_1.png" in html and "report.json" in html
+    # full-rank experts: the truncation binds everywhere, no verdict
+    assert report["summary"]["cannot_bind"] == 0 and report["summary"]["touched"] == 3
+    assert "Will the truncation bind?" not in html and 'src="gamma.png"' in html
 
 
 def test_analyze_refuses_existing_out_and_non_matrix_params(toy_models, tmp_path) -> None:
