@@ -4,7 +4,6 @@ computation."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
@@ -199,20 +198,6 @@ def test_full_rank_tasks_bind_and_a_zero_matrix_is_blank() -> None:
     assert m.rank_c == 0 and m.truncation_cannot_bind and m.auto_scale == 1.0
     assert all(math.isnan(x) for x in (m.overlap, m.input_overlap, m.norm_ratio_ta,
                                        m.gamma_median))
-
-
-def test_svc_logs_gamma_at_debug(caplog) -> None:
-    taus = [_rank1(5, 4, 0, 0, 2.0), _rank1(5, 4, 1, 1, 2.0)]
-    with caplog.at_level(logging.INFO, logger="specmerge.methods.calibration"):
-        svc(taus[0] + taus[1], taus)
-    assert not caplog.records
-    with caplog.at_level(logging.DEBUG, logger="specmerge.methods.calibration"):
-        out = svc(taus[0] + taus[1], taus)
-    (rec,) = caplog.records
-    assert rec.levelno == logging.DEBUG
-    assert "γ over the 2 directions of W_m (5 × 4): min 1.333, median 1.333, max 1.333" in \
-        rec.getMessage()
-    torch.testing.assert_close(out, (taus[0] + taus[1]) * 4 / 3)
 
 
 LORA_TARGETS = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.mlp.up_proj": (12, 8)}
