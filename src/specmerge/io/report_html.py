@@ -124,7 +124,8 @@ def render_html(report: dict[str, Any], spectra_files: Sequence[tuple[str, str]]
 SWUDI rank ratio {fmt(report['rank_ratio'])}. The base merge is the recipe's method without its
 calibration. Parameters <code>{html.escape(json.dumps(rec['parameters'], sort_keys=True))}</code>,
 scope exclude <code>{html.escape(str(rec['scope']['exclude']))}</code>.</p>
-<p>Median over matrices: inflation {fmt(s['inflation_median'])}, overlap
+<p>Median over the {s['touched']} matrices the experts change: inflation
+{fmt(s['inflation_median'])}, overlap
 {fmt(s['overlap_median'])}, input overlap {fmt(s['input_overlap_median'])}, γ median
 {fmt(s['gamma_median_median'])}, effective rank {fmt(s['erank_before_median'])} →
 {fmt(s['erank_after_median'])} after SVC, rank C {fmt(s['rank_c_median'])} against SWUDI's k
