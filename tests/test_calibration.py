@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -307,3 +308,34 @@ def test_registry_entry() -> None:
     for bad in ({"alpha": 0}, {"space": "up"}, {"target": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             m.validate(bad)
+
+
+def test_svc_logs_gamma_at_debug(caplog) -> None:
+    """γ = K / (1 + α) = 4/3 on W_m's 2 directions (α = 1/2); its 2 null directions (γ = 1/α)
+    are left out of the log."""
+    taus = [torch.zeros(5, 4, dtype=F64), torch.zeros(5, 4, dtype=F64)]
+    taus[0][0, 0] = taus[1][1, 1] = 2.0  # two orthogonal rank-1 tasks
+    with caplog.at_level(logging.INFO, logger="specmerge.methods.calibration"):
+        svc(taus[0] + taus[1], taus)
+    assert not caplog.records
+    with caplog.at_level(logging.DEBUG, logger="specmerge.methods.calibration"):
+        out = svc(taus[0] + taus[1], taus)
+    (rec,) = caplog.records
+    assert rec.levelno == logging.DEBUG
+    assert "γ over the 2 directions of W_m (5 × 4): min 1.333, median 1.333, max 1.333" in \
+        rec.getMessage()
+    torch.testing.assert_close(out, (taus[0] + taus[1]) * 4 / 3)
+
+
+def test_a_merge_logs_each_matrix_and_its_gamma_at_debug(toy_models, tmp_path, caplog) -> None:
+    from conftest import recipe_for
+
+    import specmerge
+
+    recipe = recipe_for(toy_models, calibrate={"method": "svc"})
+    with caplog.at_level(logging.DEBUG, logger="specmerge"):
+        specmerge.merge(recipe, tmp_path / "o", progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    i = lines.index("model.layers.0.mlp.up_proj.weight: calibrating with svc")
+    assert lines[i + 1].startswith("svc: γ over the 8 directions of W_m (12 × 8): min ")
+    assert sum(m.startswith("svc: γ over") for m in lines) == 3  # one per matrix

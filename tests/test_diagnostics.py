@@ -8,9 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import recipe_for
+from conftest import make_state_dicts, recipe_for, write_hf_dir
+from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from specmerge.analysis import analyze, diagnose
+from specmerge.cli import app
 from specmerge.diagnostics import (
     effective_rank,
     matrix_metrics,
@@ -20,7 +23,10 @@ from specmerge.diagnostics import (
 from specmerge.io.plots import plot_spectrum
 from specmerge.methods.calibration import svc
 from specmerge.methods.elementwise import task_arithmetic
-from specmerge.methods.interference import RANK_RULES
+from specmerge.methods.interference import RANK_RULES, swudi
+from specmerge.methods.registry import UnboundRankWarning, get_method
+
+runner = CliRunner()
 
 
 def test_identical_experts_report() -> None:
@@ -99,8 +105,13 @@ def test_analyze_report_metrics_match_direct_computation(toy_models, tmp_path) -
         assert rows[name]["swudi_trace_share"] == pytest.approx(float(lam[:k].sum() / lam.sum()),
                                                                 rel=1e-4)
         assert set(rows[name]["swudi_a_ranks"]) == set(RANK_RULES)
+        assert rows[name]["rank_c"] == rows[name]["n"]  # full rank
+        assert not rows[name]["truncation_cannot_bind"]
     html = (out / "index.html").read_text()
     assert "heatmaps.png" in html and "spectrum_1.png" in html and "report.json" in html
+    # full-rank experts: the truncation binds everywhere, no verdict
+    assert report["summary"]["cannot_bind"] == 0 and report["summary"]["touched"] == 3
+    assert "Will the truncation bind?" not in html and 'src="gamma.png"' in html
 
 
 def test_analyze_refuses_existing_out_and_non_matrix_params(toy_models, tmp_path) -> None:
@@ -125,3 +136,140 @@ def test_diagnose_honours_the_scope(toy_models) -> None:
     assert res.report is not None and res.metrics.n == 8
     with pytest.raises(SpecmergeError, match="not a matrix parameter"):
         diagnose(recipe_for(toy_models, scope={"exclude": ["mlp"]}), name)
+
+
+# ------------------------------------------------------------------------------------------
+# what predicts a low-rank merge: rank C against k, norms against task arithmetic, the tasks'
+# input spaces, the scale of scaling: auto (issue 23)
+# ------------------------------------------------------------------------------------------
+
+def _rank1(m: int, n: int, i: int, j: int, c: float = 1.0) -> torch.Tensor:
+    """c · e_i f_jᵀ in R^{m×n}."""
+    t = torch.zeros(m, n, dtype=torch.float64)
+    t[i, j] = c
+    return t
+
+
+def test_two_orthogonal_rank_one_tasks_closed_form() -> None:
+    taus = [_rank1(5, 4, 0, 0, 2.0), _rank1(5, 4, 1, 1, 2.0)]
+    merged = taus[0] + taus[1]
+    m, rep = matrix_metrics(merged, taus, alpha=None, rank_ratio=0.65)
+    assert m.rank_c == 2 and m.swudi_rank == 3 and m.truncation_cannot_bind
+    assert m.input_overlap == 0.0 and m.overlap == 0.0  # k_top = 2 > rank 1: one vector each
+    lam = get_method("task_arithmetic").defaults()["scaling"]
+    assert m.norm_ratio_ta == pytest.approx(1 / lam)  # the sum against λ · the sum
+    assert matrix_metrics(merged, taus, alpha=None, rank_ratio=0.65,
+                          ta_scaling=0.5)[0].norm_ratio_ta == pytest.approx(2.0)
+    assert m.auto_scale == pytest.approx(0.5)  # 1/K
+    # γ on W_m's 2 directions: K / (1 + α) with α = 1/2; W_m's null directions (γ = 1/α) left out
+    assert rep.rank == 2 and m.gamma_min == pytest.approx(4 / 3) == m.gamma_max
+    assert m.swudi_trace_share == pytest.approx(1.0)
+    # the merge that already delivers each task once (their mean · K/K): auto keeps it
+    assert matrix_metrics(merged / 2, taus, alpha=None, rank_ratio=0.65)[0].auto_scale == \
+        pytest.approx(1.0)
+    # with rank_ratio 0.25, k = 1 ≤ rank C: the truncation binds
+    assert not matrix_metrics(merged, taus, alpha=None, rank_ratio=0.25)[0].truncation_cannot_bind
+
+
+def test_input_overlap_closed_forms() -> None:
+    same_input = [_rank1(5, 4, 0, 0), _rank1(5, 4, 1, 0)]  # other outputs, one input direction
+    m, _ = matrix_metrics(same_input[0] + same_input[1], same_input, alpha=None, rank_ratio=0.65)
+    assert m.input_overlap == pytest.approx(1.0) and m.overlap == pytest.approx(0.0)
+    assert m.rank_c == 1
+    tilted = torch.zeros(5, 4, dtype=torch.float64)
+    tilted[1, :2] = 1 / math.sqrt(2)  # e_2 ((f_1 + f_2)/√2)ᵀ: 45° from the first task's input
+    m, _ = matrix_metrics(same_input[0] + tilted, [same_input[0], tilted], alpha=None,
+                          rank_ratio=0.65)
+    assert m.input_overlap == pytest.approx(0.5) and m.rank_c == 2
+
+
+def test_full_rank_tasks_bind_and_a_zero_matrix_is_blank() -> None:
+    g = torch.Generator().manual_seed(4)
+    taus = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    m, _ = matrix_metrics(task_arithmetic(taus), taus, alpha=None, rank_ratio=0.65)
+    assert m.rank_c == 8 and m.swudi_rank == 6 and not m.truncation_cannot_bind
+    assert m.auto_scale == pytest.approx(  # s* of λ Σ τ_i from its definition
+        min(1.0, sum(float((task_arithmetic(taus) * t).sum()) / float(t.square().sum())
+                     for t in taus)
+            / (float(task_arithmetic(taus).square().sum())
+               * sum(1 / float(t.square().sum()) for t in taus))))
+    zero = [torch.zeros(6, 4, dtype=torch.float64)] * 2  # a module no adapter targets
+    m, _ = matrix_metrics(zero[0], zero, alpha=None, rank_ratio=0.65)
+    assert m.rank_c == 0 and m.truncation_cannot_bind and m.auto_scale == 1.0
+    assert all(math.isnan(x) for x in (m.overlap, m.input_overlap, m.norm_ratio_ta,
+                                       m.gamma_median))
+
+
+LORA_TARGETS = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.mlp.up_proj": (12, 8)}
+
+
+@pytest.fixture
+def lora_recipe(tmp_path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """The toy base and three hand-written rank-1 LoRA adapters on q_proj and up_proj
+    (lora_alpha 2: s = 2), a SWUDI recipe over them, and their dense τ_i."""
+    base, _ = make_state_dicts(k=0)
+    bdir = write_hf_dir(tmp_path / "base", base)
+    gen = torch.Generator().manual_seed(5)
+    dirs, taus = [], []
+    for i in range(3):
+        path = tmp_path / f"ad{i}"
+        path.mkdir()
+        tensors, tau = {}, {}
+        for module, (m, n) in LORA_TARGETS.items():
+            a, b = torch.randn(1, n, generator=gen), torch.randn(m, 1, generator=gen)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b
+            tau[f"{module}.weight"] = 2.0 * b.double() @ a.double()
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj", "up_proj"]}))
+        dirs.append(str(path))
+        taus.append(tau)
+    recipe = {"base_model": str(bdir), "models": dirs, "merge_method": "swudi",
+              "dtype": "float64"}
+    return recipe, taus
+
+
+def test_analyze_an_adapter_recipe(lora_recipe, tmp_path) -> None:
+    recipe, taus = lora_recipe
+    with pytest.warns(UnboundRankWarning):
+        out = analyze(recipe, tmp_path / "report", progress=False)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["matrices"]}
+    for name in (f"{m}.weight" for m in LORA_TARGETS):
+        ts = [t[name] for t in taus]
+        with pytest.warns(UnboundRankWarning):
+            want, _ = matrix_metrics(swudi(ts), ts, alpha=None, rank_ratio=0.65)
+        r = rows[name]
+        assert r["rank_c"] == 3 and r["swudi_rank"] == 6 and r["truncation_cannot_bind"]
+        for key in ("norm_ratio_ta", "input_overlap", "auto_scale", "gamma_median"):
+            assert r[key] == pytest.approx(getattr(want, key), rel=1e-6), (name, key)
+        assert 0 < r["auto_scale"] < 1
+    down = rows["model.layers.0.mlp.down_proj.weight"]  # no adapter targets it: τ_i = 0
+    assert down["rank_c"] == 0 and down["norm_ratio_ta"] is None
+    summary = report["summary"]
+    assert summary["touched"] == 2 and summary["cannot_bind"] == 2
+    assert summary["rank_c_median"] == 3 and summary["swudi_rank_median"] == 6
+    assert summary["auto_scale_median"] == pytest.approx(
+        (rows[f"{next(iter(LORA_TARGETS))}.weight"]["auto_scale"]
+         + rows["model.layers.0.mlp.up_proj.weight"]["auto_scale"]) / 2)
+    html = (out / "index.html").read_text()
+    assert (out / "gamma.png").read_bytes()[:4] == b"\x89PNG" and 'src="gamma.png"' in html
+    assert "Will the truncation bind?" in html and "preset: qwen2vl-lora" in html
+    assert "scaling: auto" in html and "left out of the medians" in html
+    for word in ("rank C", "input overlap", "‖W_m‖/‖TA‖", "auto scale"):
+        assert f"<th>{word}</th>" in html and f"<b>{word}" in html
+
+
+def test_the_cli_echoes_the_new_metrics(lora_recipe, tmp_path) -> None:
+    recipe, _ = lora_recipe
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    res = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "k 6 against rank C 3; k > rank C in 2 of 2" in res.output
+    assert "preset: qwen2vl-lora} or scaling: auto" in res.output
+    res = runner.invoke(app, ["diagnose", str(path), "model.layers.0.mlp.up_proj.weight"])
+    assert res.exit_code == 0, res.output
+    assert "rank C = 3 against SWUDI's k = 6: the truncation cannot bind" in res.output
+    assert "scaling: auto would choose 0." in res.output and "inputs " in res.output

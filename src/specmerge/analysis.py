@@ -41,8 +41,8 @@ CALIBRATION_METHOD = "svc"  # whose γ the report shows
 
 @dataclass(frozen=True)
 class MatrixAnalysis:
-    """One matrix's metrics, its spectra (σ of each τ_i, of W_m, after SVC), and for
-    ``diagnose`` the full spectral report."""
+    """One matrix's metrics, its spectra (σ of each τ_i, of W_m, after SVC), SVC's γ_r on W_m's
+    numerical rank, and for ``diagnose`` the full spectral report."""
 
     name: str
     shape: tuple[int, ...]
@@ -50,6 +50,7 @@ class MatrixAnalysis:
     sigma_tasks: list[list[float]]
     sigma_merged: list[float]
     sigma_calibrated: list[float]
+    gamma: list[float]
     report: SpectralReport | None = None
 
 
@@ -72,7 +73,8 @@ class AnalyzeStep:
                                       alpha=self.alpha, rank_ratio=self.rank_ratio)
         return MatrixAnalysis(entry.name, entry.shape, metrics,
                               [s.tolist() for s in rep.sigma_tasks], rep.sigma_merged.tolist(),
-                              rep.sigma_calibrated.tolist(), rep if self.keep_report else None)
+                              rep.sigma_calibrated.tolist(), rep.gamma_kept.tolist(),
+                              rep if self.keep_report else None)
 
 
 def calibration_params(rec: Recipe) -> dict[str, Any]:

@@ -282,8 +282,10 @@ def analyze(
              "start). Anything else, and a symbolic link, is refused.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Spectral report of RECIPE's merge over every matrix: inflation, task overlap, SVC's γ,
-    effective ranks, SWUDI-A's ranks and SWUDI's kept trace share, as heat maps and spectra."""
+    """Spectral report of RECIPE's merge over every matrix: inflation, task overlap (outputs and
+    inputs), SVC's γ, effective ranks, SWUDI-A's ranks, SWUDI's k against rank C and its kept
+    trace share, the norm against task arithmetic's and the scale of scaling: auto, as heat maps,
+    γ per layer and spectra."""
     from specmerge.analysis import analyze as run_analyze
     from specmerge.errors import SpecmergeError
 
@@ -293,6 +295,9 @@ def analyze(
     except (SpecmergeError, ValueError) as err:
         _fail(err)
     else:
+        from specmerge.io.report import read_summary, summary_lines
+
+        typer.echo("\n".join(summary_lines(*read_summary(path))))
         typer.echo(f"wrote {path / 'index.html'} (with report.json and the PNGs)")
 
 
@@ -315,9 +320,14 @@ def diagnose(
         assert res.report is not None
         m = res.metrics
         typer.echo(f"{param}:\n{res.report.summary(top)}")
-        typer.echo(f"task subspace overlap (top {m.overlap_k}): {m.overlap:.3f}; SWUDI-A ranks "
-                   f"{m.swudi_a_ranks} of n = {m.n}; SWUDI top-{m.swudi_rank} keeps "
-                   f"{m.swudi_trace_share:.1%} of trace C")
+        typer.echo(f"task subspace overlap (top {m.overlap_k}): outputs {m.overlap:.3f}, inputs "
+                   f"{m.input_overlap:.3f}; SWUDI-A ranks {m.swudi_a_ranks} of n = {m.n}; "
+                   f"SWUDI top-{m.swudi_rank} keeps {m.swudi_trace_share:.1%} of trace C")
+        bind = ("cannot bind (SWUDI is its filtered closed form)" if m.truncation_cannot_bind
+                else "binds")
+        typer.echo(f"rank C = {m.rank_c} against SWUDI's k = {m.swudi_rank}: the truncation "
+                   f"{bind}; ‖W_m‖/‖TA‖ = {m.norm_ratio_ta:.3g}; scaling: auto would choose "
+                   f"{m.auto_scale:.3g}")
         if plot is not None:
             typer.echo("wrote " + str(plot_spectrum(res.sigma_tasks, res.sigma_merged,
                                                     res.sigma_calibrated, plot, title=param)))

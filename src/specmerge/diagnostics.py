@@ -3,8 +3,10 @@
 ``spectral_report`` answers the questions SVC is built on: how inflated is the merged spectrum
 relative to the tasks' own, how much does each task already receive along each singular
 direction (s_i^r), and what does SVC do about it (γ_r). ``matrix_metrics`` adds what SWUDI reads
-from the same matrix: how much the tasks' top subspaces overlap, the rank each SWUDI-A rule
-would pick, and the share of C's trace that SWUDI's top-k keeps. ``specmerge analyze`` runs
+from the same matrix: how much the tasks' top subspaces overlap (outputs and inputs), the rank
+each SWUDI-A rule would pick, the share of C's trace that SWUDI's top-k keeps and whether that
+truncation can bind at all (k against rank C), the merged norm against task arithmetic's, and
+the scale ``scaling: auto`` would choose. ``specmerge analyze`` runs
 ``matrix_metrics`` on every matrix parameter; the pictures are drawn by ``specmerge.io.plots``.
 """
 
@@ -18,17 +20,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specmerge.linalg import thin_svd, upcast
-from specmerge.methods.calibration import svc_responses
+from specmerge.linalg import numerical_rank, thin_svd, upcast
+from specmerge.methods.calibration import svc_gamma, svc_responses
 from specmerge.methods.interference import (
+    CORE_DTYPE,
     RANK_RULES,
     eigen,
     interference_gram,
     prepare,
     select_rank,
+    significant,
     swudi_rank,
 )
+from specmerge.methods.registry import get_method
+from specmerge.methods.scale_rule import auto_scale
 from specmerge.methods.subspace import tsv_rank
+
+# the method whose update the merged norm is compared with, at its registry default λ
+TA_METHOD = "task_arithmetic"
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,12 @@ class SpectralReport:
     gamma: Tensor  # (r,) SVC's γ_r = K / Σ_i max(α, s_i^r)
     sigma_calibrated: Tensor  # (r,) γ ⊙ σ
     alpha: float
+    rank: int  # numerical rank of W_m: γ_r beyond it multiplies rounding noise
+
+    @property
+    def gamma_kept(self) -> Tensor:
+        """γ_r on the directions W_m has (r < its numerical rank)."""
+        return self.gamma[:self.rank]
 
     @property
     def inflation(self) -> float:
@@ -83,24 +98,53 @@ def spectral_report(merged: Tensor, task_vectors: Sequence[Tensor],
     u, sigma, vh = thin_svd(w)
     taus = [upcast(t).to(w.dtype) for t in task_vectors]
     s = torch.stack([svc_responses(u, sigma, vh, t) for t in taus])
-    clipped = torch.where(torch.isnan(s) | torch.isneginf(s), alpha, s).clamp_min(alpha)
-    gamma = k / clipped.sum(0)
+    gamma = svc_gamma(u, sigma, vh, taus, alpha=alpha)
     sig_tasks = list(sigma_tasks) if sigma_tasks is not None else [
         torch.linalg.svdvals(t) for t in taus]
-    return SpectralReport(sigma, sig_tasks, s, gamma, gamma * sigma, alpha)
+    return SpectralReport(sigma, sig_tasks, s, gamma, gamma * sigma, alpha,
+                          numerical_rank(sigma, tuple(w.shape)))
 
 
 def subspace_overlap(bases: Sequence[Tensor]) -> float:
-    """Mean over task pairs i < j of ‖U_iᵀ U_j‖_F² / k, for orthonormal m × k bases U_i.
+    """Mean over task pairs i < j of ‖U_iᵀ U_j‖_F² / min(k_i, k_j), for orthonormal m × k_i
+    bases U_i; pairs with an empty basis (a zero τ_i) are left out.
 
-    1 when the tasks share their top-k left singular subspace, 0 when they are orthogonal, about
-    k/m for random subspaces. NaN for a single task.
+    1 when one task's subspace lies in the other's (equal k: they share it), 0 when they are
+    orthogonal, about k/m for random subspaces. NaN for fewer than two non-empty bases.
     """
-    pairs = list(itertools.combinations(bases, 2))
+    pairs = [(a, b) for a, b in itertools.combinations(bases, 2)
+             if a.shape[1] and b.shape[1]]
     if not pairs:
         return math.nan
-    k = bases[0].shape[1]
-    return sum(float((a.mT @ b).square().sum()) / k for a, b in pairs) / len(pairs)
+    return sum(float((a.mT @ b).square().sum()) / min(a.shape[1], b.shape[1])
+               for a, b in pairs) / len(pairs)
+
+
+def top_bases(svds: Sequence[tuple[Tensor, Tensor, Tensor]], k: int, shape: Sequence[int],
+              side: str) -> list[Tensor]:
+    """Each τ_i's top-k left (``side="left"``: m × k) or right (n × k) singular vectors, at most
+    its numerical rank: past it (a rank-r LoRA τ_i has r) they are arbitrary null directions."""
+    out = []
+    for u, sigma, vh in svds:
+        ki = min(k, numerical_rank(sigma, shape))
+        out.append(u[:, :ki] if side == "left" else vh[:ki].mT)
+    return out
+
+
+def norm_ratio(merged: Tensor, task_vectors: Sequence[Tensor], scaling: float) -> float:
+    """‖W_m‖_F / ‖λ Σ_i τ_i‖_F: the merged update's norm against task arithmetic's at λ (NaN
+    when Σ τ_i = 0)."""
+    total = torch.zeros_like(task_vectors[0])
+    for t in task_vectors:
+        total.add_(t)
+    ta = scaling * float(torch.linalg.vector_norm(total))
+    return float(torch.linalg.vector_norm(merged)) / ta if ta > 0 else math.nan
+
+
+def _stats(x: Tensor) -> tuple[float, float, float]:
+    if x.numel() == 0:
+        return math.nan, math.nan, math.nan
+    return float(x.min()), float(x.median()), float(x.max())
 
 
 @dataclass(frozen=True)
@@ -119,41 +163,64 @@ class MatrixMetrics:
     swudi_rank: int
     swudi_trace_share: float
     n: int
+    rank_c: int
+    truncation_cannot_bind: bool
+    norm_ratio_ta: float
+    input_overlap: float
+    auto_scale: float
 
 
 def matrix_metrics(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: float | None,
-                   rank_ratio: float) -> tuple[MatrixMetrics, SpectralReport]:
+                   rank_ratio: float, ta_scaling: float | None = None
+                   ) -> tuple[MatrixMetrics, SpectralReport]:
     """The analyze metrics of one merged update W_m (the recipe's base merge) and its τ_i.
 
     - inflation σ1(W_m) / max_i σ1(τ_i);
-    - ``subspace_overlap`` of the tasks' top-k left singular subspaces, k = max(1, ⌊r/K⌋) (the
-      per-task rank of TSV-M, arXiv 2412.00081);
-    - SVC's γ_r (arXiv 2602.05536) at ``alpha`` (None: 1/K): min, median, max;
+    - ``subspace_overlap`` of the tasks' top-k left singular subspaces (``overlap``: their
+      outputs) and right ones (``input_overlap``: their inputs, the rows of τ_i that WUDI's
+      objective stands on), k = max(1, ⌊r/K⌋) (the per-task rank of TSV-M, arXiv 2412.00081),
+      at most each τ_i's numerical rank;
+    - SVC's γ_r (arXiv 2602.05536) at ``alpha`` (None: 1/K), on W_m's numerical rank: min,
+      median, max;
     - the effective rank of σ(W_m) before and after SVC;
-    - with C = Σ w_i τ_iᵀ τ_i (eigenvalues floored at 1e-8, as SWUDI's code): the rank k_ℓ each
-      SWUDI-A rule picks (default clips), and the share Σ_{j<k} λ_j / Σ λ_j that SWUDI's top-k,
-      k = max(1, ⌊n·rank_ratio + 0.999⌋), keeps (arXiv 2606.07289).
+    - with C = Σ w_i τ_iᵀ τ_i in float64 (eigenvalues floored at 1e-8, as SWUDI's code): the
+      rank k_ℓ each SWUDI-A rule picks (default clips), SWUDI's k = max(1, ⌊n·rank_ratio +
+      0.999⌋) and the share Σ_{j<k} λ_j / Σ λ_j of trace C it keeps (arXiv 2606.07289), and
+      ``rank_c``, C's eigenvalues above rounding (``significant``): k > rank_c means the
+      truncation cannot bind (SWUDI is then its filtered closed form; every LoRA merge with
+      K·r < k);
+    - ``norm_ratio_ta`` ‖W_m‖_F / ‖λ Σ τ_i‖_F, λ = ``ta_scaling`` (None: task arithmetic's
+      registry default);
+    - ``auto_scale``: the factor ``scaling: auto`` (``methods/scale_rule.py``) gives W_m.
     """
     taus = prepare(task_vectors)
     svds = [thin_svd(t) for t in taus]
     report = spectral_report(merged, taus, alpha, sigma_tasks=[s for _, s, _ in svds])
-    k_top = tsv_rank(min(taus[0].shape), len(taus))
-    lam, _ = eigen(interference_gram(taus))
     shape = (taus[0].shape[0], taus[0].shape[1])
+    k_top = tsv_rank(min(shape), len(taus))
+    lam, _ = eigen(interference_gram(taus, CORE_DTYPE))
     n = lam.numel()
     k = swudi_rank(n, rank_ratio)
-    gamma = report.gamma
+    rank_c = significant(lam)
+    if ta_scaling is None:
+        ta_scaling = get_method(TA_METHOD).defaults()["scaling"]
+    g_min, g_median, g_max = _stats(report.gamma_kept)
+    w = upcast(merged).to(taus[0].dtype)
     metrics = MatrixMetrics(
         inflation=report.inflation,
-        overlap=subspace_overlap([u[:, :k_top] for u, _, _ in svds]),
+        overlap=subspace_overlap(top_bases(svds, k_top, shape, "left")),
         overlap_k=k_top,
-        gamma_min=float(gamma.min()), gamma_median=float(gamma.median()),
-        gamma_max=float(gamma.max()),
+        gamma_min=g_min, gamma_median=g_median, gamma_max=g_max,
         erank_before=effective_rank(report.sigma_merged),
         erank_after=effective_rank(report.sigma_calibrated),
         swudi_a_ranks={rule: select_rank(lam, shape, rule) for rule in RANK_RULES},
         swudi_rank=k,
         swudi_trace_share=float(lam[:k].sum() / lam.sum()),
         n=n,
+        rank_c=rank_c,
+        truncation_cannot_bind=k > rank_c,
+        norm_ratio_ta=norm_ratio(w, taus, ta_scaling),
+        input_overlap=subspace_overlap(top_bases(svds, k_top, shape, "right")),
+        auto_scale=auto_scale(w, taus),
     )
     return metrics, report

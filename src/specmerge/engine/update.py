@@ -4,6 +4,7 @@ the output dtype (``to_output``). Nothing here reads or writes a file."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from specmerge.methods.rng import CounterRNG
 from specmerge.plan import PlanEntry
 from specmerge.sources import count_nonfinite
 from specmerge.spaces import merge_in_space
+
+log = logging.getLogger(__name__)
 
 
 def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
@@ -60,6 +63,7 @@ def merged_update(entry: PlanEntry, task_vectors: Sequence[TaskVector],
     if entry.calibrate and calibration is not None:
         name, cal_kwargs = calibration
         cal = get_method(name)
+        log.debug("%s: calibrating with %s", entry.name, name)  # the calibration's own lines follow
         inputs = [merged, *task_vectors]
         merged = matrix_apply(entry, lambda ts: cal.fn(ts[0], ts[1:], **cal_kwargs),
                               inputs if cal.factored else [dense(t) for t in inputs])

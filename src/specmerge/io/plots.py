@@ -56,7 +56,8 @@ def plot_spectrum(sigma_tasks: Sequence[Sequence[float]], sigma_merged: Sequence
 def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
                   panels: Mapping[str, Sequence[Sequence[float]]], path: str | Path,
                   title: str = "") -> Path:
-    """One heat map per metric: rows are layers, columns module types (NaN cells blank)."""
+    """One heat map per metric: rows are layers, columns module types (NaN cells blank: the
+    report blanks the matrices no expert changes)."""
     plt = _plt()
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -70,11 +71,43 @@ def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
         ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
         ax.set_xticks(range(len(modules)), labels=modules, fontsize=7, rotation=60, ha="right")
         ax.set_ylabel("layer", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03,
+                     format="%.3g").ax.tick_params(labelsize=7)  # no offset on a tiny range
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_gamma_by_layer(layers: Sequence[str], gammas: Sequence[Sequence[float]],
+                        path: str | Path, alpha: float, title: str = "") -> Path:
+    """SVC's γ_r per layer: one box per layer over every direction of every matrix in it (box
+    the quartiles, whiskers min and max, a line the median), log scale, with γ = 1 (unchanged)
+    and γ = 1/α (the ceiling, a direction no task receives) marked. Empty layers are left out."""
+    plt = _plt()
+    from matplotlib import ticker
+
+    kept = [(layer, list(g)) for layer, g in zip(layers, gammas, strict=True) if len(g)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(kept) + 1.6), 3.6), dpi=120)
+    if kept:
+        ax.boxplot([g for _, g in kept], whis=(0, 100), widths=0.6, showfliers=False,
+                   medianprops={"color": "C3"})
+        ax.set_xticks(range(1, len(kept) + 1), labels=[layer for layer, _ in kept], fontsize=7)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="y", which="both", labelsize=7)
+    ax.axhline(1.0, color="0.4", lw=0.8, ls="--", label="γ = 1 (unchanged)")
+    ax.axhline(1.0 / alpha, color="C0", lw=0.8, ls=":", label=f"γ = 1/α = {1 / alpha:.3g}")
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel("SVC γ_r", fontsize=8)
+    ax.set_title(title or "SVC's γ per layer", fontsize=9)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

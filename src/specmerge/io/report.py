@@ -1,9 +1,9 @@
-"""The analyze report sink: ``report.json``, ``heatmaps.png``, spectra PNGs and ``index.html``,
-written into a hidden partial directory and renamed into place once complete."""
+"""The analyze report sink: ``report.json``, ``heatmaps.png``, ``gamma.png``, spectra PNGs and
+``index.html`` (``io/report_html.py``), written into a hidden partial directory and renamed into
+place once complete; ``summary_lines`` and ``read_summary`` for the CLI's echo."""
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from specmerge._version import __version__
-from specmerge.io.plots import plot_heatmaps, plot_spectrum
+from specmerge.io.plots import plot_gamma_by_layer, plot_heatmaps, plot_spectrum
+from specmerge.io.report_html import LORA_PRESET, render_html
 from specmerge.io.sinks import CollectingSink
 from specmerge.io.writer import Identity, atomic_output_dir, write_text
 from specmerge.plan import Plan
@@ -29,7 +30,16 @@ PANELS = (
     ("erank_after", "effective rank after SVC"),
     ("swudi_a_rank_fraction", "SWUDI-A k / n (participation_sqrt)"),
     ("swudi_trace_share", "trace share kept by SWUDI's top-k"),
+    ("rank_c_over_k", "rank C / SWUDI k (< 1: cannot bind)"),
+    ("input_overlap", "task input-space overlap"),
+    ("norm_ratio_ta", "‖W_m‖ / ‖task arithmetic‖"),
+    ("auto_scale", "scale of scaling: auto"),
 )
+# the metrics whose median over the touched matrices the summary gives
+MEDIANS = ("inflation", "overlap", "input_overlap", "gamma_median", "erank_before",
+           "erank_after", "swudi_trace_share", "rank_c", "swudi_rank", "norm_ratio_ta",
+           "auto_scale")
+GAMMA_FILE = "gamma.png"
 DEFAULT_RULE = "participation_sqrt"
 
 
@@ -47,7 +57,52 @@ def matrix_row(a: Any) -> dict[str, Any]:
     row = {"name": a.name, "shape": list(a.shape), "layer": layer, "module": module,
            **asdict(a.metrics)}
     row["swudi_a_rank_fraction"] = a.metrics.swudi_a_ranks[DEFAULT_RULE] / a.metrics.n
+    row["rank_c_over_k"] = a.metrics.rank_c / a.metrics.swudi_rank
     return row
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the matrices some expert changes (rank C > 0), and how many of them have
+    k > rank C (SWUDI's truncation cannot bind)."""
+    touched = [r for r in rows if r["rank_c"] > 0]
+    out: dict[str, Any] = {f"{m}_median": _median([r[m] for r in touched]) for m in MEDIANS}
+    out["touched"] = len(touched)
+    out["cannot_bind"] = sum(1 for r in touched if r["truncation_cannot_bind"])
+    return out
+
+
+def summary_lines(summary: dict[str, Any], rank_ratio: float) -> list[str]:
+    """The summary as the CLI echoes it, with the hint when most truncations cannot bind."""
+    def f(key: str) -> str:
+        x = summary.get(key)
+        return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+    lines = [f"median over {summary['touched']} changed matrices: inflation "
+             f"{f('inflation_median')}, overlap {f('overlap_median')} (inputs "
+             f"{f('input_overlap_median')}), SVC γ median {f('gamma_median_median')}, "
+             f"‖W_m‖/‖TA‖ {f('norm_ratio_ta_median')}, auto scale {f('auto_scale_median')}",
+             f"SWUDI at rank_ratio {rank_ratio:g}: k {f('swudi_rank_median')} against rank C "
+             f"{f('rank_c_median')}; k > rank C in {summary['cannot_bind']} of "
+             f"{summary['touched']}"]
+    if summary["touched"] and 2 * summary["cannot_bind"] > summary["touched"]:
+        lines.append(f"SWUDI's truncation cannot bind in most matrices: for SWUDI on these "
+                     f"experts use parameters: {{preset: {LORA_PRESET}}} or scaling: auto")
+    return lines
+
+
+def read_summary(out: Path) -> tuple[dict[str, Any], float]:
+    """The summary and rank ratio of a written report directory."""
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return report["summary"], report["rank_ratio"]
+
+
+def gamma_by_layer(layers: Sequence[str], rows: Sequence[dict[str, Any]],
+                   analyses: Sequence[Any]) -> list[list[float]]:
+    """Every γ_r of every matrix, pooled per layer, in the order of ``layers``."""
+    pooled: dict[str, list[float]] = {layer: [] for layer in layers}
+    for r, a in zip(rows, analyses, strict=True):
+        pooled[r["layer"]].extend(a.gamma)
+    return [pooled[layer] for layer in layers]
 
 
 def _json_safe(x: Any) -> Any:
@@ -67,88 +122,11 @@ def _grids(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], dict[s
     for key, title in PANELS:
         grid = [[math.nan] * len(modules) for _ in layers]
         for r in rows:
-            v = r[key]
+            v = r[key] if r["rank_c"] > 0 else None  # no expert changes it: blank
             grid[layers.index(r["layer"])][modules.index(r["module"])] = (
                 math.nan if v is None else v)
         panels[title] = grid
     return layers, modules, panels
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "–" if not math.isfinite(x) else f"{x:.3g}"
-    return html.escape(str(x))
-
-
-def render_html(report: dict[str, Any], spectra_files: Sequence[tuple[str, str]]) -> str:
-    """A self-contained page: settings, how to read it, the heat maps, the spectra, the table."""
-    rec = report["recipe"]
-    rows = report["matrices"]
-    rules = list(rows[0]["swudi_a_ranks"]) if rows else []
-    head = ["parameter", "shape", "inflation", "overlap", "γ min", "γ median", "γ max",
-            "erank W_m", "erank SVC", *[f"k {r}" for r in rules], "SWUDI k", "trace share"]
-    body = []
-    for r in rows:
-        cells = [r["name"], "×".join(map(str, r["shape"])), r["inflation"], r["overlap"],
-                 r["gamma_min"], r["gamma_median"], r["gamma_max"], r["erank_before"],
-                 r["erank_after"], *[r["swudi_a_ranks"][x] for x in rules], r["swudi_rank"],
-                 r["swudi_trace_share"]]
-        body.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
-    calib = rec.get("calibrate") or {}
-    spectra = "\n".join(f'<figure><img src="{html.escape(f)}" alt="spectrum of {html.escape(n)}">'
-                        f"<figcaption>{html.escape(n)}</figcaption></figure>"
-                        for n, f in spectra_files)
-    summary = report["summary"]
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>specmerge analyze: {html.escape(rec['merge_method'])}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
-        padding: 0 1em; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
-code {{ background: #f2f2f2; padding: 0 .2em; }}
-table {{ border-collapse: collapse; font-size: 12px; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; font-family: monospace; }}
-th {{ background: #f6f6f6; position: sticky; top: 0; }}
-img {{ max-width: 100%; }} figure {{ display: inline-block; margin: 0 1em 1em 0; }}
-figure img {{ width: 540px; }}
-figcaption {{ font: 12px monospace; }} .wide {{ overflow-x: auto; }}
-</style></head><body>
-<h1>Spectral analysis of <code>{html.escape(rec['merge_method'])}</code> over
-{len(rec['models'])} experts</h1>
-<p>specmerge {html.escape(report['specmerge_version'])}; {len(rows)} matrix parameters; SVC α =
-{_fmt(report['alpha'])} ({'from the recipe' if calib.get('alpha') is not None else '1/K'});
-SWUDI rank ratio {_fmt(report['rank_ratio'])}. The base merge is the recipe's method without its
-calibration. Parameters <code>{html.escape(json.dumps(rec['parameters'], sort_keys=True))}</code>,
-scope exclude <code>{html.escape(str(rec['scope']['exclude']))}</code>.</p>
-<p>Median over matrices: inflation {_fmt(summary['inflation_median'])}, overlap
-{_fmt(summary['overlap_median'])}, γ median {_fmt(summary['gamma_median_median'])}, effective rank
-{_fmt(summary['erank_before_median'])} → {_fmt(summary['erank_after_median'])} after SVC.</p>
-<h2>How to read it</h2>
-<ul>
-<li><b>inflation</b> σ1(W_m) / max_i σ1(τ_i): above 1, the merge's top direction is larger than any
-task's own (what SVC corrects, arXiv 2602.05536).</li>
-<li><b>overlap</b>: mean over task pairs of ‖U_iᵀU_j‖²/k for the top-k left singular vectors of
-each τ_i, k = ⌊r/K⌋ (TSV-M's budget): 1 = shared subspace, about k/m = unrelated.</li>
-<li><b>γ</b>: SVC's scale per singular direction; γ &lt; 1 shrinks an inflated direction.</li>
-<li><b>effective rank</b>: exp(entropy of σ/Σσ) of W_m, before and after SVC.</li>
-<li><b>k per rule</b>: the rank each SWUDI-A rule picks from the eigenvalues of
-C = Σ w_i τ_iᵀτ_i; <b>trace share</b>: the part of trace C that SWUDI's top-k keeps
-(arXiv 2606.07289).</li>
-</ul>
-<h2>Per layer</h2>
-<img src="heatmaps.png" alt="heat maps of the metrics per layer and module">
-<h2>Spectra (Figure 2 of the SVC paper)</h2>
-{spectra}
-<h2>Every matrix</h2>
-<div class="wide"><table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>
-</thead><tbody>
-{chr(10).join(body)}
-</tbody></table></div>
-<p>Data: <a href="report.json">report.json</a>.</p>
-</body></html>
-"""
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -184,9 +162,7 @@ class ReportSink(CollectingSink):
             "recipe": self.plan.recipe.resolved(),
             "alpha": 1.0 / k if self.alpha is None else self.alpha,
             "rank_ratio": self.rank_ratio,
-            "summary": {f"{m}_median": _median([r[m] for r in rows])
-                        for m in ("inflation", "overlap", "gamma_median", "erank_before",
-                                  "erank_after", "swudi_trace_share")},
+            "summary": summarize(rows),
             "matrices": rows,
         }
         names = self._spectra_names(rows)
@@ -205,8 +181,11 @@ class ReportSink(CollectingSink):
                 plot_spectrum(a.sigma_tasks, a.sigma_merged, a.sigma_calibrated, tmp / f,
                               title=f"{n} (inflation {a.metrics.inflation:.2f})")
                 files.append((n, f))
+            plot_gamma_by_layer(layers, gamma_by_layer(layers, rows, ordered),
+                                tmp / GAMMA_FILE, report["alpha"],
+                                title=f"SVC γ per layer (α = {report['alpha']:.3g})")
             write_text(tmp / "report.json",
                        json.dumps(_json_safe(report), indent=1, ensure_ascii=False) + "\n")
-            write_text(tmp / "index.html", render_html(report, files))
+            write_text(tmp / "index.html", render_html(report, files, GAMMA_FILE))
         return self.out
 

@@ -7,6 +7,7 @@ used at scale 1.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from specmerge.linalg import numerical_rank, thin_svd
 from specmerge.lowrank import LowRank, TaskVector, embed
 from specmerge.methods.registry import Interval, register
 
+log = logging.getLogger(__name__)
 _EPS = 1e-12  # floor of ‖a_i^r‖² in s_i^r, as in the official code
 
 
@@ -30,25 +32,49 @@ def svc_responses(u: Tensor, sigma: Tensor, vh: Tensor, tau: Tensor) -> Tensor:
     return sigma * (a * vh).sum(1) / (a * a).sum(1).clamp_min(_EPS)
 
 
-def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Tensor], *,
-                 alpha: float, target: int | None = None) -> Tensor:
-    """SVC (left space) given the thin SVD W_m = U diag(σ) Vᵀ; see ``svc`` for the rule.
-
-    The result is unchanged when any pair (u_r, v_r) flips sign: s_i^r, hence γ_r, is even in
-    the pair and u_r v_rᵀ is too.
-    """
+def svc_gamma(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Tensor], *,
+              alpha: float, target: int | None = None) -> Tensor:
+    """SVC's factors γ_r, one per singular direction of W_m = U diag(σ) Vᵀ (see ``svc``):
+    K / Σ_i max(α, s_i^r) (a NaN or −inf s_i^r counts as α), or with ``target`` 1 / η_r."""
     if target is not None:
         s_t = svc_responses(u, sigma, vh, task_vectors[target])
         one = torch.ones((), dtype=s_t.dtype, device=s_t.device)
         eta = torch.where(s_t > 0, s_t.clamp_min(alpha), one)  # NaN > 0 is False: η = 1
-        scale = 1.0 / eta
-    else:
-        total = torch.zeros_like(sigma)
-        for tau in task_vectors:
-            s = svc_responses(u, sigma, vh, tau)
-            s = torch.where(torch.isnan(s) | torch.isneginf(s), alpha, s)
-            total.add_(s.clamp_min(alpha))
-        scale = len(task_vectors) / total
+        return 1.0 / eta
+    total = torch.zeros_like(sigma)
+    for tau in task_vectors:
+        s = svc_responses(u, sigma, vh, tau)
+        s = torch.where(torch.isnan(s) | torch.isneginf(s), alpha, s)
+        total.add_(s.clamp_min(alpha))
+    return len(task_vectors) / total
+
+
+def gamma_in_range(gamma: Tensor, sigma: Tensor, shape: Sequence[int]) -> Tensor:
+    """γ_r on the directions W_m has (r < its numerical rank): elsewhere σ_r is rounding noise
+    and γ_r ⊙ σ_r changes nothing (a LoRA merge has rank ≤ Σ r_i, and there γ_r = 1/α)."""
+    return gamma[:numerical_rank(sigma, shape)]
+
+
+def _log_gamma(gamma: Tensor, sigma: Tensor, shape: Sequence[int]) -> None:
+    g = gamma_in_range(gamma, sigma, shape)
+    if g.numel():
+        log.debug("svc: γ over the %d directions of W_m (%d × %d): min %.4g, median %.4g, "
+                  "max %.4g", g.numel(), shape[0], shape[1], float(g.min()), float(g.median()),
+                  float(g.max()))
+
+
+def svc_from_svd(u: Tensor, sigma: Tensor, vh: Tensor, task_vectors: Sequence[Tensor], *,
+                 alpha: float, target: int | None = None,
+                 shape: Sequence[int] | None = None) -> Tensor:
+    """SVC (left space) given the thin SVD W_m = U diag(σ) Vᵀ; see ``svc`` for the rule.
+    ``shape``: W_m's logical (m, n), for the DEBUG log of γ (default: from u and vh).
+
+    The result is unchanged when any pair (u_r, v_r) flips sign: s_i^r, hence γ_r, is even in
+    the pair and u_r v_rᵀ is too.
+    """
+    scale = svc_gamma(u, sigma, vh, task_vectors, alpha=alpha, target=target)
+    if log.isEnabledFor(logging.DEBUG):
+        _log_gamma(scale, sigma, shape or (u.shape[0], vh.shape[1]))
     return (u * (scale * sigma)) @ vh
 
 
@@ -175,7 +201,8 @@ def svc(merged: TaskVector, task_vectors: Sequence[TaskVector], *, alpha: float 
         tensors = [t.mT for t in tensors]
     basis, (w, *taus) = embed(tensors, "svc")
     u, sigma, vh = canonical_basis(*thin_svd(w), taus, basis.shape)
-    out = basis.lift(svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target))
+    out = basis.lift(svc_from_svd(u, sigma, vh, taus, alpha=alpha, target=target,
+                                  shape=basis.shape))
     if space == "right":
         return out.mT if isinstance(out, LowRank) else out.mT.contiguous()
     return out

@@ -90,12 +90,14 @@ def negligible(taus: Sequence[Tensor]) -> bool:
     return all(_sq_norm(t) < WEIGHT_FLOOR for t in taus)
 
 
-def interference_gram(taus: Sequence[Tensor]) -> Tensor:
-    """C = Σ w_i τ_iᵀ τ_i (n × n) alone, for diagnostics that need no D."""
+def interference_gram(taus: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """C = Σ w_i τ_iᵀ τ_i (n × n) alone, for diagnostics that need no D, in ``dtype`` (default:
+    the τ_i's; the methods use ``CORE_DTYPE``), each τ_i cast to it in turn."""
     n = taus[0].shape[1]
-    c = taus[0].new_zeros(n, n)
+    c = taus[0].new_zeros(n, n, dtype=dtype or taus[0].dtype)
     for w, tau in zip(task_weights(taus), taus, strict=True):
-        c.addmm_(tau.mT, tau, alpha=w)
+        t = tau.to(c.dtype)
+        c.addmm_(t.mT, t, alpha=w)
     return c
 
 
