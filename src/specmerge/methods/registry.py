@@ -436,6 +436,8 @@ def _load_all() -> None:
         elementwise,
         interference,
         passthrough,
+        selective,
+        spherical,
         subspace,
         weightspace,
     )
