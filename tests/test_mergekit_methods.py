@@ -331,3 +331,66 @@ def test_mergekit_slerp_recipe_converts_and_merges(toy_models, tmp_path) -> None
     # recognised as mergekit's and merges to the same tensors
     direct = specmerge.merge(p, tmp_path / "direct", progress=False).out_dir
     assert (direct / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_mergekit_recipes_without_base_model(toy_models, tmp_path) -> None:
+    """nuslerp, multislerp and karcher run without a base_model, as in mergekit: the first
+    model is the base; nuslerp interpolates it with its weight, karcher averages it too."""
+    b, e = toy_models["base_sd"], toy_models["expert_sds"]
+    paths = [str(toy_models["base"]), *map(str, toy_models["experts"])]
+    mk = {"merge_method": "nuslerp", "dtype": "float32", "parameters": {"nuslerp_flatten": False},
+          "models": [{"model": paths[0], "parameters": {"weight": 0.4}},
+                     {"model": paths[1], "parameters": {"weight": 0.6}}]}
+    rec = from_mergekit(mk)
+    assert rec["base_model"] == paths[0] and rec["models"] == [{"model": paths[1], "weight": 0.6}]
+    assert rec["parameters"] == {"base_weight": 0.4, "nuslerp_flatten": False}
+    got = load_file(str(specmerge.merge(mk, tmp_path / "nu", progress=False).out_dir
+                        / "model.safetensors"))
+    for name, theta0 in b.items():
+        v0, v1 = theta0.reshape(-1, theta0.shape[-1]), e[0][name].reshape(-1, theta0.shape[-1])
+        cos = torch.nn.functional.cosine_similarity(v0, v1, dim=-1).unsqueeze(-1)
+        omega = torch.acos(cos)
+        ref = (torch.sin(0.4 * omega) * v0 + torch.sin(0.6 * omega) * v1) / torch.sin(omega)
+        torch.testing.assert_close(got[name], ref.reshape(theta0.shape), rtol=1e-5, atol=1e-6)
+
+    mk = {"merge_method": "karcher", "models": paths[:3], "parameters": {"max_iter": 20}}
+    assert specmerge.load_recipe(mk).models[0].model == paths[1]  # read as mergekit's
+    got = load_file(str(specmerge.merge(mk, tmp_path / "ka", progress=False).out_dir
+                        / "model.safetensors"))
+    for name, theta0 in b.items():
+        ref = theta0 + karcher([e[0][name] - theta0, e[1][name] - theta0], base=theta0,
+                               max_iter=20)
+        torch.testing.assert_close(got[name], ref, rtol=1e-6, atol=1e-6)
+
+    mk = {"merge_method": "multislerp", "models": [
+        {"model": p, "parameters": {"weight": w}} for p, w in zip(paths, [1.0, 2.0, 3.0, 0.5],
+                                                                  strict=True)]}
+    rec = from_mergekit(mk)
+    assert rec["parameters"] == {"base_weight": 1.0}
+    assert [m["weight"] for m in rec["models"]] == [2.0, 3.0, 0.5]
+    for method in ("arcee_fusion", "ram", "ramplus_tl"):
+        with pytest.raises(ValueError, match=f"mergekit's {method} needs a base_model"):
+            from_mergekit({"merge_method": method, "models": paths[:2]})
+
+
+def test_mergekit_ram_and_arcee_fusion_recipes(toy_models, tmp_path) -> None:
+    base, experts = str(toy_models["base"]), [str(p) for p in toy_models["experts"]]
+    # epsilon is RAM's own shared parameter here, not DELLA's per-model one
+    rec = from_mergekit({"merge_method": "ramplus_tl", "base_model": base, "models": experts,
+                         "parameters": {"epsilon": 0.01, "r": 0.3, "alpha": 0.5}})
+    assert rec["merge_method"] == "ramplus_tl"
+    assert rec["parameters"] == {"epsilon": 0.01, "r": 0.3, "alpha": 0.5}
+    with pytest.raises(ValueError, match=r"parameters \['epsilon'\]"):
+        from_mergekit({"merge_method": "ram", "base_model": base,
+                       "models": [{"model": experts[0], "parameters": {"epsilon": 0.1}}]})
+    # arcee_fusion: the base among the models is skipped, as mergekit takes it as the base
+    mk = {"merge_method": "arcee_fusion", "base_model": base, "models": [base, experts[0]]}
+    out = specmerge.merge(mk, tmp_path / "af", progress=False).out_dir
+    got = load_file(str(out / "model.safetensors"))
+    b, e = toy_models["base_sd"], toy_models["expert_sds"][0]
+    changed = 0
+    for name, theta0 in b.items():
+        ref = theta0 + arcee_fusion([e[name] - theta0], base=theta0)
+        torch.testing.assert_close(got[name], ref, rtol=0, atol=1e-6)
+        changed += int((got[name] != theta0).sum())
+    assert 0 < changed < 0.5 * sum(t.numel() for t in b.values())  # the outliers only
