@@ -59,7 +59,7 @@ def quartiles(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     family="elementwise",
     summary="Keep the expert's change where its importance |τ| · KL(softmax θ1 ‖ softmax θ0) "
             "reaches median + 1.5 IQR of the tensor's importances.",
-    citation="Arcee AI, Arcee Fusion (arcee.ai); as in mergekit 0.1.5 "
+    citation="Arcee AI, Arcee Fusion (arcee.ai, mergekit's reference); as in mergekit 0.1.5 "
              "(mergekit/merge_methods/arcee_fusion.py)",
     docs={},
     uses_base=True,

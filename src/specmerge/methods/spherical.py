@@ -101,7 +101,8 @@ def karcher_mean(points: Sequence[Tensor], *, max_iter: int, tol: float) -> Tens
     family="elementwise",
     summary="Karcher mean of the models' directions on the unit sphere (base included), "
             "scaled by their mean norm.",
-    citation="Karcher mean merging, arXiv 2603.04972; as in mergekit 0.1.5 "
+    citation="Karcher, Riemannian center of mass and mollifier smoothing, Comm. Pure Appl. "
+             "Math. 1977; arXiv 2603.04972 (mergekit's reference); as in mergekit 0.1.5 "
              "(mergekit/merge_methods/karcher.py)",
     docs={"max_iter": "most fixed-point iterations of the Riemannian mean",
           "tol": "stop when the mean's tangent step is shorter; norms and angles below it count "
@@ -114,7 +115,7 @@ def karcher_mean(points: Sequence[Tensor], *, max_iter: int, tol: float) -> Tens
 )
 def karcher(task_vectors: Sequence[Tensor], *, base: Tensor, max_iter: int = 10,
             tol: float = 1e-5) -> Tensor:
-    """Karcher mean (arXiv 2603.04972, mergekit 0.1.5) of θ0, θ_1 = θ0 + τ_1, …, θ_K
+    """Karcher mean (Karcher 1977; arXiv 2603.04972; mergekit 0.1.5) of θ0, θ_1 = θ0 + τ_1, …, θ_K
     (``karcher_mean``); returns τ = mean − θ0. Float32 (float64 for float64 inputs)."""
     dtype = _work_dtype(base)
     theta0 = base.to(dtype)
