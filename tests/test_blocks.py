@@ -38,6 +38,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("tsv_m", {"scope": {"fallback": "task_arithmetic", "exclude": ["re:\\.0\\."]}}),
     ("iso_c", {"scope": {"fallback": "average"}}),
     ("star", {"scope": {"fallback": "base"}}),
+    ("ram", {}),
+    ("ramplus_tl", {"parameters": {"epsilon": 0.02, "r": 0.5}}),  # RamCounts over the blocks
 ]
 
 
@@ -127,7 +129,7 @@ PROPAGATING = [m for m in all_methods() if m.propagates_nonfinite]
 
 def test_which_methods_check_the_output_only() -> None:
     assert {m.name for m in PROPAGATING} == {"weight_average", "task_arithmetic", "dare",
-                                              "nearswap"}
+                                              "nearswap", "ram", "ramplus_tl"}
 
 
 @pytest.mark.parametrize("method", [m.name for m in PROPAGATING])
@@ -145,6 +147,8 @@ def test_propagating_methods_turn_every_nonfinite_input_into_a_nonfinite_output(
         settings.append({"scaling": 0.0, "weights": [1.0] * k})
     if method == "nearswap":  # no weights; thresholds from none to every entry
         settings = [{"t": t} for t in (0.0, 1e-4, 0.5, 1e3)]
+    if method in ("ram", "ramplus_tl"):  # no weights; every entry changed, some, none
+        settings = [{"epsilon": e} for e in (0.0, 0.5, 1e3)]
     if method == "dare":
         settings = [{**s, "drop_rate": p, "generators": [CounterRNG(i) for i in range(k)]}
                     for s in settings for p in (0.0, 0.9)]

@@ -15,6 +15,9 @@ Bytes are still compared where they must agree: inside one test session, on one 
 Regenerate (only for an intended change, explained in the commit) with::
 
     python tests/test_golden.py --write
+
+or, for new cases (a new method), record only the cases the file lacks, leaving every existing
+record as it is, with ``python tests/test_golden.py --write-new``.
 """
 
 from __future__ import annotations
@@ -222,24 +225,28 @@ CODE_PATHS = {"mkl-compatible": {"MKL_CBWR": "COMPATIBLE"}, "mkl-avx2": {"MKL_CB
               "threads-1": {"OMP_NUM_THREADS": "1"}, "threads-3": {"OMP_NUM_THREADS": "3"}}
 
 
-def run_all(root: Path, tag: str) -> None:
+def run_all(root: Path, tag: str, names: list[str] | None = None) -> None:
     for _, model, case, svc in record_keys():
-        run_case(root, model, case, svc, 1, tag)
+        if names is None or case[0] in names:
+            run_case(root, model, case, svc, 1, tag)
 
 
-def all_records(root: Path) -> dict[str, dict[str, Any]]:
-    """Record every case here, then re-run every case on each of ``CODE_PATHS`` (one process
-    each) and derive each tensor's tolerance from the largest deviation seen."""
+def all_records(root: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Record every case here (or the cases named in ``names``), then re-run them on each of
+    ``CODE_PATHS`` (one process each) and derive each tensor's tolerance from the largest
+    deviation seen."""
     import os
     import subprocess
 
     make_models(root)
-    run_all(root, "")
+    run_all(root, "", names)
     for tag, env in CODE_PATHS.items():
-        subprocess.run([sys.executable, __file__, "--run-all", str(root), f"-{tag}"], check=True,
-                       env={**os.environ, **env})
+        subprocess.run([sys.executable, __file__, "--run-all", str(root), f"-{tag}",
+                        *(names or [])], check=True, env={**os.environ, **env})
     records = {}
     for key, model, case, svc in record_keys():
+        if names is not None and case[0] not in names:
+            continue
         out = root / "out" / f"{model}-{case[0]}-{svc}-1"
         record = summarize(out, root)
         spread = dict.fromkeys(record["tensors"], (0.0, 0.0))
@@ -372,7 +379,16 @@ def test_the_goldens_catch_deliberate_breaks(golden_root: Path, golden: dict[str
 
 
 if __name__ == "__main__" and "--run-all" in sys.argv:
-    run_all(Path(sys.argv[2]), sys.argv[3])
+    run_all(Path(sys.argv[2]), sys.argv[3], sys.argv[4:] or None)
+elif __name__ == "__main__" and "--write-new" in sys.argv:
+    import tempfile
+
+    old = json.loads(GOLDEN.read_text())
+    new = sorted({case[0] for key, _, case, _ in record_keys() if key not in old})
+    with tempfile.TemporaryDirectory() as d:
+        added = {k: v for k, v in all_records(Path(d).resolve(), new).items() if k not in old}
+    GOLDEN.write_text(json.dumps({**old, **added}, indent=0, sort_keys=True) + "\n")
+    print(f"added {len(added)} records to {GOLDEN}: {sorted(added)}")
 elif __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
 

@@ -116,8 +116,8 @@ def test_mergekit_linear_is_the_weighted_average_of_the_listed_models(toy_models
 
 @pytest.mark.parametrize("change, message", [
     ({"slices": []}, "'slices' with merge_method 'ties'.*several merged slices are not yet"),
-    ({"merge_method": "karcher"}, "mergekit's 'karcher' is not implemented"),
-    ({"merge_method": "ramplus_tl"}, "mergekit's 'ramplus_tl' is not implemented"),
+    ({"merge_method": "lrp"}, "mergekit's 'lrp' is not implemented"),
+    ({"merge_method": "core_space"}, "mergekit's 'core_space' is not implemented"),
     ({"tokenizer_source": "EXPERT"}, "tokenizer.source '.*EXPERT' is neither the base_model"),
     ({"tokenizer": {"pad_to_multiple_of": 64}}, "pad_to_multiple_of is not supported yet"),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),

@@ -24,7 +24,9 @@ densities. ``gta`` reproduces mergekit's ties bit for bit on float32 inputs
 
 ``linear`` (Σ w_i θ_i / Σ w_i over the listed models) is θ0 + Σ w_i τ_i / Σ w_i, i.e. ``gta``
 with λ = 1 / Σ w_i, whether or not the base is listed (its τ is 0). GTA methods skip a listed
-base model, as mergekit does. Without ``base_model``, linear's first model stands as θ0; other
+base model, as mergekit does. mergekit's other methods are specmerge methods of the same name
+(``NATIVE``). Without ``base_model``, linear's first model stands as θ0, and so does karcher's,
+nuslerp's and multislerp's (``NO_BASE``; the last two get its weight as ``base_weight``); other
 methods are refused naming the field (``MERGEKIT_METHODS``: mergekit's own base contract).
 Passthrough takes ``slices`` or one model; one slice over every layer merged with a method is
 the ``models`` form. Tokenizer keys (``tokenizer_source``, ``tokenizer``, ``chat_template``)
@@ -57,8 +59,9 @@ GTA_PRESETS: dict[str, dict[str, Any]] = {
                          "normalize": False, "rescale": False},
 }
 # mergekit methods that are specmerge methods of the same name and meaning
-# (specmerge.methods.weightspace): mergekit's shared parameter → specmerge's (None: accepted
-# and dropped, it does not change the result); per-model weight, density and epsilon as for GTA
+# (specmerge.methods.weightspace, .spherical, .selective): mergekit's shared parameter →
+# specmerge's (None: accepted and dropped, it does not change the result); per-model weight,
+# density and epsilon as for GTA (a shared parameter listed here is the method's own)
 NATIVE: dict[str, dict[str, str | None]] = {
     "slerp": {"t": "t"},
     "nearswap": {"t": "t"},
@@ -68,10 +71,20 @@ NATIVE: dict[str, dict[str, str | None]] = {
               "int8_mask": None},
     "della_linear": {"normalize": "normalize", "rescale": "rescale", "lambda": "scaling",
                      "int8_mask": None},
+    "karcher": {"max_iter": "max_iter", "tol": "tol"},
+    "nuslerp": {"nuslerp_row_wise": "nuslerp_row_wise", "nuslerp_flatten": "nuslerp_flatten"},
+    "multislerp": {"normalize_weights": "normalize_weights", "eps": "eps"},
+    "arcee_fusion": {},
+    "ram": {"epsilon": "epsilon"},
+    "ramplus_tl": {"r": "r", "alpha": "alpha", "epsilon": "epsilon"},
 }
+# methods that mergekit runs without a base_model: the first model is specmerge's base; karcher
+# averages it with the others (as mergekit averages all its inputs), and nuslerp and
+# multislerp interpolate it with its weight (``base_weight``) instead of around it
+NO_BASE = ("linear", "karcher", "nuslerp", "multislerp")
+BASE_WEIGHT = ("nuslerp", "multislerp")
 SUPPORTED = ("linear", *GTA_PRESETS, *NATIVE)
-OTHER_METHODS = ("nuslerp", "multislerp", "karcher", "arcee_fusion",
-                 "core_space", "ram", "ramplus_tl", "lrp", "task_adapter")
+OTHER_METHODS = ("core_space", "lrp", "task_adapter")
 # method names that only mergekit uses (task_arithmetic, ties and NATIVE are specmerge's too)
 MERGEKIT_ONLY = (frozenset(SUPPORTED) - {"task_arithmetic", "ties"} - frozenset(NATIVE)
                  | frozenset(OTHER_METHODS))
@@ -301,7 +314,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                             f"recipe (specmerge methods lists ours)")
     shared = dict(data.get("parameters") or {})
     defaults = {k: (_scalar if k == "gamma" else _setting)(shared.pop(k), f"parameters.{k}")
-                for k in MODEL_PARAMS if k in shared}
+                for k in MODEL_PARAMS if k in shared and k not in NATIVE.get(method, {})}
     extra = sorted(set(shared) - set(NATIVE.get(method, SHARED_PARAMS)))
     if extra:
         raise MergekitError(f"parameters {extra} are not mergekit's shared parameters for "
@@ -313,15 +326,17 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     base = data.get("base_model")
     if base is not None and not isinstance(base, (str, os.PathLike)):
         raise MergekitError(f"base_model must be a path, got {str(base)[:80]!r}")
+    params: dict[str, Any] = {}
     if base is None:
         base = _no_base(method, entries)
+        if method in BASE_WEIGHT:
+            params["base_weight"] = {**defaults, **entries[0][1]}.get("weight", 1.0)
     base = os.fspath(base)
     experts = [(p, {**defaults, **q}) for p, q in entries
                if os.path.realpath(p) != os.path.realpath(base)]
     if not experts:
         raise MergekitError("no model other than the base to merge")
 
-    params: dict[str, Any] = {}
     if method == "linear":
         weights = [{**defaults, **q}.get("weight", 1.0) for _, q in entries]
         if any(is_schedule(w) for w in weights):
@@ -377,11 +392,12 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _no_base(method: str, entries: list[tuple[str, dict[str, Any]]]) -> str:
-    """The model that stands as θ0 in a recipe without ``base_model``: linear's first model
-    (Σ w_i θ_i / Σ w_i = θ_1 + Σ_{i>1} w_i τ_i / Σ w_i, with τ_i = θ_i − θ_1; mergekit also
-    takes the config and tokenizer from the first model). Other methods are refused, naming
-    the field and what mergekit 0.1.5 does (its InputContract.base)."""
-    if method == "linear":
+    """The model that stands as θ0 in a recipe without ``base_model``: the first model, for
+    linear (Σ w_i θ_i / Σ w_i = θ_1 + Σ_{i>1} w_i τ_i / Σ w_i, with τ_i = θ_i − θ_1; mergekit
+    also takes the config and tokenizer from the first model) and the other ``NO_BASE``
+    methods. Other methods are refused, naming the field and what mergekit 0.1.5 does (its
+    InputContract.base)."""
+    if method in NO_BASE:
         return entries[0][0]
     policy = MERGEKIT_METHODS.get(method)
     if policy == "required":

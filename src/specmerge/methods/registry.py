@@ -459,6 +459,8 @@ def _load_all() -> None:
         elementwise,
         interference,
         passthrough,
+        selective,
+        spherical,
         subspace,
         weightspace,
     )
