@@ -273,3 +273,12 @@ def test_the_cli_echoes_the_new_metrics(lora_recipe, tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "rank C = 3 against SWUDI's k = 6: the truncation cannot bind" in res.output
     assert "scaling: auto would choose 0." in res.output and "inputs " in res.output
+
+
+def test_heat_map_colours_do_not_shade_rounding_errors() -> None:
+    from specmerge.io.plots import _color_range
+
+    lo, hi = _color_range([[0.9999998325, 0.99999983], [math.nan, 0.9999998]])
+    assert lo < 0.6 and hi > 1.4  # agree to 1e-6: one colour, not a shade per rounding error
+    assert _color_range([[0.1, 0.5], [math.nan, 0.3]]) == (0.1, 0.5)
+    assert _color_range([[math.nan]]) == (None, None)

@@ -53,6 +53,19 @@ def plot_spectrum(sigma_tasks: Sequence[Sequence[float]], sigma_merged: Sequence
     return path
 
 
+def _color_range(grid: Sequence[Sequence[float]]) -> tuple[float | None, float | None]:
+    """The colour scale of a panel: its finite range, widened around the value when the cells
+    agree to 1e-6 relative (a shade per rounding error would read as a real difference)."""
+    finite = [float(v) for row in grid for v in row if math.isfinite(v)]
+    if not finite:
+        return None, None
+    lo, hi = min(finite), max(finite)
+    if hi - lo <= 1e-6 * max(abs(lo), abs(hi), 1e-30):
+        pad = 0.5 * max(abs(hi), 1e-30)
+        return lo - pad, hi + pad
+    return lo, hi
+
+
 def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
                   panels: Mapping[str, Sequence[Sequence[float]]], path: str | Path,
                   title: str = "") -> Path:
@@ -66,7 +79,9 @@ def plot_heatmaps(layers: Sequence[str], modules: Sequence[str],
     fig, axes = plt.subplots(rows, cols, figsize=(cols * width, rows * height), dpi=110,
                              squeeze=False)
     for ax, (label, grid) in zip(axes.flat, panels.items(), strict=False):
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        lo, hi = _color_range(grid)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo,
+                       vmax=hi)
         ax.set_title(label, fontsize=9)
         ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
         ax.set_xticks(range(len(modules)), labels=modules, fontsize=7, rotation=60, ha="right")
@@ -107,7 +122,8 @@ def plot_gamma_by_layer(layers: Sequence[str], gammas: Sequence[Sequence[float]]
     ax.set_xlabel("layer", fontsize=8)
     ax.set_ylabel("SVC γ_r", fontsize=8)
     ax.set_title(title or "SVC's γ per layer", fontsize=9)
-    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=2)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
