@@ -66,8 +66,9 @@ def markdown_table(results: dict) -> str:
     """One row per method: per-task accuracy (mean over seeds), average and normalised accuracy
     (mean, then each seed's value in parentheses), and merge time."""
     tasks = [t["name"] for t in results["tasks"]]
+    metrics = sorted({m for r in results["rows"] for m in r.get("metrics", {})})
     head = (["method"] + [TASK_ABBR.get(t, t) for t in tasks]
-            + ["avg", "normalised", "merge s"])
+            + ["avg", "normalised"] + metrics + ["merge s"])
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in results["rows"]:
@@ -81,8 +82,9 @@ def markdown_table(results: dict) -> str:
             name += " (failed: see results.json)"
         cells = [name] + [_fmt(r["acc"][t]) for t in tasks]
         cells += [_with_seeds(r["avg"], r["avg_per_seed"]),
-                  _with_seeds(r["norm"], r["norm_per_seed"]),
-                  _fmt(r.get("merge_s"), 1) if "merge_s" in r else "–"]
+                  _with_seeds(r["norm"], r["norm_per_seed"])]
+        cells += [_fmt(r.get("metrics", {}).get(m), 2) for m in metrics]
+        cells += [_fmt(r.get("merge_s"), 1) if "merge_s" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,7 +138,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     lo = min(vals + [by[ZERO_SHOT]["norm"]] if ZERO_SHOT in by else vals)
     ax.set_ylim(max(0, lo - 5), 102)
     kind = ", LoRA experts" if results["protocol"].get("lora") else ""
-    ax.set_title(f"text8{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
+    ax.set_title(f"{results.get('benchmark', 'text8')}{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
                  f"{results['protocol']['seeds']} seed(s))")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -196,7 +198,7 @@ def plot_heatmap(results: dict, path: Path) -> Path:
             ax.text(j, i, f"{rows[i]['acc'][tasks[j]]:.0f}", ha="center", va="center",
                     fontsize=6.5, color="white" if data[i, j] < 80 else "black")
     fig.colorbar(im, ax=ax, label="accuracy ÷ expert accuracy (%)")
-    ax.set_title("text8: accuracy per task (numbers) and relative to the expert (colour)",
+    ax.set_title(f"{results.get('benchmark', 'text8')}: accuracy per task (numbers) and relative to the expert (colour)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -304,7 +306,7 @@ def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path
     files = {"json": write_json(results, out / "results.json")}
     table = markdown_table(results)
     files["table"] = atomic_write_text(out / "table.md", table + "\n")
-    if "versions" in results:
+    if "versions" in results and results.get("benchmark", "text8") == "text8":
         files["report"] = atomic_write_text(out / "report.md", markdown_report(results, prefix))
     files["bars"] = plot_bars(results, out / f"{prefix}_normalised.png")
     files["heatmap"] = plot_heatmap(results, out / f"{prefix}_heatmap.png")
