@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,17 +166,29 @@ class Task:
         return h.hexdigest()
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, int]]:
-    rows = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file; a clear error naming
+    the line for one that is not a JSON object."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
-                rows.append((str(d["text"]), int(d["label"])))
-            except (ValueError, KeyError) as e:
-                raise BenchError(f"{path}:{i}: expected {{'text': str, 'label': int}}") from e
+            except ValueError as e:
+                raise BenchError(f"{path}:{i}: not JSON ({e})") from e
+            if not isinstance(d, dict):
+                raise BenchError(f"{path}:{i}: expected a JSON object")
+            yield i, d
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, int]]:
+    rows = []
+    for i, d in jsonl_records(path):
+        try:
+            rows.append((str(d["text"]), int(d["label"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"{path}:{i}: expected {{'text': str, 'label': int}}") from e
     return rows
 
 
