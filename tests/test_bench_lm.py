@@ -129,6 +129,15 @@ def test_batched_continuation_logprobs_equal_one_sequence_at_a_time(tiny):
         assert g == pytest.approx(ref, abs=1e-4)
 
 
+def test_choices_scored_on_one_cached_context_equal_the_full_sequences(tiny):
+    model, tok = L.load_lm(tiny)
+    ctx, _ = L.encode_pair(tok, "Pick one of these:", " x")
+    conts = [L.encode_pair(tok, "Pick one of these:", " " + c)[1] for c in ("a", "bb cc", "d e f")]
+    got = S.choice_logprobs(model, ctx, conts, tok.pad_token_id, "cpu")
+    ref = S.continuation_logprobs(model, [(ctx, c) for c in conts], tok.pad_token_id, "cpu")
+    assert got == pytest.approx(ref, abs=1e-4) and len({len(c) for c in conts}) > 1
+
+
 def test_encode_pair_splits_the_whole_encoding(tiny):
     _, tok = L.load_lm(tiny)
     ctx, cont = L.encode_pair(tok, "Answer:", " yes")
@@ -203,11 +212,13 @@ def test_quick_run_end_to_end_on_a_tiny_llama(tmp_path, tiny):
     assert not any(r.get("errors") for r in lora["rows"])
 
 
-def test_lm_eval_scores_a_model_as_the_bench_does(tmp_path, tiny):
+def test_lm_eval_scores_a_model_as_the_bench_does(tmp_path, tiny, monkeypatch):
     """The written lm-eval tasks give the evaluator's numbers (skipped without lm-eval).
 
     The tiny tied model repeats a prompt's last token, so prompts ending in a digit give
     numbers; half the answers are set to the evaluator's own final answer, half to -1."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # as a user runs it here: offline
+        monkeypatch.setenv(var, "1")
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
