@@ -176,7 +176,8 @@ def test_wrong_gguf_hash_is_a_clear_error(tmp_path):
 
 def test_quick_run_end_to_end_on_a_tiny_llama(tmp_path, tiny):
     """Full experts trained 4 steps, merged by the quick rows, scored, tabled, with lm-eval
-    YAMLs; a LoRA run of one row on the same cache trains adapters on all seven linears."""
+    YAMLs; a LoRA run on the same cache trains adapters on all seven linears and merges them
+    with specmerge and with PEFT."""
     from typer.testing import CliRunner
 
     from specmerge.bench import report
@@ -202,14 +203,16 @@ def test_quick_run_end_to_end_on_a_tiny_llama(tmp_path, tiny):
     assert report.markdown_table(results).count("\n") == len(rows) + 1
     # LoRA experts: adapters on the seven Llama linears, merged as adapters
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "lora"), "--experts", "lora",
-                                   "--methods", "task_arithmetic", "--steps", "2"])
+                                   "--methods", "task_arithmetic,peft_cat", "--steps", "2"])
     assert res.exit_code == 0, res.output
     lora = json.loads((tmp_path / "lora" / "results.json").read_text())
     d = Path(lora["experts"][0]["path"])
     assert d.name.startswith("pick-seed0-lora8-")
     assert set(json.loads((d / "adapter_config.json").read_text())["target_modules"]) == set(
         L.LLAMA_LINEARS)
-    assert not any(r.get("errors") for r in lora["rows"])
+    rows = {r["name"]: r for r in lora["rows"]}
+    assert not any(r.get("errors") for r in rows.values()) and "peft_cat" in rows
+    assert rows["peft_cat"]["per_seed"][0]["peft"]["combination_type"] == "cat"
 
 
 def test_lm_eval_scores_a_model_as_the_bench_does(tmp_path, tiny, monkeypatch):
