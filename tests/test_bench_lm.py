@@ -186,7 +186,7 @@ def test_quick_run_end_to_end_on_a_tiny_llama(tmp_path, tiny):
     data, out, cache = write_tasks(tmp_path / "data"), tmp_path / "out", tmp_path / "cache"
     args = ["lm", "--quick", "--data", str(data), "--tasks", "pick,sums", "--model", str(tiny),
             "--cache", str(cache), "--quiet", "--threads", "1"]
-    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--doc", str(tmp_path / "d.md")])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
@@ -200,7 +200,12 @@ def test_quick_run_end_to_end_on_a_tiny_llama(tmp_path, tiny):
     y = (out / "lm_eval" / "specmerge_sums.yaml").read_text()
     assert "generate_until" in y and str(data / "sums" / "test.jsonl") in y
     assert (out / "lm_eval" / "specmerge_ppl.yaml").is_file()
-    assert report.markdown_table(results).count("\n") == len(rows) + 1
+    table = report.markdown_table(results)
+    assert table.count("\n") == len(rows) + 1
+    for md in (out / "report.md", tmp_path / "d.md"):
+        text = md.read_text()
+        assert table in text and "## Does SVC help?" in text and "pick (choice, 5)" in text
+    assert (tmp_path / "d_results.json").is_file() and (tmp_path / "d_heatmap.png").is_file()
     # LoRA experts: adapters on the seven Llama linears, merged as adapters
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "lora"), "--experts", "lora",
                                    "--methods", "task_arithmetic,peft_cat", "--steps", "2"])

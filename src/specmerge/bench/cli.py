@@ -161,6 +161,9 @@ def lm(
     out: Annotated[Path, typer.Option(
         help="Directory for results.json, table.md, the plots and the lm-eval task YAMLs.")
     ] = Path("out/bench/lm"),
+    doc: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Also write a Markdown report with its plots and JSON next to it "
+             "(e.g. docs/results/lm.md).")] = None,
     recipes: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Directory of the row recipes (default: examples/text8).")] = None,
     model: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -205,7 +208,7 @@ def lm(
             model=model, ppl_file=ppl_file, ppl_cap=ppl_cap, progress=not quiet,
             reuse_rows=reuse)
         results = LR.run(cfg)
-        files = LR.write_outputs(results, cfg, out)
+        files = LR.write_outputs(results, cfg, out, doc)
     except T.BenchError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -151,12 +151,17 @@ def run(cfg: LmRunConfig) -> dict:
     }
 
 
-def write_outputs(results: dict, cfg: LmRunConfig, out: Path) -> dict[str, Path]:
-    """results.json, table.md, the plots, and lm-eval task YAMLs (``out/lm_eval``) that
-    re-score any model of the run with ``lm_eval`` alone."""
+def write_outputs(results: dict, cfg: LmRunConfig, out: Path, doc: Path | None = None
+                  ) -> dict[str, Path]:
+    """results.json, table.md, report.md, the plots, and lm-eval task YAMLs (``out/lm_eval``)
+    that re-score any model of the run with ``lm_eval`` alone; with ``doc``, also the report
+    there with its plots and JSON beside it."""
     from . import report
+    from .lm_report import markdown_report
 
-    files = report.write_all(results, out, prefix="lm")
+    files = report.write_all(results, out, prefix="lm", render=markdown_report)
+    if doc is not None:
+        report.write_doc(results, doc, render=markdown_report)
     tasks = [load_lm_task(cfg.data, t) for t in cfg.tasks]
     ppl = cfg.ppl_file or (Path(cfg.data) / PPL_FILE if cfg.data is not None else None)
     write_lm_eval_tasks(tasks, Path(out) / "lm_eval", ppl if ppl and Path(ppl).is_file() else None)
