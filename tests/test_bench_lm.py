@@ -129,15 +129,6 @@ def test_batched_continuation_logprobs_equal_one_sequence_at_a_time(tiny):
         assert g == pytest.approx(ref, abs=1e-4)
 
 
-def test_choices_scored_on_one_cached_context_equal_the_full_sequences(tiny):
-    model, tok = L.load_lm(tiny)
-    ctx, _ = L.encode_pair(tok, "Pick one of these:", " x")
-    conts = [L.encode_pair(tok, "Pick one of these:", " " + c)[1] for c in ("a", "bb cc", "d e f")]
-    got = S.choice_logprobs(model, ctx, conts, tok.pad_token_id, "cpu")
-    ref = S.continuation_logprobs(model, [(ctx, c) for c in conts], tok.pad_token_id, "cpu")
-    assert got == pytest.approx(ref, abs=1e-4) and len({len(c) for c in conts}) > 1
-
-
 def test_encode_pair_splits_the_whole_encoding(tiny):
     _, tok = L.load_lm(tiny)
     ctx, cont = L.encode_pair(tok, "Answer:", " yes")

@@ -96,36 +96,17 @@ def continuation_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id
     return out
 
 
-@torch.inference_mode()
-def choice_logprobs(model, ctx: list[int], conts: list[list[int]], pad_id: int, device: str
-                    ) -> list[float]:
-    """The same sums as ``continuation_logprobs`` for one context and its choices, with the
-    context run once: its key/value cache (all but its last token) is repeated for the
-    choices, which run as one right-padded batch starting at the context's last token."""
-    if len(ctx) < 2:
-        return continuation_logprobs(model, [(ctx, c) for c in conts], pad_id, device)
-    past = model(input_ids=torch.tensor([ctx[:-1]], device=device), use_cache=True
-                 ).past_key_values
-    past.batch_repeat_interleave(len(conts))
-    n = 1 + max(len(c) for c in conts)
-    ids = torch.full((len(conts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(conts), len(ctx) - 1 + n), dtype=torch.long)
-    mask[:, :len(ctx) - 1] = 1
-    for j, c in enumerate(conts):
-        ids[j, :1 + len(c)] = torch.tensor([ctx[-1], *c])
-        mask[j, len(ctx) - 1:len(ctx) + len(c)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   past_key_values=past).logits
-    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-    return [float(logp[j, torch.arange(len(c)), torch.tensor(c)].sum())
-            for j, c in enumerate(conts)]
-
-
 def choice_accuracy(model, es: LmEvalSet, pad_id: int, device: str) -> float:
-    """% of items whose right continuation has the highest summed log-likelihood."""
-    correct = 0
-    for ctx, conts, label in es.items:
-        scores = choice_logprobs(model, ctx, conts, pad_id, device)
+    """% of items whose right continuation has the highest summed log-likelihood. Every
+    (prompt, choice) sequence runs whole, in length-sorted batches: on a CPU that is faster
+    than running each prompt once and its choices from its key/value cache (8 agnews_qa items:
+    35 s against 96 s on this machine), because per-call overhead dominates short inputs."""
+    pairs = [(ctx, c) for ctx, conts, _ in es.items for c in conts]
+    lp = continuation_logprobs(model, pairs, pad_id, device)
+    correct, k = 0, 0
+    for _, conts, label in es.items:
+        scores = lp[k:k + len(conts)]
+        k += len(conts)
         correct += int(max(range(len(scores)), key=scores.__getitem__) == label)
     return 100.0 * correct / max(1, len(es))
 
