@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -65,11 +65,12 @@ def merge_kwargs(comb: str, weight: float, k: int) -> dict:
 
 
 class PeftMerger:
-    """The base encoder with the K LoRA experts loaded as named adapters ``e0 … e{K-1}``."""
+    """The base model with the K LoRA experts loaded as named adapters ``e0 … e{K-1}``;
+    ``loader(dir)`` returns (model, tokenizer): text8's encoder by default."""
 
-    def __init__(self, base: Path, adapters: Sequence[Path]):
+    def __init__(self, base: Path, adapters: Sequence[Path], loader: Callable | None = None):
         peft = T.import_peft()
-        model, _ = T.load_encoder(base)
+        model, _ = (loader or T.load_encoder)(base)
         self.names = [f"e{i}" for i in range(len(adapters))]
         self.model = peft.PeftModel.from_pretrained(model, str(adapters[0]),
                                                     adapter_name=self.names[0])
@@ -110,7 +111,7 @@ def apply_deltas(model, base_state: dict[str, Tensor], deltas: dict[str, Tensor]
     own = model.state_dict()
     unknown = [k for k in deltas if k not in own]
     if unknown:
-        raise T.BenchError(f"PEFT merge produced weights the encoder lacks: {unknown[:3]}")
+        raise T.BenchError(f"PEFT merge produced weights the model lacks: {unknown[:3]}")
     with torch.no_grad():
         for k, v in own.items():
             if k in base_state:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from specmerge.io.writer import atomic_write_text
@@ -66,8 +67,9 @@ def markdown_table(results: dict) -> str:
     """One row per method: per-task accuracy (mean over seeds), average and normalised accuracy
     (mean, then each seed's value in parentheses), and merge time."""
     tasks = [t["name"] for t in results["tasks"]]
+    metrics = sorted({m for r in results["rows"] for m in r.get("metrics", {})})
     head = (["method"] + [TASK_ABBR.get(t, t) for t in tasks]
-            + ["avg", "normalised", "merge s"])
+            + ["avg", "normalised"] + metrics + ["merge s"])
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in results["rows"]:
@@ -81,8 +83,9 @@ def markdown_table(results: dict) -> str:
             name += " (failed: see results.json)"
         cells = [name] + [_fmt(r["acc"][t]) for t in tasks]
         cells += [_with_seeds(r["avg"], r["avg_per_seed"]),
-                  _with_seeds(r["norm"], r["norm_per_seed"]),
-                  _fmt(r.get("merge_s"), 1) if "merge_s" in r else "–"]
+                  _with_seeds(r["norm"], r["norm_per_seed"])]
+        cells += [_fmt(r.get("metrics", {}).get(m), 2) for m in metrics]
+        cells += [_fmt(r.get("merge_s"), 1) if "merge_s" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,7 +139,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     lo = min(vals + [by[ZERO_SHOT]["norm"]] if ZERO_SHOT in by else vals)
     ax.set_ylim(max(0, lo - 5), 102)
     kind = ", LoRA experts" if results["protocol"].get("lora") else ""
-    ax.set_title(f"text8{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
+    ax.set_title(f"{results.get('benchmark', 'text8')}{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
                  f"{results['protocol']['seeds']} seed(s))")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -196,7 +199,7 @@ def plot_heatmap(results: dict, path: Path) -> Path:
             ax.text(j, i, f"{rows[i]['acc'][tasks[j]]:.0f}", ha="center", va="center",
                     fontsize=6.5, color="white" if data[i, j] < 80 else "black")
     fig.colorbar(im, ax=ax, label="accuracy ÷ expert accuracy (%)")
-    ax.set_title("text8: accuracy per task (numbers) and relative to the expert (colour)",
+    ax.set_title(f"{results.get('benchmark', 'text8')}: accuracy per task (numbers) and relative to the expert (colour)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -208,7 +211,7 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
                     ) -> str:
     """A self-contained Markdown report: protocol, table, SVC and WUDI-family comparisons,
     λ sweeps, timings, versions and the plots (by relative file name)."""
-    p, t = results["protocol"], results["timings"]
+    p = results["protocol"]
     by = {r["name"]: r for r in results["rows"]}
     tasks = results["tasks"]
     n_test = sum(x["n_test"] for x in tasks)
@@ -267,45 +270,62 @@ def markdown_report(results: dict, prefix: str = "text8", json_name: str = "resu
             lines.append(f"| {label(n)} | {r['avg']:.1f} | {r['norm']:.1f} | "
                          f"{_fmt(r.get('merge_s'))} |")
         lines.append("")
-    sw = results.get("sweeps") or {}
-    if sw:
-        lines += ["## λ and α sweeps on validation", ""]
-        for row, seeds in sw.items():
-            sym = "α" if row.endswith("@alpha") else "λ"
-            for s in seeds:
-                curve = ", ".join(f"{c['lambda']:g}: {c['val_avg']:.1f}" for c in s["curve"])
-                lines.append(f"- {label(row)}, seed {s['seed']}: chose {sym} = {s['lambda']:g} "
-                             f"(mean validation accuracy {curve})")
-        lines.append("")
-    lines += ["## Plots", "",
-              f"![normalised accuracy]({prefix}_normalised.png)", "",
-              f"![task × method]({prefix}_heatmap.png)", ""]
-    if results.get("spectra"):
-        lines += [f"![SVC spectra]({prefix}_svc_spectra.png)", ""]
-    v = results["versions"]
-    lines += ["## Run", "",
-              f"- Compute, summed over everything this report holds: expert training "
-              f"{t['experts_train_s'] / 60:.1f} min (summed over experts); merging and "
-              f"evaluating the rows {t.get('rows_compute_s', 0) / 60:.1f} min (summed over "
-              "rows). Cached experts and rows count here even when an earlier invocation "
-              f"computed them; the invocation that wrote this report took "
-              f"{t['total_s'] / 60:.1f} min, {t['experts_wall_s'] / 60:.1f} of it training.",
-              f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
-              f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
-              f"{v['platform']}.",
-              f"- Every number, the protocol and the per-seed values are in `{json_name}`.", ""]
+    lines += sweeps_section(results) + plots_section(results, prefix)
+    lines += run_section(results, json_name)
     return "\n".join(lines)
 
 
-def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path]:
-    """results.json, table.md, report.md and the three plots under ``out``."""
+def sweeps_section(results: dict) -> list[str]:
+    """The λ and α sweeps on validation: the value each seed chose and the curve."""
+    sw = results.get("sweeps") or {}
+    if not sw:
+        return []
+    lines = ["## λ and α sweeps on validation", ""]
+    for row, seeds in sw.items():
+        sym = "α" if row.endswith("@alpha") else "λ"
+        for s in seeds:
+            curve = ", ".join(f"{c['lambda']:g}: {c['val_avg']:.1f}" for c in s["curve"])
+            lines.append(f"- {label(row)}, seed {s['seed']}: chose {sym} = {s['lambda']:g} "
+                         f"(mean validation accuracy {curve})")
+    return lines + [""]
+
+
+def plots_section(results: dict, prefix: str) -> list[str]:
+    lines = ["## Plots", "", f"![normalised accuracy]({prefix}_normalised.png)", "",
+             f"![task × method]({prefix}_heatmap.png)", ""]
+    if results.get("spectra"):
+        lines += [f"![SVC spectra]({prefix}_svc_spectra.png)", ""]
+    return lines
+
+
+def run_section(results: dict, json_name: str) -> list[str]:
+    """Compute time, versions and where the numbers are."""
+    t, v = results["timings"], results["versions"]
+    return ["## Run", "",
+            f"- Compute, summed over everything this report holds: expert training "
+            f"{t['experts_train_s'] / 60:.1f} min (summed over experts); merging and "
+            f"evaluating the rows {t.get('rows_compute_s', 0) / 60:.1f} min (summed over "
+            "rows). Cached experts and rows count here even when an earlier invocation "
+            f"computed them; the invocation that wrote this report took "
+            f"{t['total_s'] / 60:.1f} min, {t['experts_wall_s'] / 60:.1f} of it training.",
+            f"- specmerge {v['specmerge']}, torch {v['torch']}, transformers "
+            f"{v['transformers']}, Python {v['python']}, {v['threads']} torch thread(s), "
+            f"{v['platform']}.",
+            f"- Every number, the protocol and the per-seed values are in `{json_name}`.", ""]
+
+
+def write_all(results: dict, out: Path, prefix: str = "text8",
+              render: Callable[..., str] | None = None) -> dict[str, Path]:
+    """results.json, table.md, report.md (``render``: text8's by default) and the three plots
+    under ``out``."""
+    render = render or markdown_report
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(results, out / "results.json")}
     table = markdown_table(results)
     files["table"] = atomic_write_text(out / "table.md", table + "\n")
     if "versions" in results:
-        files["report"] = atomic_write_text(out / "report.md", markdown_report(results, prefix))
+        files["report"] = atomic_write_text(out / "report.md", render(results, prefix))
     files["bars"] = plot_bars(results, out / f"{prefix}_normalised.png")
     files["heatmap"] = plot_heatmap(results, out / f"{prefix}_heatmap.png")
     sp = plot_spectra(results, out / f"{prefix}_svc_spectra.png")
@@ -314,7 +334,8 @@ def write_all(results: dict, out: Path, prefix: str = "text8") -> dict[str, Path
     return files
 
 
-def write_doc(results: dict, md_path: Path, notes: str = "") -> list[Path]:
+def write_doc(results: dict, md_path: Path, notes: str = "",
+              render: Callable[..., str] | None = None) -> list[Path]:
     """A Markdown report at ``md_path`` with its plots and results JSON next to it, named after
     its stem (``docs/results/text8.md`` → ``text8_normalised.png``, ``text8_results.json``…)."""
     md_path = Path(md_path)
@@ -326,7 +347,7 @@ def write_doc(results: dict, md_path: Path, notes: str = "") -> list[Path]:
     sp = plot_spectra(results, md_path.with_name(f"{prefix}_svc_spectra.png"))
     if sp is not None:
         files.append(sp)
-    text = markdown_report(results, prefix, f"{prefix}_results.json")
+    text = (render or markdown_report)(results, prefix, f"{prefix}_results.json")
     if notes:
         head, _, rest = text.partition("\n## Results")
         text = f"{head}\n{notes.strip()}\n\n## Results{rest}"

@@ -119,11 +119,11 @@ class RunConfig:
     lora: T.LoraSpec | None = None  # LoRA experts (PEFT adapters) instead of full fine-tunes
 
 
-def default_data_dir() -> Path | None:
-    """``data/text`` of the source checkout this module runs from (the eight tasks ship with
-    the repository, not in the wheel), else None."""
+def default_data_dir(name: str = "text") -> Path | None:
+    """``data/<name>`` of the source checkout this module runs from (the tasks ship with the
+    repository, not in the wheel), else None."""
     for parent in Path(__file__).resolve().parents:
-        cand = parent / "data" / "text"
+        cand = parent / "data" / name
         if (cand / "README.md").is_file():
             return cand
     return None
@@ -234,7 +234,18 @@ def find_expert(cfg: RunConfig, task: str, seed: int, key: str,
 def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
                    model_dir: Path) -> list[Expert]:
     """Find every (task, seed) expert in the shared directory or the cache; train the rest."""
-    plan = expert_plan(cfg, tasks, sha, lora=cfg.lora)
+    def train(t: T.Task, s: int, k: str, out: Path) -> None:
+        T.train_expert(model_dir, t, heads[t.name], cfg.train, s, out, cfg.device,
+                       meta={"protocol_hash": k, "model_sha256": sha},
+                       progress=cfg.progress, lora=cfg.lora)
+
+    return find_or_train(cfg, expert_plan(cfg, tasks, sha, lora=cfg.lora), train)
+
+
+def find_or_train(cfg, plan: list[tuple], train: Callable[[Any, int, str, Path], None]
+                  ) -> list[Expert]:
+    """The experts of ``plan`` ((task, seed, key) triples), each found in the shared directory
+    or the cache, or trained by ``train(task, seed, key, out_dir)``."""
     todo = [(t, s, k) for t, s, k in plan if find_expert(cfg, t.name, s, k, cfg.lora) is None]
     if todo:
         log.info("training %d of %d experts (%d cached)", len(todo), len(plan),
@@ -244,9 +255,7 @@ def ensure_experts(cfg: RunConfig, tasks: list[T.Task], heads: dict, sha: str,
             continue
         out = cfg.cache / "experts" / T.expert_dirname(t.name, s, k, cfg.lora)
         out.parent.mkdir(parents=True, exist_ok=True)
-        T.train_expert(model_dir, t, heads[t.name], cfg.train, s, out, cfg.device,
-                       meta={"protocol_hash": k, "model_sha256": sha},
-                       progress=cfg.progress, lora=cfg.lora)
+        train(t, s, k, out)
     experts = []
     for t, s, k in plan:
         p = find_expert(cfg, t.name, s, k, cfg.lora)
@@ -297,6 +306,8 @@ def run_merge(recipe: dict, out_dir: Path, cfg: RunConfig) -> float:
 class Evaluator:
     """One reusable encoder; loads any checkpoint's weights and scores the tasks' eval sets."""
 
+    loader = staticmethod(T.load_encoder)
+
     def __init__(self, base: Path, device: str):
         self.model, self.tok = T.load_encoder(base, device)
         self.base, self.device = base, device
@@ -318,12 +329,14 @@ class Evaluator:
                               pad_id=self.tok.pad_token_id or 0) for t, es in sets.items()}
 
 
-def adapter_deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+def adapter_deltas(base: Path, adapter: Path, loader: Callable = T.load_encoder
+                   ) -> dict[str, torch.Tensor]:
     """Δ = s B A of every weight a PEFT adapter targets, as PEFT computes it."""
-    return P.PeftMerger(base, [Path(adapter)]).deltas("e0")
+    return P.PeftMerger(base, [Path(adapter)], loader).deltas("e0")
 
 
-def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str]) -> dict:
+def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str],
+            loader: Callable = T.load_encoder) -> dict:
     """Singular values of Δ = θ − θ0 for the chosen matrices of each checkpoint."""
     from safetensors import safe_open
 
@@ -336,7 +349,7 @@ def spectra(base: Path, ckpts: dict[str, Path], names: Sequence[str]) -> dict:
 
     def deltas(d: Path) -> dict[str, torch.Tensor]:
         if (Path(d) / "adapter_config.json").is_file():  # a LoRA expert: τ = s B A
-            ad = adapter_deltas(base, d)
+            ad = adapter_deltas(base, d, loader)
             return {n: ad[n].double() for n in names}
         return {n: read(d, n) - read(base, n) for n in names}
 
@@ -391,6 +404,7 @@ class Bench:
     val_sets: dict[str, T.EvalSet] = field(default_factory=dict)
     sets_key: str = ""
     peft: tuple[int, P.PeftMerger] | None = None  # the current seed's adapters, loaded once
+    spectrum_params: tuple[str, ...] = SPECTRUM_PARAMS
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> Bench:
@@ -439,7 +453,7 @@ class Bench:
         acc, secs = self.merge_and_score(recipe, out, self.test_sets)
         res: dict[str, Any] = {"acc": acc, "merge_s": secs}
         if want_spectra:
-            res["spectra"] = spectra(self.base, {row: out}, SPECTRUM_PARAMS)
+            res["spectra"] = spectra(self.base, {row: out}, self.spectrum_params)
         shutil.rmtree(out, ignore_errors=True)
         return res
 
@@ -505,7 +519,8 @@ class Bench:
     def peft_merger(self, seed: int, experts: list[Expert]) -> P.PeftMerger:
         if self.peft is None or self.peft[0] != seed:
             self.peft = None  # free the previous seed's adapters first
-            self.peft = (seed, P.PeftMerger(self.base, [e.path for e in experts]))
+            self.peft = (seed, P.PeftMerger(self.base, [e.path for e in experts],
+                                            self.evaluator.loader))
         return self.peft[1]
 
     def peft_row(self, row: str, seed: int, experts: list[Expert]) -> dict:
@@ -556,12 +571,22 @@ class Bench:
         return self.cache.get(_row_key(ZERO_SHOT, self.sha, [], self.sets_key), compute)
 
     def experts_row(self, experts: list[Expert]) -> dict:
+        """Each expert on its own task; the sets that are no task's (bench lm's perplexity
+        sample) score every expert, and the row holds their mean."""
+        tasks = {t.name for t in self.tasks}
+        shared = {n: es for n, es in self.test_sets.items() if n not in tasks}
+
         def compute() -> dict:
-            acc = {}
+            acc: dict[str, float] = {}
+            other: dict[str, list[float]] = {n: [] for n in shared}
             for e in experts:
                 self.evaluator.load(e.path)
-                acc.update(self.evaluator.scores({e.task: self.test_sets[e.task]}, self.heads))
-            return {"acc": acc}
+                got = self.evaluator.scores({e.task: self.test_sets[e.task], **shared},
+                                            self.heads)
+                acc[e.task] = got[e.task]
+                for n in shared:
+                    other[n].append(got[n])
+            return {"acc": {**acc, **{n: sum(v) / len(v) for n, v in other.items() if v}}}
 
         return self.cache.get(_row_key(EXPERTS, None, experts, self.sets_key), compute)
 
@@ -571,7 +596,8 @@ class Bench:
             return {}
         ex0 = {f"τ_{e.task}": e.path for e in experts if e.seed == 0}
         out = dict(merged)
-        for n, v in spectra(self.base, ex0, SPECTRUM_PARAMS).items():
+        for n, v in spectra(self.base, ex0, self.spectrum_params,
+                            self.evaluator.loader).items():
             out[n] = {**v, **out.get(n, {})}
         return out
 
@@ -588,7 +614,19 @@ def run(cfg: RunConfig) -> dict:
         log.info("full fine-tuned experts for reference: seeds %s of %d found", sorted(full),
                  cfg.seeds)
     bench.tokenize()
+    row_names, per_seed, sweeps, spec = run_rows(bench, experts, full)
+    shutil.rmtree(bench.work, ignore_errors=True)
+    trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
+    return assemble(cfg, bench.tasks, bench.sha, row_names, per_seed, experts, sweeps,
+                    bench.task_spectra(experts, spec),
+                    timings={"total_s": time.perf_counter() - t_start,
+                             "experts_wall_s": t_experts, "experts_train_s": trained_s})
 
+
+def run_rows(bench: Bench, experts: list[Expert], full: dict[int, list[Expert]]
+             ) -> tuple[list[str], dict[str, list[dict]], dict, dict]:
+    """Every row for every seed: (row names, per-seed results, sweeps, spectra)."""
+    cfg = bench.cfg
     row_names = [ZERO_SHOT, EXPERTS, *([FULL_EXPERTS] if full else []), *bench.methods]
     per_seed: dict[str, list[dict]] = {r: [] for r in row_names}
     sweeps: dict[str, list[dict]] = {}
@@ -615,27 +653,67 @@ def run(cfg: RunConfig) -> dict:
         bar.update(2 + bool(full))
         bench.peft = None
     bar.close()
-    shutil.rmtree(bench.work, ignore_errors=True)
-    trained_s = sum(e.info.get("train_seconds", 0) for e in experts)
-    return assemble(cfg, bench.tasks, bench.sha, row_names, per_seed, experts, sweeps,
-                    bench.task_spectra(experts, spec),
-                    timings={"total_s": time.perf_counter() - t_start,
-                             "experts_wall_s": t_experts, "experts_train_s": trained_s})
+    return row_names, per_seed, sweeps, spec
 
 
 def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str],
              per_seed: dict[str, list[dict]], experts: list[Expert], sweeps: dict, spec: dict,
              timings: dict) -> dict:
     """Per row: per-seed accuracies, their means, average and normalised accuracy."""
+    return {
+        "benchmark": "text8",
+        "protocol": {
+            "model": "all-MiniLM-L6-v2", "model_sha256": sha, "head_scale": T.HEAD_SCALE,
+            "pooling": "mean over attention mask, L2-normalised",
+            "train": asdict(cfg.train), "protocol_version": T.PROTOCOL_VERSION,
+            "test_cap": cfg.test_cap, "val_cap": cfg.val_cap, "lambdas": list(LAMBDAS),
+            "seeds": cfg.seeds,
+            "experts": "full" if cfg.lora is None else "lora",
+            "lora": asdict(cfg.lora) if cfg.lora is not None else None,
+        },
+        "config": config_dict(cfg),
+        "tasks": [{"name": t.name, "classes": t.num_classes, "n_test": len(t.test)
+                   if cfg.test_cap is None else min(cfg.test_cap, len(t.test)),
+                   "validation": "own" if t.validation is not None else "10% of train",
+                   "prompts": t.prompts()} for t in tasks],
+        **run_record(row_names, per_seed, [t.name for t in tasks], experts, sweeps, spec,
+                     timings),
+    }
+
+
+def run_record(row_names: list[str], per_seed: dict[str, list[dict]], names: list[str],
+               experts: list[Expert], sweeps: dict, spec: dict, timings: dict) -> dict:
+    """What every benchmark's results hold beside its protocol: the experts, the rows, the
+    sweeps, the spectra, the timings and the versions."""
     import platform
 
     import transformers
 
     import specmerge
 
-    names = [t.name for t in tasks]
     timings = {**timings, "rows_compute_s": sum(x.get("compute_s", 0.0) for r in row_names
                                                 for x in per_seed[r] if x is not None)}
+    return {
+        "experts": [{"task": e.task, "seed": e.seed, "hash": e.key, "path": str(e.path),
+                     **{k: e.info.get(k) for k in ("steps", "n_train", "train_seconds",
+                                                   "first_loss", "final_loss",
+                                                   "trainable_params")}}
+                    for e in experts],
+        "rows": summarise_rows(row_names, per_seed, names),
+        "sweeps": sweeps,
+        "spectra": spec,
+        "timings": timings,
+        "versions": {"specmerge": specmerge.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "python": platform.python_version(), "platform": platform.platform(),
+                     "threads": torch.get_num_threads()},
+    }
+
+
+def summarise_rows(row_names: list[str], per_seed: dict[str, list[dict]], names: list[str]
+                   ) -> list[dict]:
+    """Per row: the per-seed scores' means, the average and normalised accuracy over the tasks
+    ``names`` (normalised by the same seed's experts), merge and sweep times, errors."""
     expert_acc = [r["acc"] for r in per_seed[EXPERTS]]
     rows = []
     for r in row_names:
@@ -660,36 +738,13 @@ def assemble(cfg: RunConfig, tasks: list[T.Task], sha: str, row_names: list[str]
         if sweep_of(r) is not None and not errors:
             row["lambda"] = [x["lambda"] for x in seeds]
             row["sweep_s"] = sum(x["sweep_s"] for x in seeds) / len(seeds)
+        other = sorted({k for x in seeds for k in x["acc"] if k not in names})
+        if other:  # scores that are not tasks' (bench lm's perplexity): their mean over seeds
+            row["metrics"] = {k: sum(x["acc"][k] for x in seeds) / len(seeds) for k in other}
         rows.append(row)
-    cfg_d = asdict(cfg)
-    cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg_d.items()}
-    return {
-        "benchmark": "text8",
-        "protocol": {
-            "model": "all-MiniLM-L6-v2", "model_sha256": sha, "head_scale": T.HEAD_SCALE,
-            "pooling": "mean over attention mask, L2-normalised",
-            "train": asdict(cfg.train), "protocol_version": T.PROTOCOL_VERSION,
-            "test_cap": cfg.test_cap, "val_cap": cfg.val_cap, "lambdas": list(LAMBDAS),
-            "seeds": cfg.seeds,
-            "experts": "full" if cfg.lora is None else "lora",
-            "lora": asdict(cfg.lora) if cfg.lora is not None else None,
-        },
-        "config": cfg_d,
-        "tasks": [{"name": t.name, "classes": t.num_classes, "n_test": len(t.test)
-                   if cfg.test_cap is None else min(cfg.test_cap, len(t.test)),
-                   "validation": "own" if t.validation is not None else "10% of train",
-                   "prompts": t.prompts()} for t in tasks],
-        "experts": [{"task": e.task, "seed": e.seed, "hash": e.key, "path": str(e.path),
-                     **{k: e.info.get(k) for k in ("steps", "n_train", "train_seconds",
-                                                   "first_loss", "final_loss",
-                                                   "trainable_params")}}
-                    for e in experts],
-        "rows": rows,
-        "sweeps": sweeps,
-        "spectra": spec,
-        "timings": timings,
-        "versions": {"specmerge": specmerge.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "python": platform.python_version(), "platform": platform.platform(),
-                     "threads": torch.get_num_threads()},
-    }
+    return rows
+
+
+def config_dict(cfg) -> dict:
+    """A run configuration as JSON-ready values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

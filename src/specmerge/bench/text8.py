@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,17 +166,29 @@ class Task:
         return h.hexdigest()
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, int]]:
-    rows = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file; a clear error naming
+    the line for one that is not a JSON object."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
-                rows.append((str(d["text"]), int(d["label"])))
-            except (ValueError, KeyError) as e:
-                raise BenchError(f"{path}:{i}: expected {{'text': str, 'label': int}}") from e
+            except ValueError as e:
+                raise BenchError(f"{path}:{i}: not JSON ({e})") from e
+            if not isinstance(d, dict):
+                raise BenchError(f"{path}:{i}: expected a JSON object")
+            yield i, d
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, int]]:
+    rows = []
+    for i, d in jsonl_records(path):
+        try:
+            rows.append((str(d["text"]), int(d["label"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"{path}:{i}: expected {{'text': str, 'label': int}}") from e
     return rows
 
 
@@ -349,13 +361,17 @@ def import_peft():
     return peft
 
 
-def protocol_hash(model_sha: str, task_digest: str, cfg: TrainConfig, seed: int,
-                  lora: LoraSpec | None = None) -> str:
+def protocol_hash(model_sha: str, task_digest: str, cfg, seed: int,
+                  lora: LoraSpec | None = None, protocol: dict | None = None) -> str:
     """sha256 over everything that changes an expert: the base weights, the task's training
-    data and prompts, the hyper-parameters, the seed, the protocol version, and for a LoRA
-    expert its adapter configuration (full experts hash exactly as before)."""
+    data and prompts, the hyper-parameters (a dataclass), the seed, the protocol version, and
+    for a LoRA expert its adapter configuration (full experts hash exactly as before).
+    ``protocol`` names another benchmark's protocol (``{"benchmark": "lm", "version": 1}``) in
+    place of text8's version."""
     d = {"model": model_sha, "task": task_digest, "train": asdict(cfg), "seed": seed,
          "version": PROTOCOL_VERSION}
+    if protocol is not None:
+        d = {**d, "version": None, **protocol}
     if lora is not None:
         d["lora"] = asdict(lora)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
@@ -372,6 +388,36 @@ def is_complete(d: Path) -> bool:
 
 def _trainable(name: str) -> bool:
     return name.startswith("encoder.")
+
+
+def batch_order(n_rows: int, n: int, seed: int) -> list[int]:
+    """At least ``n`` row indices: seeded permutations of the rows, one after another."""
+    gen = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n:
+        perm = list(range(n_rows))
+        gen.shuffle(perm)
+        order += perm
+    return order
+
+
+def adamw_warmup_decay(params, lr: float, weight_decay: float, warmup: float, steps: int):
+    """AdamW, with a linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(1, int(round(warmup * steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    return opt, sched
+
+
+def save_expert(model, tok, out_dir: Path, info: dict) -> None:
+    """An expert directory, atomically: the model (or PEFT adapter), the tokenizer when given,
+    and ``expert.json`` (how it was trained)."""
+    with atomic_output_dir(out_dir, replace=output_identity(out_dir)) as tmp:
+        model.eval().to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "expert.json", json.dumps(info, indent=1))
 
 
 def train_expert(model_dir: Path, task: Task, head: Tensor, cfg: TrainConfig, seed: int,
@@ -404,16 +450,8 @@ def train_expert(model_dir: Path, task: Task, head: Tensor, cfg: TrainConfig, se
     pool, _ = split_train_val(task, cfg.val_fraction)
     rows = subsample(pool, cfg.max_train, seed)
     steps = cfg.steps(len(rows))
-    gen = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * cfg.batch_size:
-        perm = list(range(len(rows)))
-        gen.shuffle(perm)
-        order += perm
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(round(cfg.warmup * steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    order = batch_order(len(rows), steps * cfg.batch_size, seed)
+    opt, sched = adamw_warmup_decay(params, cfg.lr, cfg.weight_decay, cfg.warmup, steps)
     head = head.to(device)
     t0, losses = time.perf_counter(), []
     bar = tqdm(range(steps), desc=f"train {task.name} s{seed}", disable=not progress,
@@ -438,11 +476,7 @@ def train_expert(model_dir: Path, task: Task, head: Tensor, cfg: TrainConfig, se
             "first_loss": losses[0] if losses else None, "train_config": asdict(cfg),
             "lora": asdict(lora) if lora is not None else None,
             "trainable_params": sum(p.numel() for p in params), **(meta or {})}
-    with atomic_output_dir(out_dir, replace=output_identity(out_dir)) as tmp:
-        model.eval().to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-        if lora is None:
-            tok.save_pretrained(str(tmp))
-        atomic_write_text(tmp / "expert.json", json.dumps(info, indent=1))
+    save_expert(model, tok if lora is None else None, out_dir, info)
     log.info("expert %s seed %d: %d steps in %.0fs, loss %.3f → %.3f", task.name, seed, steps,
              seconds, info["first_loss"] or float("nan"), info["final_loss"])
     return info
@@ -527,7 +561,10 @@ def load_weights(model, ckpt_dir: Path) -> None:
     for f in files:
         state.update(load_file(str(f)))
     own = dict(model.state_dict())
-    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    # a tied weight (a Llama's lm_head tied to its embeddings) is saved once, under either name
+    loaded = {v.data_ptr() for k, v in own.items() if k in state}
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")
+               and own[k].data_ptr() not in loaded]
     unexpected = [k for k in state if k not in own and not k.endswith("position_ids")]
     if missing or unexpected:
         raise BenchError(f"{ckpt_dir}: checkpoint does not match the encoder "
