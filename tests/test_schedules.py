@@ -42,8 +42,9 @@ def test_layer_positions() -> None:
     roles = {"model.embed_tokens.weight": "embedding", "lm_head.weight": "head"}
     t = layer_positions(names, roles)
     assert [t[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(4)] == [0, 1 / 3, 2 / 3, 1]
+    # mergekit 0.1.5 plans pre- and post-weights alike at t = 0 (plan.py: plan_module)
     assert (t["model.embed_tokens.weight"], t["lm_head.weight"], t["model.norm.weight"]) == (
-        0.0, 1.0, 1.0)
+        0.0, 0.0, 0.0)
     assert layer_positions(["model.layers.0.x.weight"], {})["model.layers.0.x.weight"] == 1.0
 
 
@@ -73,7 +74,7 @@ def test_every_tensor_is_the_scalar_merge_at_its_resolved_value(layered, tmp_pat
     the tensor of a merge with the scalars it resolves to."""
     density = [{"filter": "self_attn", "value": [0.2, 0.8]}, {"value": 0.5}]
     got = _merge(layered, tmp_path / "g", [[0.0, 1.0], 0.5], density, [1.0, 0.4])
-    t = {"model.embed_tokens.weight": 0.0, "lm_head.weight": 1.0, "model.norm.weight": 1.0,
+    t = {"model.embed_tokens.weight": 0.0, "lm_head.weight": 0.0, "model.norm.weight": 0.0,
          **{f"model.layers.{i}.{m}.weight": i / 3 for i in range(4)
             for m in ("self_attn.q_proj", "mlp.up_proj")}}
     checked = 0

@@ -1,17 +1,20 @@
-"""specmerge against mergekit 0.1.5 on mergekit's own recipes: same output, or a clear refusal.
+"""specmerge against mergekit 0.1.5 on mergekit's own recipes: every method and recipe feature.
 
 It installs mergekit 0.1.5 into a throw-away virtualenv of its own (never into specmerge's), with
-the torch that specmerge runs so that pip pulls no CUDA wheels. It builds tiny float32 Llama
-models with transformers (a base and 3 experts), then runs every case through both tools:
-``mergekit-yaml`` and ``specmerge merge`` on the very same YAML file. Per case it reports the
-largest relative difference over tensors, max_t ‖a_t − b_t‖ / ‖b_t‖, or specmerge's refusal.
+the torch that specmerge runs so that pip pulls no CUDA wheels. It builds small float32 Llama
+stand-ins with transformers (a base and 3 experts of 40 layers, and a 2-layer pair with a
+1,048,576-entry embedding), then runs every case of ``mergekit_cases.py`` through both tools:
+``mergekit-yaml`` and ``specmerge merge`` on the very same YAML file. Per case it reports, worst
+over tensors, the relative difference ‖a_t − b_t‖ / ‖b_t‖, the ulp distance and the largest
+|a_t − b_t| in ulps of the tensor's largest entry (``compare.compare_dirs``); for the random
+methods (DARE, DELLA, arcee_fusion's sampled quartiles) the update norms and changed-entry
+shares instead; or specmerge's refusal.
 
-Cases: the six task-vector methods specmerge reads (linear, task_arithmetic, ties, dare_ties,
-dare_linear, breadcrumbs), with per-model weights and densities, and the recipes of mergekit's
-``examples/`` directory that describe a base plus experts, rewritten onto the tiny models (their
-structure kept: methods, per-model parameters, gradients, dtype).
+Cases: all 20 of mergekit's methods (with gradients, filters, slices, passthrough, recipes
+without base_model) and mergekit's six example recipes (examples/mergekit/*.yml), as written
+and in float32.
 
-    python benchmarks/peers/mergekit_parity.py [--venv DIR] [--out docs/results/mergekit_parity.md]
+    python benchmarks/peers/mergekit_parity.py [--venv DIR] [--out PATH] [--cases PREFIX ...]
 """
 
 from __future__ import annotations
@@ -23,75 +26,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch
-import yaml
-from safetensors.torch import load_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare, mergekit_cases
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from compare import compare_dirs  # noqa: E402
+from mergekit_cases import CASES, NOTES, RANDOM, example_cases  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGEKIT = "mergekit==0.1.5"
 VENV_DEFAULT = Path(tempfile.gettempdir()) / "specmerge-mergekit-venv"
-WD = [(1.0, 0.5), (0.5, 0.7), (0.3, 0.9)]  # (weight, density) of experts 1..3
-
-
-def _experts(params: bool = True, keys: tuple[str, ...] = ("weight", "density")) -> list:
-    out = []
-    for i, (w, d) in enumerate(WD):
-        p = {k: v for k, v in (("weight", w), ("density", d)) if k in keys}
-        out.append({"model": f"EXPERT_{i + 1}", **({"parameters": p} if params else {})})
-    return out
-
-
-CASES: dict[str, dict[str, Any]] = {
-    "linear": {"models": [{"model": "BASE", "parameters": {"weight": 0.4}},
-                          *_experts(keys=("weight",))], "merge_method": "linear"},
-    "task_arithmetic": {"models": _experts(keys=("weight",)), "merge_method": "task_arithmetic",
-                        "base_model": "BASE", "parameters": {"lambda": 0.8}},
-    "ties": {"models": [{"model": "BASE"}, *_experts()], "merge_method": "ties",
-             "base_model": "BASE", "parameters": {"normalize": True, "int8_mask": True}},
-    "dare_ties": {"models": _experts(), "merge_method": "dare_ties", "base_model": "BASE"},
-    "dare_linear": {"models": _experts(), "merge_method": "dare_linear", "base_model": "BASE"},
-    "breadcrumbs": {"models": _experts(), "merge_method": "breadcrumbs", "base_model": "BASE"},
-    # mergekit's examples/, on the tiny models
-    "examples/linear.yml (3 models, weights 1.0/0.3/0.5, float16)": {
-        "models": [{"model": m, "parameters": {"weight": w}} for m, w in
-                   (("EXPERT_1", 1.0), ("EXPERT_2", 0.3), ("EXPERT_3", 0.5))],
-        "merge_method": "linear", "dtype": "float16"},
-    "examples/ties.yml (ranked_ties, density and weight gradients)": {
-        "models": [{"model": "EXPERT_1", "parameters": {"density": [0.8, 0.3, 0.1],
-                                                        "weight": [1.0, 0.8, 0.5]}}],
-        "merge_method": "ranked_ties", "base_model": "BASE", "dtype": "bfloat16"},
-    "examples/gradient-slerp.yml (slerp over slices)": {
-        "slices": [{"sources": [{"model": "BASE", "layer_range": [0, 2]},
-                                {"model": "EXPERT_1", "layer_range": [0, 2]}]}],
-        "merge_method": "slerp", "base_model": "BASE",
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.5}]},
-        "dtype": "float16"},
-    "README's TIES example (per-model density/weight, normalize, int8_mask)": {
-        "models": [{"model": "BASE"},
-                   {"model": "EXPERT_1", "parameters": {"density": 0.5, "weight": 0.5}},
-                   {"model": "EXPERT_2", "parameters": {"density": 0.5, "weight": 0.3}}],
-        "merge_method": "ties", "base_model": "BASE",
-        "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float16"},
-}
-CASES["README's TIES example, dtype float32"] = {
-    **CASES["README's TIES example (per-model density/weight, normalize, int8_mask)"],
-    "dtype": "float32"}
-NOTES = {
-    "dare_ties": "DARE's masks are random: mergekit draws them from torch's global RNG, specmerge "
-                 "from per-parameter seeds, so outputs differ by design (same distribution).",
-    "dare_linear": "as dare_ties: random masks from different generators.",
-    "examples/linear.yml (3 models, weights 1.0/0.3/0.5, float16)":
-        "mergekit computes in the recipe's dtype (float16); specmerge computes in float32 and "
-        "casts the result: the difference is float16 rounding.",
-    "README's TIES example (per-model density/weight, normalize, int8_mask)":
-        "float16 compute in mergekit: rounding changes which entries TIES keeps and the elected "
-        "signs; in float32 (next row) the two agree exactly.",
-}
+LAYERS = 40  # the stand-ins' depth: mergekit's examples' layer ranges apply as written
 
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -117,23 +69,28 @@ def ensure_mergekit(venv: Path) -> Path:
 
 
 def build_models(root: Path) -> dict[str, Path]:
+    """BASE and EXPERT_1..3: float32 Llamas of hidden 32 and 40 layers (vocab 96); BIG_A and
+    BIG_B: 2 layers, vocab 32768, so that the embedding has 1,048,576 entries (> 1M)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    base_sd = {n: p.clone() for n, p in model.state_dict().items()}
     paths = {}
-    for i, name in enumerate(["BASE", "EXPERT_1", "EXPERT_2", "EXPERT_3"]):
-        if i:
-            with torch.no_grad():
-                model.load_state_dict(base_sd)
-                for p in model.parameters():
-                    p.add_(0.02 * torch.randn_like(p))
-        paths[name] = root / name.lower()
-        model.save_pretrained(paths[name])
+    for names, vocab, layers in ((["BASE", "EXPERT_1", "EXPERT_2", "EXPERT_3"], 96, LAYERS),
+                                 (["BIG_A", "BIG_B"], 32768, 2)):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+        base_sd = {n: p.clone() for n, p in model.state_dict().items()}
+        for i, name in enumerate(names):
+            if i:
+                with torch.no_grad():
+                    model.load_state_dict(base_sd)
+                    for p in model.parameters():
+                        p.add_(0.02 * torch.randn_like(p))
+            paths[name] = root / name.lower()
+            model.save_pretrained(paths[name])
     return paths
 
 
@@ -152,66 +109,115 @@ def tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    common = sorted(set(a) & set(b))
-    worst, name = 0.0, ""
-    for n in common:
-        x, y = a[n].double(), b[n].double()
-        err = float((x - y).norm() / y.norm().clamp_min(1e-30))
-        if err > worst:
-            worst, name = err, n
-    missing = sorted(set(a) ^ set(b))
-    return worst, name + (f" (key sets differ: {missing[:3]})" if missing else "")
+def random_stats(ours: Path, theirs: Path, base: Path) -> str:
+    """For a random method: per tensor, the update's norm ‖out − θ0‖ and the share of entries
+    it changes, specmerge's over mergekit's; the worst ratios over tensors."""
+    a, b, t0 = tensors(ours), tensors(theirs), tensors(base)
+    norm, kept = [], []
+    for n in sorted(set(a) & set(b) & set(t0)):
+        da, db = a[n].double() - t0[n].double(), b[n].double() - t0[n].double()
+        if float(db.norm()) == 0.0:
+            continue
+        norm.append(float(da.norm() / db.norm()))
+        kept.append(float((da != 0).double().mean() / (db != 0).double().mean().clamp_min(1e-30)))
+    return (f"update norm ratio {min(norm):.3f}–{max(norm):.3f}, changed-entry share ratio "
+            f"{min(kept):.3f}–{max(kept):.3f} over {len(norm)} tensors")
+
+
+def verdict(cmp: dict[str, Any]) -> str:
+    if cmp["max_ulp"] == 0:
+        return "identical"
+    if 0 <= cmp["max_ulp"] <= 1:
+        return "≤ 1 ulp"
+    if cmp["scaled_ulp"] <= 1.0:
+        return "≤ 1 ulp of each tensor's largest entry"
+    if cmp["scaled_ulp"] <= 3.0 and cmp["max_rel"] < 1e-6:
+        return "≤ 3 ulps of each tensor's largest entry (order of the arithmetic: notes)"
+    return "differs"
+
+
+def run_case(case: str, recipe: dict[str, Any], paths: dict[str, Path], root: Path,
+             mergekit_yaml: Path) -> tuple[str, ...]:
+    """Both tools on one recipe; the table row."""
+    cfg = root / "recipe.yml"
+    cfg.write_text(yaml.safe_dump(substitute(recipe, paths), sort_keys=False))
+    mk_out, sm_out = root / "mk", root / "sm"
+    shutil.rmtree(mk_out, ignore_errors=True)
+    shutil.rmtree(sm_out, ignore_errors=True)
+    mk = run([str(mergekit_yaml), str(cfg), str(mk_out), "--allow-crimes",
+              "--no-copy-tokenizer", "--random-seed", "0"])
+    sm = run([sys.executable, "-m", "specmerge.cli", "merge", "--quiet", str(cfg),
+              str(sm_out)], cwd=ROOT)
+    sm_err = next((ln for ln in sm.stderr.splitlines() if ln.startswith("error:")),
+                  sm.stderr.strip()[-200:])
+    mk_state = "ran" if mk.returncode == 0 else \
+        "failed: " + (mk.stderr.strip().splitlines() or ["?"])[-1][:120]
+    if sm.returncode or mk.returncode:
+        return (case, mk_state, "ran" if sm.returncode == 0 else "refused: " + sm_err[:160],
+                "–", "–", "–", "–", "")
+    cmp = compare_dirs(sm_out, mk_out)
+    n = len(cmp["per_tensor"])
+    over = sum(t["scaled_ulp"] > 1.0 for t in cmp["per_tensor"].values())
+    rel = f"{cmp['max_rel']:.2e}" + (f" ({cmp['max_rel_tensor']})" if cmp["max_rel"] else "")
+    ulp = "dtypes differ" if cmp["max_ulp"] < 0 else \
+        f"{cmp['max_ulp']} / {cmp['scaled_ulp']:.2f}"
+    dtype = recipe.get("dtype", "float32")
+    if cmp["missing"]:
+        note = f"tensor sets differ: {cmp['missing'][:3]}"
+    elif case in RANDOM:
+        base = paths[recipe.get("base_model", "BASE")]
+        note = f"random: {RANDOM[case]}; {random_stats(sm_out, mk_out, base)}"
+    else:
+        note = verdict(cmp) + (f"; {NOTES[dtype]}" if dtype in NOTES and over else "")
+    print(f"{case}: rel {cmp['max_rel']:.2e}, ulp {ulp}", file=sys.stderr, flush=True)
+    return (case, "ran", "ran", str(n), rel, ulp, str(over), note)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", type=Path, default=VENV_DEFAULT)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mergekit_parity.md")
+    ap.add_argument("--cases", nargs="*", help="only the cases whose name starts so")
     args = ap.parse_args()
+
     mergekit_yaml = ensure_mergekit(args.venv)
-    rows = []
+    cases = {**CASES, **example_cases()}
+    if args.cases:
+        cases = {c: r for c, r in cases.items() if any(c.startswith(p) for p in args.cases)}
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         paths = build_models(root / "models")
-        for case, recipe in CASES.items():
-            cfg = root / "recipe.yml"
-            cfg.write_text(yaml.safe_dump(substitute(recipe, paths), sort_keys=False))
-            mk_out, sm_out = root / "mk", root / "sm"
-            shutil.rmtree(mk_out, ignore_errors=True)
-            shutil.rmtree(sm_out, ignore_errors=True)
-            mk = run([str(mergekit_yaml), str(cfg), str(mk_out), "--allow-crimes",
-                      "--no-copy-tokenizer", "--random-seed", "0"])
-            sm = run([sys.executable, "-m", "specmerge.cli", "merge", "--quiet", str(cfg),
-                      str(sm_out)], cwd=ROOT)
-            sm_err = next((ln for ln in sm.stderr.splitlines() if ln.startswith("error:")),
-                          sm.stderr.strip()[-200:])
-            if sm.returncode:
-                rows.append((case, "ran" if mk.returncode == 0 else "failed", "refused",
-                             "–", sm_err.removeprefix("error: ")))
-                continue
-            if mk.returncode:
-                rows.append((case, "failed: " + mk.stderr.strip().splitlines()[-1][:120],
-                             "ran", "–", ""))
-                continue
-            worst, where = compare(tensors(sm_out), tensors(mk_out))
-            rows.append((case, "ran", "ran", f"{worst:.2e}",
-                         NOTES.get(case, "") + (f" worst tensor: {where}" if worst > 1e-6
-                                                else "")))
-            print(f"{case}: {worst:.2e}", file=sys.stderr)
+        rows = [run_case(c, r, paths, root, mergekit_yaml) for c, r in cases.items()]
+    minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()[0]
     lines = ["# specmerge vs mergekit 0.1.5: parity on mergekit recipes", "",
              f"Produced by `python benchmarks/peers/mergekit_parity.py` ({MERGEKIT} in its own "
-             f"virtualenv, torch {torch.__version__}, CPU). Tiny float32 Llama models "
-             "(hidden 32, 2 layers, vocab 96): a base and 3 experts, θ_i = θ0 + 0.02·N(0, 1). "
-             "Both tools read the same YAML file. The difference is max over tensors of "
-             "‖specmerge − mergekit‖ / ‖mergekit‖; the target is ≤ 1e-6.", "",
-             "| case | mergekit | specmerge | max rel. difference | note |",
-             "|---|---|---|---:|---|"]
-    lines += [f"| {c} | {a} | {b} | {x} | {n} |" for c, a, b, x, n in rows]
+             f"virtualenv, torch {torch.__version__}, CPU, {os.cpu_count()} cores, load average "
+             f"{load0:.1f} at the start and {load1:.1f} at the end, {minutes:.1f} min). "
+             f"Stand-in models: float32 Llamas of hidden 32 and {LAYERS} layers (vocab 96), a "
+             "base and 3 experts, θ_i = θ0 + 0.02·N(0, 1); and a 2-layer pair with a 32768-row "
+             "vocabulary (a 1,048,576-entry embedding) for arcee_fusion's sampled quantiles. "
+             "Both tools read the very same mergekit YAML file (mergekit with `--random-seed 0`)."
+             " mergekit's example recipes are examples/mergekit/*.yml with their models mapped, "
+             "in order, to the base and the experts; their layer ranges apply as written.", "",
+             "Per tensor: the relative difference ‖specmerge − mergekit‖ / ‖mergekit‖ and the ulp "
+             "distance of its worst entry, and the largest |difference| in ulps of that tensor's "
+             "largest entry (an entry near 0 has a tiny ulp, which the plain distance "
+             "exaggerates). The columns give the worst over the tensors, and how many tensors "
+             "exceed 1 ulp of their largest entry. Random methods are compared by statistics.", "",
+             "| case | mergekit | specmerge | tensors | max rel. difference (tensor) | "
+             "max ulp / max \\|diff\\| in ulps of the largest entry | tensors over 1 ulp | note |",
+             "|---|---|---|---:|---|---|---:|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    notes = args.out.read_text().split(NOTES_MARKER, 1)[1] if args.out.exists() and \
+        NOTES_MARKER in args.out.read_text() else "\n## Notes\n\n(none yet)\n"
+    args.out.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print("\n".join(lines))
     print(json.dumps({"written": str(args.out)}), file=sys.stderr)
+
+
+NOTES_MARKER = "<!-- notes: written by hand, kept when mergekit_parity.py rewrites the table -->\n"
 
 
 if __name__ == "__main__":

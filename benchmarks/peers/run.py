@@ -1,8 +1,8 @@
 """specmerge against mergekit 0.1.5 side by side: wall time, memory, the cold-cache read floor.
 
 On synthetic Llama-shaped inputs written by ``specmerge example synthetic`` (a base and K = 4
-experts: 200M and 500M in float32, and a 128k-vocabulary model with hidden 4096 and 2 layers in
-bf16), it runs ``mergekit-yaml`` (mergekit 0.1.5 in a throw-away virtualenv of its own, torch
+experts: 20M, 200M and 500M in float32, and a 128k-vocabulary model with hidden 4096 and 2
+layers in bf16), it runs ``mergekit-yaml`` (mergekit 0.1.5 in a throw-away virtualenv of its own, torch
 pinned to the local CPU wheel, see ``mergekit_parity.ensure_mergekit``) and ``specmerge merge``
 on the same merges, interleaved, for several rounds. Every timed run, and every read-floor
 measurement, starts with the inputs evicted from the page cache (``sync``, then
@@ -26,7 +26,12 @@ would write):
   compared with mergekit's ties;
 - dare_linear (density 0.5, weights 1, λ 0.3, mergekit's default L1 rescale) → dare (drop_rate
   0.5, scaling 0.3, survivors rescaled by 1/(1 − p)): random masks, compared only in size;
-- linear (the 4 experts, weights 1) → weight_average.
+- linear (the 4 experts, weights 1) → weight_average;
+- mergekit's other methods and recipe features, each one mergekit recipe that both tools read
+  (specmerge maps it to its methods of the same names): slerp, nearswap, model_stock, della,
+  della_linear, sce, karcher (no base), nuslerp, multislerp, arcee_fusion, ram, ramplus_tl and
+  a passthrough of two slices (one more layer than the inputs). These run on the 20M size:
+  ``--sizes 20M --methods slerp nearswap ...`` (``METHODS``).
 
     .venv/bin/python benchmarks/peers/run.py                      # everything, 3 rounds
     .venv/bin/python benchmarks/peers/run.py --sizes 200M --methods task_arithmetic --rounds 1
@@ -56,8 +61,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/: 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from compare import compare_dirs  # noqa: E402
 from mergekit_parity import MERGEKIT, VENV_DEFAULT, ensure_mergekit, substitute  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from toolkit import evict, median, read_floor, resident_bytes, round_order, watch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,9 +71,11 @@ SIZES: dict[str, list[str]] = {
     "200M": ["--params", "200M", "--dtype", "float32"],
     "500M": ["--params", "500M", "--dtype", "float32"],
     "128k": ["--params", "1.46B", "--vocab", "128256", "--hidden", "4096", "--dtype", "bf16"],
+    "20M": ["--params", "20M", "--dtype", "float32"],
 }
 SIZE_LABELS = {"200M": "200M, float32", "500M": "500M, float32",
-               "128k": "128k vocabulary (hidden 4096, 2 layers, 1.46B), bf16"}
+               "128k": "128k vocabulary (hidden 4096, 2 layers, 1.46B), bf16",
+               "20M": "20M (hidden 512, 4 layers, vocab 8000), float32"}
 
 
 def _mk_models(**params: Any) -> list[dict[str, Any]]:
@@ -98,8 +105,58 @@ CASES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], str]] = {
         {"merge_method": "linear", "models": _mk_models(weight=1.0)},
         {"merge_method": "weight_average"}, "linear"),
 }
+SAME = {"same": True}  # specmerge reads the mergekit recipe itself
+
+
+def _tb(method: str, n: int = K, base: bool = True, **params: Any) -> dict[str, Any]:
+    """mergekit's ``method`` on EXPERT_1..n (and BASE); ``params`` its global parameters."""
+    models = [{"model": f"EXPERT_{i + 1}"} for i in range(n)]
+    weights = params.pop("weights", None)
+    for m, w in zip(models, weights or [], strict=False):
+        m["parameters"] = {"weight": w} if not isinstance(w, dict) else w
+    return {"merge_method": method, "models": models, **({"base_model": "BASE"} if base else {}),
+            **({"parameters": params} if params else {})}
+
+
+# mergekit's other methods and recipe features, each one recipe both tools read
+CASES.update({c: (r, SAME, c) for c, r in {
+    "slerp": {**_tb("slerp", 1, t=0.3), "models": [{"model": "BASE"}, {"model": "EXPERT_1"}]},
+    "nearswap": {**_tb("nearswap", 1, t=0.001),
+                 "models": [{"model": "BASE"}, {"model": "EXPERT_1"}]},
+    "model_stock": _tb("model_stock"),
+    "della": _tb("della", weights=[{"weight": 1.0, "density": 0.5}] * K, epsilon=0.1),
+    "della_linear": _tb("della_linear", weights=[{"weight": 1.0, "density": 0.5}] * K,
+                        epsilon=0.1),
+    "sce": _tb("sce", select_topk=0.5),
+    "karcher": _tb("karcher", base=False),
+    "nuslerp": _tb("nuslerp", 2, weights=[0.4, 0.6]),
+    "multislerp": _tb("multislerp", weights=[1.0] * K),
+    "arcee_fusion": {**_tb("arcee_fusion", 1),
+                     "models": [{"model": "BASE"}, {"model": "EXPERT_1"}]},
+    "ram": _tb("ram"),
+    "ramplus_tl": _tb("ramplus_tl"),
+    "passthrough_slices": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "EXPERT_1", "layer_range": [0, "LAYERS-1"]}]},
+        {"sources": [{"model": "EXPERT_2", "layer_range": [1, "LAYERS"]}]}]},
+}.items()})
+RANDOM_CASES = {"dare": "random masks differ (by design)",
+                "della": "random masks differ (by design)",
+                "della_linear": "random masks differ (by design)",
+                "arcee_fusion": "quartiles of tensors over 1M entries sampled by different "
+                                "generators (the embedding and head here)"}
 METHODS = {"task_arithmetic": ["task_arithmetic"], "ties": ["ties", "ties_official"],
-           "dare": ["dare"], "linear": ["linear"]}
+           "dare": ["dare"], "linear": ["linear"],
+           **{c: [c] for c in CASES if CASES[c][1] is SAME}}
+
+
+def with_layers(obj: Any, layers: int) -> Any:
+    """``obj`` with "LAYERS" and "LAYERS-1" replaced by the inputs' layer count (and one less)."""
+    if isinstance(obj, dict):
+        return {k: with_layers(v, layers) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [with_layers(v, layers) for v in obj]
+    return {"LAYERS": layers, "LAYERS-1": layers - 1}.get(obj, obj) if isinstance(obj, str) \
+        else obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,73 +216,6 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# output agreement
-# ---------------------------------------------------------------------------------------------
-
-def tensor_files(d: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            out.update({n: f for n in fh.keys()})
-    return out
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """Float bits as integers that order like the floats (adjacent floats differ by 1)."""
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
-            torch.float64: torch.int64}[x.dtype]
-    i = x.view(ints).to(torch.int64)
-    low = -(1 << (ints.itemsize * 8 - 1))
-    return torch.where(i < 0, low - i, i)
-
-
-def compare_dirs(ours: Path, theirs: Path) -> dict[str, Any]:
-    """Per tensor in row chunks: the max ulp distance (same dtypes only), the max |a − b| in
-    ulps of the tensor's largest |b| (``scaled_ulp``: rounding at the operands' scale, which the
-    ulp distance of an entry near 0 exaggerates), the relative difference ‖a − b‖ / ‖b‖ and
-    the entries that differ; the worst over tensors."""
-    a_files, b_files = tensor_files(ours), tensor_files(theirs)
-    res: dict[str, Any] = {"max_ulp": 0, "max_ulp_tensor": "", "max_rel": 0.0,
-                           "max_rel_tensor": "", "differing": 0, "entries": 0, "scaled_ulp": 0.0,
-                           "over_1_ulp": 0, "tensors_over_1_ulp": 0,
-                           "missing": sorted(set(a_files) ^ set(b_files))}
-    for name in sorted(set(a_files) & set(b_files)):
-        with safe_open(str(a_files[name]), "pt") as fa, safe_open(str(b_files[name]), "pt") as fb:
-            sa, sb = fa.get_slice(name), fb.get_slice(name)
-            shape = sa.get_shape()
-            rows = shape[0] if shape else 1
-            step = max(1, (1 << 23) // max(1, int(torch.Size(shape[1:]).numel())))
-            diff2 = ref2 = big = worst = 0.0
-            ulp = 0
-            for lo in range(0, rows, step):
-                a = sa[lo:lo + step] if shape else fa.get_tensor(name)
-                b = sb[lo:lo + step] if shape else fb.get_tensor(name)
-                if a.dtype == b.dtype:
-                    dist = (_ordered(a) - _ordered(b)).abs()
-                    ulp = max(ulp, int(dist.max()))
-                    res["over_1_ulp"] += int((dist > 1).sum())
-                else:
-                    ulp = -1
-                res["differing"] += int((a != b).sum())
-                res["entries"] += a.numel()
-                a64, b64 = a.double(), b.double()
-                diff2 += float((a64 - b64).square().sum())
-                ref2 += float(b64.square().sum())
-                big = max(big, float(b64.abs().max()))
-                worst = max(worst, float((a64 - b64).abs().max()))
-        rel = (diff2 / ref2) ** 0.5 if ref2 > 0 else float(diff2 > 0)
-        top = torch.tensor(big, dtype=b.dtype)
-        spacing = float(torch.nextafter(top, torch.tensor(float("inf"), dtype=b.dtype)) - top)
-        res["scaled_ulp"] = max(res["scaled_ulp"], worst / spacing if spacing > 0 else 0.0)
-        if ulp < 0 or ulp > res["max_ulp"] or res["max_ulp"] < 0:
-            res["max_ulp"], res["max_ulp_tensor"] = ulp, name
-        res["tensors_over_1_ulp"] += ulp > 1
-        if rel > res["max_rel"]:
-            res["max_rel"], res["max_rel_tensor"] = rel, name
-    return res
-
-
-# ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
 
@@ -253,12 +243,16 @@ def bench_size(size: str, cases: list[str], rounds: int, work: Path, mergekit_ya
     paths = {"BASE": str(models / "base"),
              **{f"EXPERT_{i + 1}": str(models / f"expert_{i + 1}") for i in range(K)}}
     recipes: dict[tuple[str, str], Path] = {}
+    layers = json.loads((models / "base" / "config.json").read_text())["num_hidden_layers"]
     for case in cases:
         mk, sm, _ = CASES[case]
         if mk is not None:
             recipes[("mergekit", case)] = work / f"{case}.mergekit.yml"
             recipes[("mergekit", case)].write_text(
-                yaml.safe_dump(substitute(mk, paths), sort_keys=False))
+                yaml.safe_dump(with_layers(substitute(mk, paths), layers), sort_keys=False))
+        if sm is SAME:
+            recipes[("specmerge", case)] = recipes[("mergekit", case)]
+            continue
         recipes[("specmerge", case)] = work / f"{case}.specmerge.yml"
         recipes[("specmerge", case)].write_text(yaml.safe_dump(
             {"base_model": paths["BASE"], "models": [paths[f"EXPERT_{i + 1}"] for i in range(K)],
@@ -340,8 +334,8 @@ def _agreement(case: str, a: dict[str, Any] | None) -> str:
         return f"tensor sets differ: {a['missing'][:3]}"
     share = a["differing"] / max(1, a["entries"])
     ulp = "dtypes differ" if a["max_ulp"] < 0 else f"max {a['max_ulp']} ulp"
-    if case == "dare":
-        return (f"random masks differ (by design): rel. diff {a['max_rel']:.2e}, "
+    if case in RANDOM_CASES:
+        return (f"{RANDOM_CASES[case]}: rel. diff {a['max_rel']:.2e}, "
                 f"{share:.0%} of entries differ")
     if case.startswith("ties"):
         return (f"max rel. diff {a['max_rel']:.2e} ({a['max_rel_tensor']}); {ulp}; "
@@ -457,8 +451,12 @@ def report(results: dict[str, Any], out: Path) -> None:
               "defaults otherwise: specmerge with 1 worker and 16 MiB blocks, mergekit with "
               "torch's default threads):", "",
               f"- mergekit: `{res['commands']['mergekit']}`",
-              f"- specmerge: `{res['commands']['specmerge']}`", "", "The recipes (paths shortened):", ""]
+              f"- specmerge: `{res['commands']['specmerge']}`", "", "The recipes (paths shortened; where only mergekit's is shown, specmerge read that "
+              "same file):", ""]
     for key, text in res["recipes"].items():
+        if key.startswith("specmerge:") and text == res["recipes"].get(
+                "mergekit:" + key.split(":", 1)[1]):
+            continue  # the same file: specmerge reads mergekit's recipe
         short = re.sub(r"/\S*/inputs_[^/]+/", "", text)
         lines += [f"`{key}`:", "", "```yaml", short.rstrip(), "```", ""]
     # the notes below the marker are written by hand: a rewrite keeps them

@@ -3,15 +3,16 @@
 A parameter (a method's, or a model's ``weight``/``density``) may be given as
 - a scalar: the same value for every tensor;
 - a **gradient**, a list of numbers ``[v_0, …, v_n]``: interpolated linearly over the layers,
-  at t = ℓ / (L − 1) for layer ℓ of L (t = 1 when L = 1); tensors outside the layers take
-  t = 0 (the input embedding) or t = 1 (everything after the layers: final norm, head);
+  at t = ℓ / (L − 1) for layer ℓ of L (t = 1 when L = 1); tensors outside the layers (the
+  input embedding before them, the final norm and head after them) take t = 0, as in mergekit;
 - a **filtered** list of ``{filter: SUBSTRING, value: V}`` entries: the first entry whose
   ``filter`` is a substring of the tensor's name (no filter, or ``"*"``, matches every tensor)
   gives the value, itself a scalar or a gradient; where no entry matches, the parameter's
   default applies.
 
 These are mergekit 0.1.5's rules (``mergekit/config.py: evaluate_setting``; t from
-``mergekit/plan.py: MergePlanner.plan_slice``, pre-weights at t = 0, post-weights at t = 1).
+``mergekit/plan.py: MergePlanner.plan_slice``; ``plan_module`` plans the pre-weights and the
+post-weights both with its ``ConfigReader(t=0)``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def resolve(value: Any, name: str, t: float) -> Any:
 def layer_positions(names: Sequence[str], roles: Mapping[str, str],
                     num_layers: int | None = None) -> dict[str, float]:
     """t of every tensor: ℓ / (L − 1) inside layer ℓ of L (L from ``num_layers``, else the
-    largest layer index + 1), 0 for the input embedding, 1 for every other tensor."""
+    largest layer index + 1), 0 for every tensor outside the layers (embedding, final norm,
+    head: mergekit 0.1.5 gives its post-weights t = 0 too, not 1)."""
     index = {n: int(m.group(1)) for n in names if (m := LAYER.search(n))}
     count = num_layers or (max(index.values()) + 1 if index else 1)
     out = {}
@@ -92,5 +94,5 @@ def layer_positions(names: Sequence[str], roles: Mapping[str, str],
         if n in index:
             out[n] = index[n] / (count - 1) if count > 1 else 1.0
         else:
-            out[n] = 0.0 if roles.get(n) == "embedding" else 1.0
+            out[n] = 0.0
     return out
