@@ -63,15 +63,30 @@ def test_invariant_to_a_common_scale_of_the_task_vectors() -> None:
     assert auto_scale(1e3 * merged, [1e3 * t for t in taus]) == pytest.approx(s, rel=1e-6)  # float32 inputs
 
 
+def _rank_one_tasks(k: int = 3, m: int = 9, n: int = 7, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, 1, generator=g) @ torch.randn(1, n, generator=g) for _ in range(k)]
+
+
 @pytest.mark.parametrize("method", WUDI_FAMILY)
 def test_each_method_multiplies_its_own_result_by_the_rule(method: str) -> None:
+    # rank-1 tasks: C has rank 3 < n = 7, the low-rank regime the rule is for
     fn = get_method(method).fn
-    g = torch.Generator().manual_seed(3)
-    taus = [torch.randn(9, 7, generator=g) for _ in range(3)]
+    taus = _rank_one_tasks()
     plain = dense(fn(taus))
     s = auto_scale(plain, taus)
     assert 0.0 < s < 1.0
     torch.testing.assert_close(dense(fn(taus, scaling="auto")), s * plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", WUDI_FAMILY)
+def test_full_rank_c_keeps_scale_one(method: str) -> None:
+    # dense tasks: C has full rank n, where the official full fine-tune setting is scaling 1
+    fn = get_method(method).fn
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(9, 7, generator=g) for _ in range(3)]
+    assert auto_scale(dense(fn(taus)), taus) < 1.0  # the rule alone would shrink it
+    torch.testing.assert_close(dense(fn(taus, scaling="auto")), dense(fn(taus)))
 
 
 def test_closed_form_on_orthogonal_lora_tasks_gives_their_average() -> None:
@@ -113,13 +128,18 @@ def test_other_values_are_refused_by_name(method: str, value) -> None:
 
 def test_a_merge_with_auto_runs_end_to_end_and_is_below_the_plain_merge() -> None:
     base, experts = make_state_dicts(k=3, seed=5)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for i, e in enumerate(experts):  # rank-1 updates of q_proj: the low-rank regime
+        g = torch.Generator().manual_seed(10 + i)
+        e[name] = base[name] + torch.randn(8, 1, generator=g) @ torch.randn(1, 8, generator=g)
     models = {"base": "/nonexistent/base", "experts": ["/nonexistent/e0", "/nonexistent/e1",
                                                        "/nonexistent/e2"]}
     plain = specmerge.merge_state_dicts(recipe_for(models, "swudi"), base, experts)
     auto = specmerge.merge_state_dicts(
         recipe_for(models, "swudi", parameters={"scaling": "auto"}), base, experts)
-    name = "model.layers.0.self_attn.q_proj.weight"
     d_plain, d_auto = plain[name] - base[name], auto[name] - base[name]
     s = float((d_auto * d_plain).sum() / d_plain.square().sum())
     assert 0.0 < s < 1.0
     torch.testing.assert_close(d_auto, s * d_plain, rtol=1e-4, atol=1e-5)
+    up = "model.layers.0.mlp.up_proj.weight"  # dense updates, C of full rank: unchanged
+    torch.testing.assert_close(auto[up], plain[up])

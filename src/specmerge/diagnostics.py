@@ -33,7 +33,7 @@ from specmerge.methods.interference import (
     swudi_rank,
 )
 from specmerge.methods.registry import get_method
-from specmerge.methods.scale_rule import auto_scale
+from specmerge.methods.scale_rule import AUTO, resolve_scaling
 from specmerge.methods.subspace import tsv_rank
 
 # the method whose update the merged norm is compared with, at its registry default λ
@@ -191,7 +191,8 @@ def matrix_metrics(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: flo
       K·r < k);
     - ``norm_ratio_ta`` ‖W_m‖_F / ‖λ Σ τ_i‖_F, λ = ``ta_scaling`` (None: task arithmetic's
       registry default);
-    - ``auto_scale``: the factor ``scaling: auto`` (``methods/scale_rule.py``) gives W_m.
+    - ``auto_scale``: the factor ``scaling: auto`` (``methods/scale_rule.py``) gives W_m (1
+      where C has full rank).
     """
     taus = prepare(task_vectors)
     svds = [thin_svd(t) for t in taus]
@@ -221,6 +222,6 @@ def matrix_metrics(merged: Tensor, task_vectors: Sequence[Tensor], *, alpha: flo
         truncation_cannot_bind=k > rank_c,
         norm_ratio_ta=norm_ratio(w, taus, ta_scaling),
         input_overlap=subspace_overlap(top_bases(svds, k_top, shape, "right")),
-        auto_scale=auto_scale(w, taus),
+        auto_scale=resolve_scaling(AUTO, w, taus, low_rank=rank_c < n),
     )
     return metrics, report

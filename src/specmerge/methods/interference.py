@@ -206,7 +206,9 @@ def _filtered_solution(task_vectors: Sequence[TaskVector],
     g = gain(full, space.shape)
     g = g[:min(significant(full), lam.numel())]  # below rounding (or on null(C)): keep τ_0
     update = spectral_update(initial_tau(taus, init, CORE_DTYPE), c, d, q[:, :g.numel()], g)
-    return space.lift(update.mul_(resolve_scaling(scaling, update, taus)).to(taus[0].dtype))
+    low_rank = significant(full) < full.numel()
+    return space.lift(update.mul_(resolve_scaling(scaling, update, taus, low_rank))
+                      .to(taus[0].dtype))
 
 
 def exp_filter(lam: Tensor, exp_time: float) -> Tensor:
@@ -426,7 +428,8 @@ def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float
         return weight_average(taus)
     c, d = interference_stats(taus)
     tau = _OPTIMIZERS[optimizer](initial_tau(taus, init), c, d, iterations, lr)
-    return tau.mul_(resolve_scaling(scaling, tau, taus))
+    low_rank = scaling == "auto" and significant(eigen(c.to(CORE_DTYPE))[0]) < c.shape[0]
+    return tau.mul_(resolve_scaling(scaling, tau, taus, low_rank))
 
 
 @register(
@@ -435,9 +438,7 @@ def wudi(task_vectors: Sequence[TaskVector], *, iterations: int = 300, lr: float
     summary="Exact minimiser of the WUDI loss, τ* = D C⁺ (data-free RegMean).",
     citation=CITE_WUDI + "; closed form as in " + CITE_SWUDI,
     docs={"scaling": "multiplies the result (1: the exact minimiser; validate it like task "
-                     "arithmetic's λ on low-rank experts); 'auto': specmerge's data-free rule "
-                     "(not the papers'), per matrix the s in [0, 1] that brings s·τ closest to "
-                     "every task's own update (docs/presets.md)"},
+                     "arithmetic's λ on low-rank experts); " + SCALING_AUTO_DOC[23:]},
     constraints={"scaling": SCALING_OR_AUTO},
     matrix_only=True,
     factored=True,
@@ -466,9 +467,11 @@ def wudi_closed_form(task_vectors: Sequence[TaskVector], *,
         return space.lift(weight_average(taus))
     c, d = interference_stats(taus, CORE_DTYPE)
     lam, q = eigen(c)
-    k = min(significant(full_spectrum(lam, space)), lam.numel())
+    full = full_spectrum(lam, space)
+    k = min(significant(full), lam.numel())
     tau = (d @ q[:, :k]).div_(lam[:k]) @ q[:, :k].mT
-    return space.lift(tau.mul_(resolve_scaling(scaling, tau, taus)).to(taus[0].dtype))
+    low_rank = significant(full) < full.numel()
+    return space.lift(tau.mul_(resolve_scaling(scaling, tau, taus, low_rank)).to(taus[0].dtype))
 
 
 @register(

@@ -9,7 +9,12 @@ files). The rule chooses that factor per matrix from the task vectors alone:
     s* = argmin_s Σ_i w_i ‖s τ − τ_i‖²  =  Σ_i w_i ⟨τ, τ_i⟩ / (‖τ‖² Σ_i w_i),   w_i = 1 / ‖τ_i‖²
 
 clipped to [0, 1]: the scale that brings the merged update τ closest, in the mean over tasks
-of each task's relative error, to every expert's own update. It never amplifies (s ≤ 1), it is
+of each task's relative error, to every expert's own update. It applies **only where C =
+Σ w_i τ_iᵀ τ_i is rank-deficient** (its significant eigenvalues fewer than n: the low-rank, LoRA
+regime, where the WUDI solution delivers every task at full strength on its own input space);
+where C has full rank the scale is 1, the official setting for full fine-tunes (CLIP, Llama).
+That regime switch was added after measuring: applied everywhere, the rule cost full-rank
+SWUDI 11 points on text8 (docs/results/text8_lora.md). It never amplifies (s ≤ 1), it is
 invariant to the τ_i's common scale, and it reproduces the official cases it was built for:
 
 - τ = Σ τ_i of K mutually orthogonal task vectors of equal norm: s* = 1/K (the 1/N of the
@@ -35,8 +40,9 @@ Scaling = float | Literal["auto"]
 # a method's ``scaling``: a number (as every method's) or "auto"
 SCALING_OR_AUTO = AnyOf((SCALING, Options((AUTO,))))
 SCALING_AUTO_DOC = ("multiplies the result; 'auto': specmerge's data-free rule (not the "
-                    "papers'), per matrix the s in [0, 1] that brings s·τ closest to every "
-                    "task's own update (docs/presets.md)")
+                    "papers'), per matrix where C is rank-deficient (LoRA experts) the s in "
+                    "[0, 1] that brings s·τ closest to every task's own update, else 1 "
+                    "(docs/presets.md)")
 _TINY = 1e-30
 
 
@@ -57,6 +63,10 @@ def auto_scale(merged: Tensor, task_vectors: Sequence[Tensor]) -> float:
     return min(1.0, max(0.0, num / (norm2 * den)))
 
 
-def resolve_scaling(scaling: Any, merged: Tensor, task_vectors: Sequence[Tensor]) -> float:
-    """``scaling`` itself, or the rule's s* when it is "auto"."""
-    return auto_scale(merged, task_vectors) if scaling == AUTO else float(scaling)
+def resolve_scaling(scaling: Any, merged: Tensor, task_vectors: Sequence[Tensor],
+                    low_rank: bool) -> float:
+    """``scaling`` itself; for "auto", the rule's s* where C is rank-deficient (``low_rank``:
+    the tasks' rows do not span the layer's inputs), else 1 (the official full-rank scale)."""
+    if scaling != AUTO:
+        return float(scaling)
+    return auto_scale(merged, task_vectors) if low_rank else 1.0
