@@ -225,9 +225,12 @@ def test_peft_output_loads_and_reproduces_the_merged_update(tmp_path, three_adap
             continue
         want_update = _update(full, b, key)
         err = float((_update(merged, b, key) - want_update).norm() / want_update.norm())
-        assert err == pytest.approx(errors[key], rel=5e-3, abs=1e-6), key  # as the card says
-        if exact:  # the factors are stored in the adapters' float32
-            assert err < 2e-6, key
+        if exact:  # the factors are stored in the adapters' float32: the card's value and the
+            # update read back are both float32 rounding (the card said 0.0 and the read-back was
+            # 9.6e-7 here, 1.01e-6 under MKL_CBWR=COMPATIBLE), compared to that level
+            assert err < 2e-6 and errors[key] < 2e-6, key
+        else:
+            assert err == pytest.approx(errors[key], rel=5e-3, abs=1e-6), key  # as the card says
     if exact:  # rank 64 fits every task arithmetic update (rank <= 4 + 6 + 8): float32 rounding
         assert max(errors.values()) < 2e-6
     else:
