@@ -222,7 +222,8 @@ CODE_PATHS = {"mkl-compatible": {"MKL_CBWR": "COMPATIBLE"}, "mkl-avx2": {"MKL_CB
               "mkl-sse42": {"MKL_CBWR": "SSE4_2"},
               "aten-default": {"ATEN_CPU_CAPABILITY": "default"},
               "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
-              "threads-1": {"OMP_NUM_THREADS": "1"}, "threads-3": {"OMP_NUM_THREADS": "3"}}
+              "threads-1": {"OMP_NUM_THREADS": "1"}, "threads-3": {"OMP_NUM_THREADS": "3"},
+              "portable": {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}}
 
 
 def run_all(root: Path, tag: str, names: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from specmerge.methods.selective import (
     QUANTILE_SAMPLE,
     RamCounts,
     arcee_fusion,
+    fusion_importance,
     quartiles,
     ram,
     ramplus_tl,
@@ -213,6 +214,23 @@ def test_arcee_fusion_keeps_the_outliers_of_importance() -> None:
     q = quartiles(x, torch.Generator().manual_seed(1))
     assert torch.equal(q, quartiles(x, torch.Generator().manual_seed(1)))
     torch.testing.assert_close(q, T([0.25, 0.5, 0.75]), rtol=0, atol=3e-3)
+
+
+def test_arcee_fusion_mask_is_taken_in_float64() -> None:
+    # a case (seed 2) where the float32 KL, lost to cancellation, puts one entry on the other
+    # side of the threshold: the mask must be the float64 one, whatever the input dtype
+    g = torch.Generator().manual_seed(2)
+    theta0, tau = 0.05 * torch.randn(32, 32, generator=g), 0.02 * torch.randn(32, 32, generator=g)
+
+    def mask(dtype: torch.dtype) -> torch.Tensor:
+        imp = fusion_importance(theta0.to(dtype) + tau.to(dtype), theta0.to(dtype))
+        q1, m, q3 = quartiles(imp)
+        return imp >= m + 1.5 * (q3 - q1)
+
+    assert int((mask(torch.float32) != mask(torch.float64)).sum()) == 1  # the case still bites
+    got = arcee_fusion([tau], base=theta0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, tau * mask(torch.float64))
 
 
 def test_ram_and_ramplus_by_hand() -> None:

@@ -65,7 +65,12 @@ def quartiles(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     uses_base=True,
     uses_rng=True,
     check=_one_expert("arcee_fusion"),
-    notes="No parameters, as in mergekit. Tensors of more than 1,000,000 entries take their "
+    notes="No parameters, as in mergekit. The importances and the threshold are computed in "
+          "float64: in float32 the KL of two near-equal softmaxes loses most of its digits to "
+          "cancellation, and 1.4e-4 of the masks' entries flipped between two CPU code paths "
+          "of one machine (none in float64). mergekit computes them in the tensor's dtype, so "
+          "the two masks may differ at entries within float32 rounding of the threshold. "
+          "Tensors of more than 1,000,000 entries take their "
           "quartiles from 1,000,000 entries drawn with replacement, as mergekit does, from "
           "specmerge's per-parameter seed (mergekit uses torch's global RNG). " + WHOLE_TENSOR
           + ": the threshold is over the whole tensor.",
@@ -75,13 +80,15 @@ def arcee_fusion(task_vectors: Sequence[Tensor], *, base: Tensor,
     """Arcee Fusion of θ0 and θ1 = θ0 + τ_1 (mergekit 0.1.5):
 
         I = ``fusion_importance``(θ1, θ0),  (Q1, M, Q3) = ``quartiles``(I)
-        m = [I ≥ M + 1.5 (Q3 − Q1)],  τ = m ⊙ τ_1.
+        m = [I ≥ M + 1.5 (Q3 − Q1)],  τ = m ⊙ τ_1,
+
+    with I and the threshold in float64 (θ1 = θ0 + τ_1 formed there too).
     """
     if len(task_vectors) != 1:
         raise ValueError(f"arcee_fusion takes exactly one task vector, got {len(task_vectors)}")
     tau = task_vectors[0]
-    theta0 = base.to(tau.dtype)
-    importance = fusion_importance(theta0 + tau, theta0)
+    theta0 = base.to(torch.float64)  # float64: see the notes (cancellation in the KL)
+    importance = fusion_importance(theta0 + tau.to(torch.float64), theta0)
     q1, median, q3 = quartiles(importance, generators[0] if generators else None)
     return tau * (importance >= median + 1.5 * (q3 - q1)).to(tau.dtype)
 
