@@ -136,6 +136,45 @@ def verdict(cmp: dict[str, Any]) -> str:
     return "differs"
 
 
+def mask_flips(ours: Path, theirs: Path, paths: dict[str, Path], recipe: dict[str, Any],
+               cmp: dict[str, Any]) -> str:
+    """The note of an arcee_fusion case whose masks differ: how many entries flip, and whether
+    every differing entry is a flip (θ0 in one output, θ1 in the other)."""
+    base_key = recipe.get("base_model", "BASE")
+    expert_key = next(m["model"] for m in recipe["models"] if m["model"] != base_key)
+    th0, th1 = (tensors(paths[k]) for k in (base_key, expert_key))
+    a, b = tensors(ours), tensors(theirs)
+    other = 0
+    for k, x in a.items():
+        y, t0, t1 = b[k], th0[k].to(x.dtype), th1[k].to(x.dtype)
+        def at(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # equal, or 1 ulp apart
+            return torch.isclose(u, v, rtol=2 * torch.finfo(u.dtype).eps, atol=0)
+        flip = (at(x, t0) & at(y, t1)) | (at(x, t1) & at(y, t0))
+        other += int(((x != y) & ~flip).sum())
+    share = cmp["differing"] / max(1, cmp["entries"])
+    return (f"masks differ at {cmp['differing']} of {cmp['entries']} entries ({share:.1e}), "
+            + ("each a flip between θ0 and θ1 (to 1 ulp)" if other == 0 else f"{other} not flips")
+            + ": specmerge takes the importances in float64, mergekit in float32, where the KL "
+            "loses its digits to cancellation (notes)")
+
+
+def kept_header(doc: Path) -> str:
+    """The provenance line of an earlier version of the page, up to its first re-run."""
+    if not doc.exists():
+        return ""
+    line = next((ln for ln in doc.read_text().splitlines() if ln.startswith("Produced by")), "")
+    return line.split(" Re-run for the cases", 1)[0]
+
+
+def kept_rows(doc: Path) -> dict[str, str]:
+    """The table rows of an earlier version of the page, by case (kept by ``--cases``)."""
+    if not doc.exists():
+        return {}
+    text = doc.read_text().split(NOTES_MARKER, 1)[0]
+    return {ln.split(" | ", 1)[0].removeprefix("| "): ln for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| case |")}
+
+
 def run_case(case: str, recipe: dict[str, Any], paths: dict[str, Path], root: Path,
              mergekit_yaml: Path) -> tuple[str, ...]:
     """Both tools on one recipe; the table row."""
@@ -167,6 +206,9 @@ def run_case(case: str, recipe: dict[str, Any], paths: dict[str, Path], root: Pa
     elif case in RANDOM:
         base = paths[recipe.get("base_model", "BASE")]
         note = f"random: {RANDOM[case]}; {random_stats(sm_out, mk_out, base)}"
+    elif recipe.get("merge_method") == "arcee_fusion" and verdict(cmp) == "differs" \
+            and dtype == "float32":
+        note = mask_flips(sm_out, mk_out, paths, recipe, cmp)
     else:
         note = verdict(cmp) + (f"; {NOTES[dtype]}" if dtype in NOTES and over else "")
     print(f"{case}: rel {cmp['max_rel']:.2e}, ulp {ulp}", file=sys.stderr, flush=True)
@@ -181,16 +223,24 @@ def main() -> None:
     args = ap.parse_args()
 
     mergekit_yaml = ensure_mergekit(args.venv)
-    cases = {**CASES, **example_cases()}
-    if args.cases:
-        cases = {c: r for c, r in cases.items() if any(c.startswith(p) for p in args.cases)}
+    everything = {**CASES, **example_cases()}
+    cases = {c: r for c, r in everything.items()
+             if not args.cases or any(c.startswith(p) for p in args.cases)}
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         paths = build_models(root / "models")
-        rows = [run_case(c, r, paths, root, mergekit_yaml) for c, r in cases.items()]
+        fresh = {c: "| " + " | ".join(run_case(c, r, paths, root, mergekit_yaml)) + " |"
+                 for c, r in cases.items()}
+    old = kept_rows(args.out) if args.cases else {}  # --cases: the other rows stay as they were
+    rows = [fresh.get(c) or old.get(c) for c in everything]
     minutes, load1 = (time.perf_counter() - t0) / 60, os.getloadavg()[0]
+    prior = kept_header(args.out) if args.cases else ""
+    rerun = (f" Re-run for the cases {', '.join(args.cases)} (load average {load0:.1f} at the "
+             f"start and {load1:.1f} at the end, {minutes:.1f} min); every other row is from "
+             "the run this sentence follows." if args.cases else "")
     lines = ["# specmerge vs mergekit 0.1.5: parity on mergekit recipes", "",
+             prior + rerun if prior else
              f"Produced by `python benchmarks/peers/mergekit_parity.py` ({MERGEKIT} in its own "
              f"virtualenv, torch {torch.__version__}, CPU, {os.cpu_count()} cores, load average "
              f"{load0:.1f} at the start and {load1:.1f} at the end, {minutes:.1f} min). "
@@ -208,7 +258,7 @@ def main() -> None:
              "| case | mergekit | specmerge | tensors | max rel. difference (tensor) | "
              "max ulp / max \\|diff\\| in ulps of the largest entry | tensors over 1 ulp | note |",
              "|---|---|---|---:|---|---|---:|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [r for r in rows if r]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     notes = args.out.read_text().split(NOTES_MARKER, 1)[1] if args.out.exists() and \
         NOTES_MARKER in args.out.read_text() else "\n## Notes\n\n(none yet)\n"

@@ -459,11 +459,52 @@ def report(results: dict[str, Any], out: Path) -> None:
             continue  # the same file: specmerge reads mergekit's recipe
         short = re.sub(r"/\S*/inputs_[^/]+/", "", text)
         lines += [f"`{key}`:", "", "```yaml", short.rstrip(), "```", ""]
+    old = out.read_text() if out.exists() else ""
     # the notes below the marker are written by hand: a rewrite keeps them
-    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.exists() and \
-        NOTES_MARKER in out.read_text() else "\n## Notes\n\n(none yet)\n"
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n## Notes\n\n(none yet)\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + notes)
+    out.write_text("\n".join(keep_sizes(lines, old.split(NOTES_MARKER, 1)[0], sizes)) + "\n"
+                   + NOTES_MARKER + notes)
+
+
+def _size_of(line: str) -> str:
+    """The size a row of a table ("| 200M | …") or of the inputs list ("- 200M: …") is of."""
+    return line.split(" | ", 1)[0].removeprefix("| ").removeprefix("- ").split(":", 1)[0]
+
+
+def keep_sizes(lines: list[str], old: str, sizes: list[str]) -> list[str]:
+    """``lines`` with the rows of the earlier page ``old`` for the sizes this run has no results
+    for (a run of some sizes leaves the others' measurements as they were): each table's kept
+    rows come first, and the provenance of the earlier run stays with them."""
+    kept: dict[str, list[str]] = {}
+    provenance: list[str] = []
+    section = ""
+    for ln in old.splitlines():
+        section = ln if ln.startswith("## ") else section
+        if ln.startswith("Produced by "):
+            provenance.append(ln)
+        elif ln.startswith("Rows of ") and set(ln[8:].split(":", 1)[0].split(", ")).isdisjoint(
+                sizes):
+            provenance.append(ln)
+        elif _size_of(ln) in SIZES and _size_of(ln) not in sizes:
+            kept.setdefault(section, []).append(ln)
+    if not kept:
+        return lines
+    others = sorted({_size_of(ln) for rows in kept.values() for ln in rows},
+                    key=list(SIZES).index)
+    out: list[str] = []
+    section = ""
+    for ln in lines:
+        if ln.startswith("Produced by "):
+            out += [f"Rows of {', '.join(sizes)}: p{ln[1:]}", ""]
+            out += [p if p.startswith("Rows of ") else f"Rows of {', '.join(others)}, from an "
+                    f"earlier run: p{p[1:]}" for p in provenance]
+            continue
+        section = ln if ln.startswith("## ") else section
+        out.append(ln)
+        if ln.startswith("|---") or (ln == "" and out[-2:-1] == ["Inputs per model:"]):
+            out += kept.pop(section, [])
+    return out
 
 
 NOTES_MARKER = "<!-- notes: written by hand, kept when run.py rewrites the tables above -->\n"
