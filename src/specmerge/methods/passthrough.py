@@ -18,9 +18,9 @@ from specmerge.methods.registry import register
     citation="mergekit 0.1.5 (mergekit/merge_methods/passthrough.py, mergekit/plan.py); "
              "layer stacking as in SOLAR 10.7B's depth up-scaling, arXiv 2312.15166",
     docs={},
-    rowwise=True,
     notes="needs 'slices' (a mergekit recipe's slices with layer_range); every tensor is a copy "
-          "of one input tensor, read whole; config.json's layer count is the output's",
+          "of one input tensor, read whole (a copy does no arithmetic, so there is nothing to "
+          "stream); config.json's layer count is the output's",
 )
 def passthrough(task_vectors: Sequence[Tensor]) -> Tensor:
     """τ = τ_1: the one model's tensor (θ0 + τ_1 = θ_1). The plan of a recipe with slices
