@@ -35,6 +35,10 @@ by name: several merged slices, ``modules``, ``pad_to_multiple_of``, and methods
 lacks. Gradients and ``filter``-ed values of ``weight``, ``density`` and
 ``lambda`` are kept as they are and resolved per tensor with mergekit's rules
 (``specmerge.schedules``).
+
+This package: ``__init__`` holds the method tables, ``is_mergekit`` and ``from_mergekit`` (the
+method mapping above); ``values`` the error type and the parsers of single values and
+``models`` entries; ``slices`` slices and passthrough; ``tokenizer`` the tokenizer keys.
 """
 
 from __future__ import annotations
@@ -42,7 +46,26 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from specmerge.schedules import check_schedule, is_schedule
+from specmerge.mergekit.slices import _from_slices, _merged_slice, _passthrough_of_one, _with_slice
+from specmerge.mergekit.tokenizer import _with_tokenizer
+from specmerge.mergekit.values import (
+    DTYPES,
+    MODEL_PARAMS,
+    MergekitError,
+    _flag,
+    _model_path,
+    _number,
+    _path_of,
+    _scalar,
+    _setting,
+    _with_dtype,
+)
+from specmerge.schedules import is_schedule
+
+__all__ = ["BASE_WEIGHT", "DTYPES", "GTA_PRESETS", "MERGEKIT_METHODS", "MERGEKIT_ONLY",
+           "MODEL_PARAMS", "NATIVE", "NO_BASE", "OTHER_METHODS", "SHARED_PARAMS", "SUPPORTED",
+           "TOP_KEYS", "UNSUPPORTED_KEYS", "MergekitError", "from_mergekit", "is_mergekit",
+           "mergekit_methods"]
 
 GTA_PRESETS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"sparsification": "none", "consensus": "none", "normalize": False,
@@ -88,15 +111,12 @@ OTHER_METHODS = ("core_space", "lrp", "task_adapter")
 # method names that only mergekit uses (task_arithmetic, ties and NATIVE are specmerge's too)
 MERGEKIT_ONLY = (frozenset(SUPPORTED) - {"task_arithmetic", "ties"} - frozenset(NATIVE)
                  | frozenset(OTHER_METHODS))
-MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("normalize", "rescale", "int8_mask", "lambda")
 TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "name")
 UNSUPPORTED_KEYS = {
     "modules": "per-module merge definitions; merge whole models",
 }
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
 # mergekit 0.1.5's 20 methods (mergekit/merge_methods/registry.py), each with its
@@ -117,9 +137,6 @@ def mergekit_methods() -> dict[str, str | None]:
     return {m: ("gta" if m == "linear" or m in GTA_PRESETS else m if m in NATIVE or
                 m == "passthrough" else None) for m in MERGEKIT_METHODS}
 
-
-class MergekitError(ValueError):
-    """A mergekit recipe feature that specmerge does not implement (named in the message)."""
 
 
 def is_mergekit(data: dict[str, Any]) -> bool:
@@ -149,154 +166,12 @@ def is_mergekit(data: dict[str, Any]) -> bool:
             and any(k in params for k in SHARED_PARAMS))
 
 
-def _path_of(entry: Any) -> str | None:
-    """The real path of a ``models`` entry (a path or {model: PATH}), None if neither."""
-    path = entry.get("model") if isinstance(entry, dict) else entry
-    return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else None
-
-
-def _scalar(value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        if value and all(isinstance(v, dict) for v in value):
-            raise MergekitError(f"{where}: values filtered by tensor name (a list of "
-                                f"{{filter, value}}) are not supported; give one value")
-        raise MergekitError(f"{where}: gradients (a list of values interpolated over layers) "
-                            f"are not supported; give one value")
-    if isinstance(value, dict):
-        raise MergekitError(f"{where}: a mapping is not supported here; give one value")
-    return value
-
-
-def _setting(value: Any, where: str) -> Any:
-    """A per-tensor value as mergekit writes it: a scalar, a gradient (list of numbers) or a
-    filtered list of {filter, value} (``specmerge.schedules``, which resolves it per tensor)."""
-    if isinstance(value, dict):
-        raise MergekitError(f"{where}: a mapping is not supported here; give a value, a "
-                            f"gradient or a list of {{filter, value}}")
-    if is_schedule(value):
-        try:
-            check_schedule(value, where)
-        except ValueError as err:
-            raise MergekitError(str(err)) from None
-    return value
-
-
-def _flag(value: Any, where: str) -> bool:
-    """A boolean parameter: a gradient, a filtered list or any non-boolean is refused by name
-    (``bool([False, False])`` is True: a list must never be read as ``true``)."""
-    value = _scalar(value, where)
-    if not isinstance(value, bool):
-        raise MergekitError(f"{where}: expected true or false, got {str(value)[:80]!r}")
-    return value
-
-
-def _number(value: Any, where: str) -> float:
-    value = _scalar(value, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MergekitError(f"{where}: expected a number, got {str(value)[:80]!r}")
-    return float(value)
-
-
-def _model_path(entry: Any, i: int) -> tuple[str, dict[str, Any]]:
-    if isinstance(entry, (str, os.PathLike)):
-        return os.fspath(entry), {}
-    if not isinstance(entry, dict) or not isinstance(entry.get("model"), (str, os.PathLike)):
-        raise MergekitError(f"models[{i}]: expected a path or {{model: PATH, parameters: …}}")
-    unknown = sorted(set(entry) - {"model", "parameters"})
-    if unknown:
-        raise MergekitError(f"models[{i}]: keys {unknown} are not supported")
-    params = entry.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise MergekitError(f"models[{i}].parameters must be a mapping")
-    extra = sorted(set(params) - set(MODEL_PARAMS))
-    if extra:
-        raise MergekitError(f"models[{i}].parameters {extra} are not supported (specmerge reads "
-                            f"{list(MODEL_PARAMS)})")
-    return os.fspath(entry["model"]), {
-        k: (_scalar if k == "gamma" else _setting)(v, f"models[{i}].parameters.{k}")
-        for k, v in params.items()}
-
-
-def _with_dtype(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    """``out`` with mergekit's ``out_dtype`` (else ``dtype``) as specmerge's ``out_dtype``."""
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None:
-        if str(dtype) not in DTYPES:
-            raise MergekitError(f"dtype {dtype!r}: use one of {sorted(set(DTYPES.values()))}")
-        out["out_dtype"] = DTYPES[str(dtype)]
-    return out
-
-
-def _merged_slice(data: dict[str, Any]) -> dict[str, Any]:
-    """One slice whose sources all take the same ``layer_range``, merged with a method: the
-    ``models`` form of the same recipe (mergekit reads ``models`` as exactly such a slice over
-    every layer, mergekit/plan.py), with the slice kept so that the plan checks that the range
-    is every layer of the models (examples/gradient-slerp.yml)."""
-    slices, method = data["slices"], data.get("merge_method")
-    sources = slices[0].get("sources") if isinstance(slices, list) and len(slices) == 1 \
-        and isinstance(slices[0], dict) and set(slices[0]) == {"sources"} else None
-    ranges = {str(s.get("layer_range")) for s in sources if isinstance(s, dict)} \
-        if isinstance(sources, list) else set()
-    if not sources or len(ranges) != 1 or not all(
-            isinstance(s, dict) and set(s) <= {"model", "layer_range", "parameters"}
-            for s in sources):
-        raise MergekitError(f"mergekit's 'slices' with merge_method {method!r}: one slice "
-                            f"whose sources share one layer_range (every layer) is supported, "
-                            f"and passthrough slices; several merged slices are not yet")
-    if "models" in data:
-        raise MergekitError("a mergekit recipe has 'slices' or 'models', not both")
-    models = [{k: v for k, v in s.items() if k != "layer_range"} for s in sources]
-    out = from_mergekit({**{k: v for k, v in data.items() if k != "slices"}, "models": models})
-    layer_range = sources[0].get("layer_range")
-    out["slices"] = [{"sources": [{"model": p, "layer_range": layer_range} for p in
-                                  (out["base_model"], *(m["model"] for m in out["models"]))]}]
-    return out
-
-
-def _from_slices(data: dict[str, Any]) -> dict[str, Any]:
-    """A mergekit passthrough of ``slices`` (one source each) as a specmerge recipe: the base
-    is mergekit's base_model, else the first slice's model; ``models`` the other models."""
-    if data.get("merge_method") != "passthrough":
-        return _merged_slice(data)
-    unknown = sorted(set(data) - {"slices", "merge_method", "base_model", "dtype", "out_dtype",
-                                  "tokenizer_source", "tokenizer", "chat_template", "name"})
-    if unknown:
-        raise MergekitError(f"mergekit recipe keys {unknown} are not supported with slices")
-    slices = data["slices"]
-    if not isinstance(slices, list) or not slices:
-        raise MergekitError("'slices' must list the output's slices")
-    out_slices = []
-    for i, sl in enumerate(slices):
-        sources = sl.get("sources") if isinstance(sl, dict) else None
-        if not isinstance(sources, list) or len(sources) != 1 or set(sl) - {"sources"}:
-            raise MergekitError(f"slices[{i}]: a passthrough slice has one source "
-                                f"{{sources: [{{model: PATH, layer_range: [start, stop]}}]}}")
-        src = sources[0]
-        if not isinstance(src, dict) or set(src) - {"model", "layer_range"} or not isinstance(
-                src.get("model"), (str, os.PathLike)):
-            raise MergekitError(f"slices[{i}].sources[0]: expected {{model: PATH, layer_range: "
-                                f"[start, stop]}} (per-source parameters are not supported)")
-        out_slices.append({"sources": [{"model": os.fspath(src["model"]),
-                                        "layer_range": src.get("layer_range")}]})
-    paths = list(dict.fromkeys(s["sources"][0]["model"] for s in out_slices))
-    base = data.get("base_model") or paths[0]
-    if not isinstance(base, (str, os.PathLike)):
-        raise MergekitError(f"base_model must be a path, got {str(base)[:80]!r}")
-    base = os.fspath(base)
-    out: dict[str, Any] = {
-        "base_model": base, "merge_method": "passthrough", "slices": out_slices,
-        "models": [p for p in paths if os.path.realpath(p) != os.path.realpath(base)]}
-    out = _with_tokenizer(data, out)
-    if out.get("tokenizer", {}).get("source", "base") != "base" or "tokens" in out.get(
-            "tokenizer", {}):
-        raise MergekitError(f"tokenizer {out['tokenizer']} is not supported with slices: "
-                            f"tokenizer_source base (and chat_template) are")
-    return _with_dtype(data, out)
-
-
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     """The specmerge recipe (a dict) that means what the mergekit recipe ``data`` means."""
     if "slices" in data:
+        if data.get("merge_method") != "passthrough":
+            models_form, layer_range = _merged_slice(data)
+            return _with_slice(from_mergekit(models_form), layer_range)
         return _from_slices(data)
     for key, why in UNSUPPORTED_KEYS.items():
         if key in data:
@@ -405,57 +280,3 @@ def _no_base(method: str, entries: list[tuple[str, dict[str, Any]]]) -> str:
                             f"0.1.5 refuses {method} without a base input too)")
     raise MergekitError(f"base_model is missing: mergekit's {method} runs without one, "
                         f"specmerge's {method} does not yet; give base_model")
-
-
-def _passthrough_of_one(data: dict[str, Any]) -> dict[str, Any]:
-    """mergekit's passthrough of ``models`` (at most one input, mergekit/merge_methods/
-    passthrough.py): a copy of that one model, in the output dtype."""
-    unknown = sorted(set(data) - {"models", "merge_method", "base_model", "dtype", "out_dtype",
-                                  "tokenizer_source", "tokenizer", "chat_template", "name"})
-    if unknown:
-        raise MergekitError(f"mergekit recipe keys {unknown} are not supported with "
-                            f"passthrough")
-    models = data.get("models")
-    if not isinstance(models, list) or not models:
-        raise MergekitError("passthrough needs 'slices' (which layers of which model go "
-                            "where) or 'models' (the one model to copy)")
-    paths = [_model_path(m, i) for i, m in enumerate(models)]
-    if any(q for _, q in paths):
-        raise MergekitError("passthrough of 'models': per-model parameters are not supported "
-                            "(mergekit's scale neither)")
-    base = data.get("base_model")
-    inputs = {os.path.realpath(p) for p, _ in paths} | (
-        {os.path.realpath(base)} if isinstance(base, (str, os.PathLike)) else set())
-    if len(inputs) != 1:
-        raise MergekitError(f"passthrough copies one model; the recipe names {len(inputs)} "
-                            f"(models and base_model); use 'slices' to take layers of several")
-    out = {"base_model": paths[0][0], "merge_method": "passthrough", "models": []}
-    return _with_tokenizer(data, _with_dtype(data, out))
-
-
-def _with_tokenizer(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    """``out`` with mergekit's ``tokenizer_source`` or ``tokenizer`` block (``source``, whose
-    default there is union, and ``tokens``) as specmerge's ``tokenizer``, and its
-    ``chat_template`` (mergekit/config.py, mergekit/tokenizer/config.py)."""
-    source, block = data.get("tokenizer_source"), data.get("tokenizer")
-    if source is not None and block is not None:
-        raise MergekitError("give tokenizer_source or tokenizer, not both (mergekit refuses "
-                            "both too)")
-    if block is not None:
-        if not isinstance(block, dict):
-            raise MergekitError("tokenizer: expected a mapping {source, tokens, "
-                                "pad_to_multiple_of}")
-        unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
-        if unknown:
-            raise MergekitError(f"tokenizer keys {unknown} are not mergekit's")
-        if block.get("pad_to_multiple_of") is not None:
-            raise MergekitError("tokenizer.pad_to_multiple_of is not supported yet (the "
-                                "padding rows mergekit fills with the mean embedding)")
-        out["tokenizer"] = {"source": block.get("source", "union")}
-        if block.get("tokens"):
-            out["tokenizer"]["tokens"] = block["tokens"]
-    elif source is not None:
-        out["tokenizer"] = {"source": source}
-    if data.get("chat_template") is not None:
-        out["chat_template"] = data["chat_template"]
-    return out
