@@ -3,6 +3,8 @@ arithmetic (``gta``), checked against its formulas on small cases worked out by 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -12,7 +14,7 @@ from typer.testing import CliRunner
 
 import specmerge
 from specmerge.errors import RecipeError
-from specmerge.mergekit import from_mergekit, is_mergekit
+from specmerge.mergekit import MergekitError, from_mergekit, is_mergekit
 from specmerge.methods.elementwise import gta, sparsify
 
 T = torch.tensor
@@ -166,3 +168,13 @@ def test_a_gta_recipe_and_its_resolved_record_re_run_to_the_same_bytes(toy_model
 def test_mergekit_paths_must_be_paths(toy_models, change) -> None:
     with pytest.raises(RecipeError, match="path"):
         specmerge.load_recipe({**_mk(toy_models, "ties"), **change})
+
+
+@pytest.mark.parametrize(("models", "params", "where"), [
+    ([{"model": "a", "parameters": {"weight": "x"}}, {"model": "b"}], {}, "models[0]"),
+    ([{"model": "a"}, {"model": "b"}], {"weight": "heavy"}, "parameters.weight"),
+])
+def test_linear_names_a_weight_that_is_not_a_number(models, params, where) -> None:
+    data = {"merge_method": "linear", "models": models, "parameters": params}
+    with pytest.raises(MergekitError, match=re.escape(where) + ".*expected a number"):
+        from_mergekit(data)

@@ -218,7 +218,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             raise MergekitError("linear with per-tensor weights (gradients, filters) is not "
                                 "supported yet: its normalization by the sum of the weights "
                                 "would vary per tensor; give one weight per model")
-        total = float(sum(weights))
+        total = sum(_number(w, f"models[{i}].parameters.weight" if "weight" in q
+                            else "parameters.weight")
+                    for i, (w, (_, q)) in enumerate(zip(weights, entries, strict=True)))
         if _flag(shared.get("normalize", True), "parameters.normalize"):
             if total == 0:
                 raise MergekitError("linear: the weights sum to zero")
