@@ -177,7 +177,7 @@ def arc_easy(git: Git) -> dict:
 
 def _from_text(task: str, prompt: str, choices: list[str], description: str) -> dict:
     d = REPO / "data" / "text" / task
-    read = lambda f: [json.loads(x) for x in (d / f).read_text().splitlines()  # noqa: E731
+    read = lambda f: [json.loads(x) for x in (d / f).read_text("utf-8").split("\n")  # noqa: E731
                       if x.strip()]
     row = lambda r: {"prompt": prompt.format(detok(r["text"])), "choices": choices,  # noqa: E731
                      "label": r["label"]}
@@ -202,8 +202,21 @@ def agnews(_: Git) -> dict:
                       "news topic as a question (AG News)")
 
 
+def trec(_: Git) -> dict:
+    return _from_text("trec", "Question: {}\nDoes this question ask for a description, an "
+                      "entity, an abbreviation, a person, a location or a number?\nAnswer:",
+                      ["description", "entity", "abbreviation", "person", "location", "number"],
+                      "the answer type of a question, asked as a question (TREC-6)")
+
+
+def subj(_: Git) -> dict:
+    return _from_text("subj", "Sentence: {}\nIs this sentence from a plot summary (objective) "
+                      "or from a review (subjective)?\nAnswer:", ["objective", "subjective"],
+                      "subjectivity of a movie sentence as a question (SUBJ)")
+
+
 TASKS = {"arc_easy": arc_easy, "gsm8k": gsm8k, "svamp": svamp, "mawps": mawps,
-         "sst2_qa": sst2, "agnews_qa": agnews}
+         "sst2_qa": sst2, "agnews_qa": agnews, "trec_qa": trec, "subj_qa": subj}
 
 
 def perplexity_sample(git: Git) -> list[dict]:
@@ -231,6 +244,8 @@ def main() -> None:
     ap.add_argument("--repo", action="append", default=[], metavar="OWNER/NAME=PATH")
     ap.add_argument("--out", type=Path, default=REPO / "data" / "lm")
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--no-perplexity", action="store_true",
+                    help="do not rewrite perplexity.jsonl (it needs pytorch/examples)")
     args = ap.parse_args()
     git = Git({k: Path(v) for k, v in (r.split("=", 1) for r in args.repo)})
     for name in args.tasks.split(","):
@@ -248,7 +263,8 @@ def main() -> None:
         for split_name, rows in spec.items():
             write_jsonl(d / f"{split_name}.jsonl", rows)
         print(name, {k: len(v) for k, v in spec.items()})
-    write_jsonl(args.out / "perplexity.jsonl", perplexity_sample(git))
+    if not args.no_perplexity:
+        write_jsonl(args.out / "perplexity.jsonl", perplexity_sample(git))
 
 
 if __name__ == "__main__":
