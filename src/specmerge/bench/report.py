@@ -12,6 +12,7 @@ from pathlib import Path
 
 from specmerge.io.writer import atomic_write_text
 
+from .mergekit_rows import LABELS as MERGEKIT_LABELS
 from .runner import EXPERTS, FULL_EXPERTS, ZERO_SHOT
 
 LABELS = {
@@ -33,6 +34,7 @@ LABELS = {
     FULL_EXPERTS: "full fine-tuned experts (reference)",
     "peft_svd": "PEFT svd (rank 8)", "peft_linear": "PEFT linear", "peft_cat": "PEFT cat",
     "peft_ties": "PEFT ties (density 0.2)", "peft_dare_ties": "PEFT dare_ties (density 0.2)",
+    **MERGEKIT_LABELS,
 }
 TASK_ABBR = {"tweet_emotion": "tw_emo", "tweet_offensive": "tw_off", "tweet_irony": "tw_iro",
              "banking77": "bank77"}

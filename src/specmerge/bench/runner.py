@@ -10,6 +10,7 @@ Cache layout (``--cache``, default ``~/.cache/specmerge/text8``)::
     tokens/<hash>.pt              tokenised evaluation sets
     rows/<hash>.json              evaluated rows, keyed by experts, recipe and test set
     merges/                       merged checkpoints while they are evaluated (then deleted)
+    logs/                         the log of each mergekit row that failed (mergekit_rows)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from specmerge.errors import OutputError
 from specmerge.io.writer import atomic_output_dir, atomic_write_text, output_identity
 
+from . import mergekit_rows as M
 from . import peft_rows as P
 from . import text8 as T
 
@@ -117,6 +119,7 @@ class RunConfig:
     progress: bool = True
     reuse_rows: bool = True
     lora: T.LoraSpec | None = None  # LoRA experts (PEFT adapters) instead of full fine-tunes
+    mergekit_venv: Path | None = None  # a virtualenv holding mergekit, for the mergekit_* rows
 
 
 def default_data_dir(name: str = "text") -> Path | None:
@@ -144,9 +147,10 @@ def recipe_path(recipes: Path, row: str) -> Path:
     return recipes / f"{name}.yaml"
 
 
-def validate_methods(methods: Sequence[str], recipes: Path, lora: bool = False) -> list[str]:
+def validate_methods(methods: Sequence[str], recipes: Path, lora: bool = False,
+                     mergekit_venv: Path | None = None) -> list[str]:
     """Check row names early: each needs a recipe, and its method must be registered; a PEFT
-    row needs LoRA experts."""
+    row needs LoRA experts, a mergekit row full experts and ``mergekit_venv``."""
     import yaml
 
     from specmerge.methods.registry import get_method
@@ -159,6 +163,10 @@ def validate_methods(methods: Sequence[str], recipes: Path, lora: bool = False) 
             P.combination(m)
             if not lora:
                 raise T.BenchError(f"row {m!r} merges PEFT adapters: it needs --experts lora")
+            out.append(m)
+            continue
+        if M.is_mergekit_row(m):
+            M.check_row(m, mergekit_venv, lora)
             out.append(m)
             continue
         p = recipe_path(recipes, m)
@@ -419,7 +427,8 @@ class Bench:
         if len({t.name for t in tasks}) != len(tasks):
             raise T.BenchError(f"duplicate task names in {list(cfg.tasks)}")
         recipes = Path(cfg.recipes) if cfg.recipes else default_recipes_dir()
-        methods = validate_methods(cfg.methods, recipes, lora=cfg.lora is not None)
+        methods = validate_methods(cfg.methods, recipes, lora=cfg.lora is not None,
+                                   mergekit_venv=cfg.mergekit_venv)
         base = ensure_base(model_dir, sha, cfg.cache)
         ev = Evaluator(base, cfg.device)
         embed_fn = T.make_embed_fn(ev.model, ev.tok, cfg.device, cfg.train.max_length)
@@ -498,6 +507,8 @@ class Bench:
         """A method row for one seed, from the row cache or computed; a failure is recorded."""
         if P.is_peft_row(row):
             return self.peft_row(row, seed, experts)
+        if M.is_mergekit_row(row):
+            return self.mergekit_row(row, seed, experts)
         recipe = load_recipe(self.recipes, row, self.base, [e.path for e in experts])
         out = self.work / f"{row.replace('+', '_').replace('@', '_')}-s{seed}"
         sweep = sweep_of(row) is not None
@@ -558,6 +569,30 @@ class Bench:
 
         try:
             return self.cache.get(key, compute)
+        except Exception as err:  # one failing row must not sink the whole run
+            log.error("row %s (seed %d) failed: %s", row, seed, err)
+            return {"acc": {t.name: math.nan for t in self.tasks},
+                    "error": f"{type(err).__name__}: {err}"}
+
+    def mergekit_row(self, row: str, seed: int, experts: list[Expert]) -> dict:
+        """A mergekit peer row (mergekit_rows): mergekit-yaml in its own virtualenv on the full
+        experts, its output scored by the same evaluator call as every merged row."""
+        out = self.work / f"{row}-s{seed}"
+
+        def compute(job: M.MergekitJob) -> dict:
+            res = job.run(self.base, [e.path for e in experts], out, self.cfg.device,
+                          self.cfg.threads, logs=self.cfg.cache / "logs")
+            try:
+                self.evaluator.load(out)
+                return {"acc": self.evaluator.scores(self.test_sets, self.heads), **res}
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+        try:
+            job = M.MergekitJob.build(row, self.recipes, self.cfg.mergekit_venv,
+                                      [e.task for e in experts])
+            return self.cache.get(_row_key(row, job.identity(), experts, self.sets_key),
+                                  lambda: compute(job))
         except Exception as err:  # one failing row must not sink the whole run
             log.error("row %s (seed %d) failed: %s", row, seed, err)
             return {"acc": {t.name: math.nan for t in self.tasks},
@@ -732,9 +767,10 @@ def summarise_rows(row_names: list[str], per_seed: dict[str, list[dict]], names:
         errors = [x["error"] for x in seeds if "error" in x]
         if errors:
             row["errors"] = errors
-        ms = [x["merge_s"] for x in seeds if "merge_s" in x]
-        if ms:
-            row["merge_s"] = sum(ms) / len(ms)
+        for k in ("merge_s", "peak_rss_mb", "startup_s"):  # the last two: mergekit rows'
+            vs = [x[k] for x in seeds if x.get(k) is not None]
+            if vs:
+                row[k] = sum(vs) / len(vs)
         if sweep_of(r) is not None and not errors:
             row["lambda"] = [x["lambda"] for x in seeds]
             row["sweep_s"] = sum(x["sweep_s"] for x in seeds) / len(seeds)
