@@ -159,7 +159,8 @@ def lm(
              "data/lm/README.md).")] = None,
     tasks: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Comma-separated task names under --data, or paths to task directories "
-             "(default: the 6 tasks).")] = None,
+             "(default: the 5 tasks whose experts gain ≥ 10 points: svamp, sst2_qa, "
+             "agnews_qa, trec_qa, subj_qa).")] = None,
     cache: Annotated[Path, typer.Option(
         help="Cache of the base, experts and evaluated rows.")] = Path("~/.cache/specmerge/lm"),
     shared_experts: SharedOpt = None,
