@@ -139,7 +139,7 @@ def plot_bars(results: dict, path: Path) -> Path:
     ax.set_ylabel("normalised accuracy (%)")
     vals = [v for v in plain + cal if not math.isnan(v)]
     lo = min(vals + [by[ZERO_SHOT]["norm"]] if ZERO_SHOT in by else vals)
-    ax.set_ylim(max(0, lo - 5), 102)
+    ax.set_ylim(max(0, lo - 5), max(102, max(vals, default=100) + 3))  # merges can beat experts
     kind = ", LoRA experts" if results["protocol"].get("lora") else ""
     ax.set_title(f"{results.get('benchmark', 'text8')}{kind}: normalised accuracy ({len(results['tasks'])} tasks, "
                  f"{results['protocol']['seeds']} seed(s))")
