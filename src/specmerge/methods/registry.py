@@ -378,8 +378,14 @@ def register(
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
+        old = _REGISTRY.get(name)
+        # the same function of the same module may register again when its module is executed
+        # again (a re-import after an import that failed part-way, as seen in a Ray worker);
+        # another function under a taken name is an error
+        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (
+                fn.__module__, fn.__qualname__):
+            raise ValueError(f"method {name!r} registered twice ({old.fn.__module__}."
+                             f"{old.fn.__qualname__} and {fn.__module__}.{fn.__qualname__})")
         if uses_base and (matrix_only or factored):
             raise ValueError(f"method {name!r}: uses_base is for element-wise or per-tensor "
                              f"maths in the stored layout (not matrix_only, not factored)")
